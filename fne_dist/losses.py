@@ -1,0 +1,29 @@
+"""Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and the VSE++ warm-up (step 9)."""
+from __future__ import annotations
+
+import torch
+
+
+def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
+
+    anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
+    so image->text trains the image tower and text->image the text tower.
+    """
+    pos = (anchors * pos_keys.detach()).sum(1)
+    neg = (anchors * neg_keys.detach()).sum(1)
+    return (margin + neg - pos).clamp_min(0).mean()
+
+
+def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float) -> torch.Tensor:
+    """VSE++ max-violation loss on the in-batch matrix, both directions, pairs sharing an id masked.
+
+    Returns mean_i [max_j cost(i->j) + max_j cost(j->i)] so that it has the scale of `fne_triplet_loss` summed
+    over the two directions.
+    """
+    s = img @ txt.T
+    pos = s.diagonal()
+    same = ids[:, None] == ids[None, :]
+    cost_i2t = (margin + s - pos[:, None]).clamp_min(0).masked_fill(same, 0)
+    cost_t2i = (margin + s - pos[None, :]).clamp_min(0).masked_fill(same, 0)
+    return (cost_i2t.max(1).values + cost_t2i.max(0).values).mean()

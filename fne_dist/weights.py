@@ -1,0 +1,106 @@
+"""The elementwise FNE rule (FNE_SPEC step 7), written once for torch.
+
+Every sampler (dense reference, streaming torch, fused Triton) is tested against `fne_weights`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fne_dist.stats import SimilarityStats
+
+MODES = ("official", "bayes")
+CUTDOWNS = ("global", "anchor", "off")
+
+
+@dataclass(frozen=True)
+class FNEConfig:
+    """Hyper-parameters of the sampling rule; the defaults are the released code's."""
+
+    margin: float = 0.2
+    tau: float = 0.5
+    prior_ratio: float = 10000.0
+    false_margin: float = 0.999
+    min_count: int = 200
+    mode: str = "official"
+    cutdown: str = "global"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"FNEConfig.mode={self.mode!r} is unknown: use one of {MODES}")
+        if self.cutdown not in CUTDOWNS:
+            raise ValueError(f"FNEConfig.cutdown={self.cutdown!r} is unknown: use one of {CUTDOWNS}")
+        if not self.tau > 0:
+            raise ValueError(f"FNEConfig.tau={self.tau} must be > 0 (the hardness weight exp(-tau*(s-p)^2))")
+        if not self.prior_ratio > 1:
+            raise ValueError(f"FNEConfig.prior_ratio={self.prior_ratio} must be > 1 (the prior of a false negative is 1/prior_ratio)")
+        if not 0 < self.false_margin < 1:
+            raise ValueError(f"FNEConfig.false_margin={self.false_margin} must lie in (0, 1)")
+        if not self.margin >= 0:
+            raise ValueError(f"FNEConfig.margin={self.margin} must be >= 0")
+        if self.min_count < 0:
+            raise ValueError(f"FNEConfig.min_count={self.min_count} must be >= 0")
+
+
+def normal_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """log N(s; mean, var) in the dtype of s."""
+    return -(s - mean) ** 2 / (2 * var) - 0.5 * torch.log(2 * math.pi * var)
+
+
+def fne_weights(
+    sims: torch.Tensor,
+    pos_sims: torch.Tensor,
+    pos_mask: torch.Tensor,
+    stats: "SimilarityStats",
+    cfg: FNEConfig,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sampling weights [B, N] in fp32 after the mask and the cut-down, before the fallback.
+
+    sims [B, N] anchor-candidate similarities, pos_sims [B] each anchor's positive similarity,
+    pos_mask [B, N] True where the candidate shares the anchor's id, valid [N] or [B, N] (None: all valid).
+    Before `stats` hold more than `cfg.min_count` positives the weight is the hardness weight alone
+    and the global cut-down is off (its threshold mu+ - margin is not known yet).
+    """
+    s = sims.float()
+    p = pos_sims.float()[:, None]
+    hard = torch.exp(-cfg.tau * (s - p) ** 2)
+    ready = stats.ready(cfg.min_count)
+    mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
+    log_pos = normal_log_density(s, mean_pos, var_pos)
+    log_neg = normal_log_density(s, mean_neg, var_neg)
+    if cfg.mode == "official":
+        # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
+        dens_pos, dens_neg = torch.exp(log_pos), torch.exp(log_neg)
+        f = dens_pos / (dens_pos + (cfg.prior_ratio - 1) * dens_neg)
+        bayes = torch.where(1 - f < cfg.false_margin, torch.exp(-cfg.tau * f), hard)
+    else:
+        # 1 - f = sigmoid(log((rho-1) L-) - log L+), finite for any s.
+        bayes = hard * torch.sigmoid(math.log(cfg.prior_ratio - 1) + log_neg - log_pos)
+    w = torch.where(ready, bayes, hard)
+    drop = pos_mask
+    if valid is not None:
+        drop = drop | ~valid
+    if cfg.cutdown == "global":
+        drop = drop | (ready & (s <= mean_pos - cfg.margin))
+    elif cfg.cutdown == "anchor":
+        drop = drop | (s <= p - cfg.margin)
+    return w.masked_fill(drop, 0.0)
+
+
+def violation_cost(
+    sims: torch.Tensor,
+    pos_sims: torch.Tensor,
+    pos_mask: torch.Tensor,
+    margin: float,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triplet cost max(0, margin + s - p) for the fallback argmax; -inf on positives and invalid slots
+    so that they are never chosen, even when every cost is zero."""
+    cost = (margin + sims.float() - pos_sims.float()[:, None]).clamp_min(0.0)
+    drop = pos_mask if valid is None else pos_mask | ~valid
+    return cost.masked_fill(drop, float("-inf"))

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for FNE (import name `fne_kernels`)."""

@@ -1,0 +1,36 @@
+"""fne-dist: False Negative Elimination for image-text matching, distributed.
+
+Versions are pinned in constraints.txt (the one place); the ranges below are what the code works with.
+The top-level folder `kernels/` installs as the import package `fne_kernels` (a top-level `kernels` would
+collide with the `kernels` distribution on PyPI).
+"""
+from setuptools import setup
+
+setup(
+    name="fne-dist",
+    version="0.1.0",
+    description="False Negative Elimination (Li et al., ACM MM 2023) for image-text matching at scale",
+    python_requires=">=3.10",
+    packages=["fne_dist", "fne_kernels"],
+    package_dir={"fne_dist": "fne_dist", "fne_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "torchvision",
+        "triton>=3.6,<3.10",
+        "deepspeed>=0.19,<0.20",
+        "webdataset>=1.0,<1.1",
+        "open_clip_torch>=3.3,<3.4",
+        "submitit>=1.5,<1.6",
+        "omegaconf>=2.3,<2.5",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+        "numpy",
+        "pillow",
+        "ninja",
+    ],
+    extras_require={
+        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow"],
+    },
+    entry_points={"console_scripts": []},
+)
