@@ -32,5 +32,14 @@ setup(
     extras_require={
         "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "fne-train=fne_dist.train:main",
+            "fne-eval=fne_dist.evaluate:main",
+            "fne-launch=fne_dist.launch:main",
+            "fne-make-shards=fne_dist.make_shards:main",
+            "fne-export=fne_dist.export:main",
+            "fne-bench=fne_dist.bench:main",
+        ]
+    },
 )

@@ -10,25 +10,30 @@ from fne_dist.distributed import all_gather_cat
 
 @dataclass
 class GlobalKeys:
-    """Momentum keys of the global batch, all-gathered in rank order: image [G, D], text [G, D], ids [G]."""
+    """Momentum keys of the global batch, all-gathered in rank order: image [G, D], text [G, D], ids [G],
+    labels [G] (class labels where the data has them, else -1; used only to measure false negatives)."""
 
     image: torch.Tensor
     text: torch.Tensor
     ids: torch.Tensor
+    labels: torch.Tensor
 
     @classmethod
-    def gather(cls, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> "GlobalKeys":
-        """All-gather this rank's keys and ids (FNE_SPEC step 3)."""
-        return cls(all_gather_cat(image.detach()), all_gather_cat(text.detach()), all_gather_cat(ids))
+    def gather(cls, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor,
+               labels: torch.Tensor | None = None) -> "GlobalKeys":
+        """All-gather this rank's keys, ids and labels (FNE_SPEC step 3)."""
+        labels = torch.full_like(ids, -1) if labels is None else labels
+        return cls(*(all_gather_cat(t.detach()) for t in (image, text, ids, labels)))
 
 
 @dataclass
 class Candidates:
-    """[global batch ; queue]: image [N, D], text [N, D], ids [N], valid [N]."""
+    """[global batch ; queue]: image [N, D], text [N, D], ids [N], labels [N], valid [N]."""
 
     image: torch.Tensor
     text: torch.Tensor
     ids: torch.Tensor
+    labels: torch.Tensor
     valid: torch.Tensor
 
 
@@ -39,6 +44,8 @@ class MomentumQueue:
     further communication.  Slots never written are invalid and are never sampled.
     """
 
+    BUFFERS = ("image", "text", "ids", "labels", "valid")
+
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if size < 1:
             raise ValueError(f"MomentumQueue size={size} must be >= 1")
@@ -46,6 +53,7 @@ class MomentumQueue:
         self.image = torch.zeros(size, dim, dtype=dtype, device=device)
         self.text = torch.zeros(size, dim, dtype=dtype, device=device)
         self.ids = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(size, dtype=torch.bool, device=device)
         self.ptr = 0
 
@@ -63,6 +71,7 @@ class MomentumQueue:
             torch.cat([keys.image.to(dtype), self.image]),
             torch.cat([keys.text.to(dtype), self.text]),
             torch.cat([keys.ids, self.ids]),
+            torch.cat([keys.labels, self.labels]),
             torch.cat([batch_valid, self.valid]),
         )
 
@@ -75,17 +84,17 @@ class MomentumQueue:
         self.image[slots] = keys.image.to(self.image.dtype)
         self.text[slots] = keys.text.to(self.text.dtype)
         self.ids[slots] = keys.ids
+        self.labels[slots] = keys.labels
         self.valid[slots] = True
         self.ptr = (self.ptr + g) % self.size
 
     def state_dict(self) -> dict:
-        return {"image": self.image.cpu(), "text": self.text.cpu(), "ids": self.ids.cpu(),
-                "valid": self.valid.cpu(), "ptr": self.ptr}
+        return {name: getattr(self, name).cpu() for name in self.BUFFERS} | {"ptr": self.ptr}
 
     def load_state_dict(self, state: dict) -> None:
         if tuple(state["image"].shape) != tuple(self.image.shape):
             raise ValueError(f"queue in the checkpoint is {tuple(state['image'].shape)}, this run's is "
                              f"{tuple(self.image.shape)}: resume with the checkpoint's queue size and embedding width")
-        for name in ("image", "text", "ids", "valid"):
+        for name in self.BUFFERS:
             getattr(self, name).copy_(state[name])
         self.ptr = int(state["ptr"])
