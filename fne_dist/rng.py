@@ -59,9 +59,10 @@ def col_hash(stream: int, cols: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_from_hashes(row_bits: torch.Tensor, col_bits: torch.Tensor) -> torch.Tensor:
-    """fp32 uniforms in (0, 1), shape [len(row_bits), len(col_bits)]: the top 24 bits of fmix32(row ^ col)."""
+    """fp32 uniforms in (0, 1), shape [len(row_bits), len(col_bits)], from the top 23 bits of fmix32(row ^ col):
+    (x + 0.5) * 2^-23 is exact in fp32 for x < 2^23, so u is never 0 or 1."""
     bits = fmix32(row_bits[:, None] ^ col_bits[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def uniform(stream: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

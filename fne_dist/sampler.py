@@ -2,7 +2,7 @@
 
 The streaming form never materialises [B, N]: it walks over tiles of candidates, keeping per anchor the
 minimum of an exponential race key E/w (which is exactly a draw from w / sum(w) for any tiling) and the
-running maximum of the violation cost (the fallback).  Its uniforms come from `fne_dist.rng`, keyed on
+running maximum of the fallback score (the hardest violator).  Its uniforms come from `fne_dist.rng`, keyed on
 (seed, step, direction, global row, global column), so the draw does not depend on the tile size.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from fne_dist import rng
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, fne_weights, violation_cost
+from fne_dist.weights import FNEConfig, fallback_scores, fne_weights
 
 DEFAULT_TILE_ELEMENTS = 1 << 22  # [B, tile] fp32 temporaries of 16 MiB
 
@@ -21,7 +21,7 @@ DEFAULT_TILE_ELEMENTS = 1 << 22  # [B, tile] fp32 temporaries of 16 MiB
 @dataclass
 class SampleResult:
     """index [B] long: chosen candidate column; fallback [B] bool: the row had no positive weight and took
-    its hardest violator; survivors [B] long: candidates with positive weight; weight_sum [B] fp32."""
+    its hardest violator (see `fallback_scores`); survivors [B] long: candidates with positive weight; weight_sum [B] fp32."""
 
     index: torch.Tensor
     fallback: torch.Tensor
@@ -37,7 +37,7 @@ def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarity
     w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, valid)
     weight_sum = w.sum(1)
     fallback = weight_sum == 0
-    hardest = violation_cost(sims, pos_sims, pos_mask, cfg.margin, valid).argmax(1)
+    hardest = fallback_scores(sims, pos_mask, valid).argmax(1)
     generator = torch.Generator(device=w.device).manual_seed(seed)
     drawn = torch.multinomial(w.masked_fill(fallback[:, None], 1.0), 1, generator=generator).squeeze(1)
     return SampleResult(torch.where(fallback, hardest, drawn), fallback, (w > 0).sum(1), weight_sum)
@@ -71,7 +71,7 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         take = key < best_key
         best_key = torch.where(take, key, best_key)
         best_index = torch.where(take, arg + start, best_index)
-        cost, carg = violation_cost(sims, pos_sims, pos_mask, cfg.margin, tile_valid).max(1)
+        cost, carg = fallback_scores(sims, pos_mask, tile_valid).max(1)
         take = cost > worst_cost
         worst_cost = torch.where(take, cost, worst_cost)
         worst_index = torch.where(take, carg + start, worst_index)

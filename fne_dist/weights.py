@@ -92,15 +92,12 @@ def fne_weights(
     return w.masked_fill(drop, 0.0)
 
 
-def violation_cost(
-    sims: torch.Tensor,
-    pos_sims: torch.Tensor,
-    pos_mask: torch.Tensor,
-    margin: float,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Triplet cost max(0, margin + s - p) for the fallback argmax; -inf on positives and invalid slots
-    so that they are never chosen, even when every cost is zero."""
-    cost = (margin + sims.float() - pos_sims.float()[:, None]).clamp_min(0.0)
+def fallback_scores(sims: torch.Tensor, pos_mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores whose row argmax is the fallback negative: the similarity, -inf on positives and invalid slots.
+
+    The spec's fallback is argmax_j max(0, margin + s_ij - p_i); margin and p_i are constant along a row, so
+    wherever any candidate violates the margin this argmax is the same column, and where none does it is
+    still the hardest negative rather than an arbitrary zero-cost column (or a positive).
+    """
     drop = pos_mask if valid is None else pos_mask | ~valid
-    return cost.masked_fill(drop, float("-inf"))
+    return sims.float().masked_fill(drop, float("-inf"))

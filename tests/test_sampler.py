@@ -1,0 +1,162 @@
+"""sample_negatives: support, fallback, the law of the draw (chi-square), reproducibility, rng agreement."""
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import chisquare
+
+from fne_dist import rng
+from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives
+from fne_dist.weights import fallback_scores
+
+IMPLS = ["dense", "torch"]
+STATS = SimilarityStats.from_moments(count_pos=500, mean_pos=0.2, var_pos=0.01, mean_neg=0.0, var_neg=0.02)
+
+
+def problem(b=37, n=1000, d=48, seed=0, n_ids=200):
+    g = torch.Generator().manual_seed(seed)
+    anchors = F.normalize(torch.randn(b, d, generator=g), dim=1)
+    keys = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    pos_sims = 0.3 + 0.4 * torch.rand(b, generator=g)
+    anchor_ids = torch.randint(0, n_ids, (b,), generator=g)
+    key_ids = torch.randint(0, n_ids, (n,), generator=g)
+    valid = torch.rand(n, generator=g) > 0.2
+    return anchors, keys, pos_sims, anchor_ids, key_ids, valid
+
+
+def dense_weights(anchors, keys, pos_sims, anchor_ids, key_ids, valid, cfg, stats=STATS):
+    sims = anchors @ keys.T
+    mask = anchor_ids[:, None] == key_ids[None, :]
+    return fne_weights(sims, pos_sims, mask, stats, cfg, valid), fallback_scores(sims, mask, valid)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["official", "bayes"])
+@pytest.mark.parametrize("cutdown", ["global", "anchor"])
+def test_draws_only_positive_weights_else_hardest_violator(impl, mode, cutdown):
+    cfg = FNEConfig(mode=mode, cutdown=cutdown)
+    args = problem()
+    w, scores = dense_weights(*args, cfg)
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
+    res = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, seed=3, valid=valid, impl=impl)
+    rows = torch.arange(len(anchors))
+    assert torch.equal(res.fallback, w.sum(1) == 0)
+    assert (w[rows[~res.fallback], res.index[~res.fallback]] > 0).all()
+    assert torch.equal(res.index[res.fallback], scores.argmax(1)[res.fallback])
+    assert valid[res.index].all()
+    assert torch.equal(res.survivors, (w > 0).sum(1))
+    assert torch.allclose(res.weight_sum, w.sum(1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_zero_rows_fall_back_to_hardest_violator(impl):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=5, n=64)
+    cfg = FNEConfig(cutdown="anchor", margin=0.2)
+    high = torch.full_like(pos_sims, 5.0)  # every candidate is below p - margin: all weights cut
+    res = sample_negatives(anchors, keys, high, anchor_ids, key_ids, STATS, cfg, valid=valid, impl=impl)
+    sims = (anchors @ keys.T).masked_fill(~valid | (anchor_ids[:, None] == key_ids[None, :]), -9)
+    assert res.fallback.all()
+    assert torch.equal(res.index, sims.argmax(1))  # no candidate violates the margin: the hardest negative
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fallback_takes_the_largest_violation(impl):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=6, n=80)
+    stats = SimilarityStats.from_moments(count_pos=500, mean_pos=0.9, var_pos=0.01, mean_neg=0.0, var_neg=0.02)
+    low = torch.full_like(pos_sims, 0.1)  # violators: s > -0.1; all cut by the global cut-down at s <= 0.7
+    res = sample_negatives(anchors, keys, low, anchor_ids, key_ids, stats, FNEConfig(), valid=valid, impl=impl)
+    cost = (0.2 + anchors @ keys.T - 0.1).clamp_min(0)
+    cost = cost.masked_fill(~valid | (anchor_ids[:, None] == key_ids[None, :]), -1)
+    assert res.fallback.all() and (cost.max(1).values > 0).all()
+    assert torch.equal(res.index, cost.argmax(1))
+
+
+def law_problem(b=4000):
+    """One anchor repeated b times (each row has its own random numbers) against 12 candidates."""
+    torch.manual_seed(0)
+    d = 16
+    anchor = F.normalize(torch.randn(1, d), dim=1)
+    keys = F.normalize(torch.randn(12, d) + 1.5 * anchor, dim=1)
+    sims = (anchor @ keys.T)[0]
+    return anchor.expand(b, d).contiguous(), keys, torch.full((b,), sims.max().item() + 0.1)
+
+
+def assert_law(index, w):
+    """Chi-square goodness of fit of the drawn columns to w / sum(w)."""
+    counts = torch.bincount(index, minlength=len(w)).double()
+    expected = w.double() / w.sum() * len(index)
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a zero-weight candidate was drawn"
+    pvalue = chisquare(counts[keep].numpy(), expected[keep].numpy()).pvalue
+    assert pvalue > 1e-4, f"draws do not follow w / sum(w) (chi-square p = {pvalue:.2e})"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empirical_law_matches_weights(impl):
+    anchors, keys, pos_sims = law_problem()
+    cfg = FNEConfig(cutdown="off")
+    ids_a, ids_k = torch.full((len(anchors),), -7), torch.arange(len(keys))
+    res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=11, impl=impl, tile_size=5)
+    w = fne_weights(anchors[:1] @ keys.T, pos_sims[:1], torch.zeros(1, len(keys), dtype=torch.bool), STATS, cfg)[0]
+    assert (w > 0).sum() >= 8, "the law test needs a spread of weights"
+    assert_law(res.index, w)
+
+
+def test_chi_square_rejects_a_sampler_drawing_proportional_to_w_squared():
+    anchors, keys, pos_sims = law_problem()
+    cfg = FNEConfig(cutdown="off")
+    w = fne_weights(anchors @ keys.T, pos_sims, torch.zeros(len(anchors), len(keys), dtype=torch.bool), STATS, cfg)
+    u = rng.uniform(rng.stream_key(11), torch.arange(len(anchors)), torch.arange(len(keys)))
+    wrong = (-torch.log(u) / w**2).argmin(1)
+    with pytest.raises(AssertionError, match="do not follow"):
+        assert_law(wrong, w[0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_same_seed_same_indices_other_seed_differs(impl):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    run = lambda **kw: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),  # noqa: E731
+                                        valid=valid, impl=impl, **kw).index
+    assert torch.equal(run(seed=5), run(seed=5))
+    assert not torch.equal(run(seed=5), run(seed=6))
+    assert not torch.equal(run(seed=5, step=0), run(seed=5, step=1))
+    assert not torch.equal(run(seed=5, direction=0), run(seed=5, direction=1))
+
+
+@pytest.mark.parametrize("tile", [1, 7, 333, 1000, 4096])
+def test_streaming_draw_does_not_depend_on_tile_size(tile):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    run = lambda t: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),  # noqa: E731
+                                     seed=9, valid=valid, impl="torch", tile_size=t)
+    ref, got = run(None), run(tile)
+    assert torch.equal(ref.index, got.index) and torch.equal(ref.fallback, got.fallback)
+
+
+def test_streaming_draw_does_not_depend_on_how_anchors_are_split_across_ranks():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=40)
+    whole = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), seed=2, valid=valid,
+                             impl="torch").index
+    halves = [sample_negatives(anchors[r * 20:(r + 1) * 20], keys, pos_sims[r * 20:(r + 1) * 20],
+                               anchor_ids[r * 20:(r + 1) * 20], key_ids, STATS, FNEConfig(), seed=2, valid=valid,
+                               impl="torch", row_offset=r * 20).index for r in range(2)]
+    assert torch.equal(whole, torch.cat(halves))
+
+
+def test_rng_matches_python_reference_and_is_uniform():
+    rows, cols = torch.tensor([0, 1, 12345, 2**31 - 1]), torch.tensor([0, 7, 2**20, 2**32 - 1])
+    stream = rng.stream_key(123, 4, 1)
+    got = rng.uniform(stream, rows, cols)
+    for i, r in enumerate(rows.tolist()):
+        rh = rng.fmix32_int((r * rng.GOLDEN + stream) & rng.MASK32)
+        for j, c in enumerate(cols.tolist()):
+            bits = rng.fmix32_int(rh ^ rng.fmix32_int((c & rng.MASK32) ^ stream))
+            assert got[i, j].item() == ((bits >> 9) + 0.5) / 2**23
+    u = rng.uniform(stream, torch.arange(300), torch.arange(300)).flatten()
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_rejects_unknown_impl_and_width_mismatch():
+    anchors, keys, pos_sims, anchor_ids, key_ids, _ = problem(b=3, n=10)
+    with pytest.raises(ValueError, match="impl"):
+        sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), impl="cuda")
+    with pytest.raises(ValueError, match="share D"):
+        sample_negatives(anchors, keys[:, :5], pos_sims, anchor_ids, key_ids, STATS, FNEConfig())
