@@ -66,7 +66,7 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         survivors += (w > 0).sum(1)
         weight_sum += w.sum(1)
         u = rng.uniform_from_hashes(row_bits, rng.col_hash(stream, cols))
-        race = -torch.log(u) / w  # w = 0 gives +inf: never drawn
+        race = torch.log(u).neg_().div_(w)  # w = 0 gives +inf: never drawn
         key, arg = race.min(1)
         take = key < best_key
         best_key = torch.where(take, key, best_key)

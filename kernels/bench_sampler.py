@@ -1,0 +1,243 @@
+"""`fne-bench sampler`: time and peak memory of the negative samplers against a bare matmul of the same shapes.
+
+Implementations: `triton` (the fused kernel), `torch` (streaming tiles), `dense` (the [B, N] reference) and
+`matmul` (anchors @ keys.T alone: the floor any sampler must pay).  Every case draws from the full FNE rule
+(official mode, global cut-down, statistics ready, 1% invalid slots).
+
+GPU: medians of CUDA-event timings after warm-up; peak memory = torch.cuda.max_memory_allocated during the
+calls minus what was allocated before (inputs included in neither).  A case that runs out of memory is
+reported as OOM.  CPU: each case runs in a fresh process; its extra memory is the peak resident set of the
+first call (the kernel's high-water mark, /proc/self/clear_refs reset once the inputs exist) minus the
+resident set before it, and its time the median wall clock of the calls after that one, on torch's
+default number of threads (set OMP_NUM_THREADS to choose; the table records it).
+
+Writes `results.csv`, `time.png` (time against N per implementation) and `ratio.png` (time / matmul) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import itertools
+import multiprocessing
+import os
+import re
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import torch
+
+IMPLS = ("triton", "torch", "dense", "matmul")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+GPU_DEFAULTS = dict(b=[256, 1024, 4096], n=[1 << 16, 1 << 18, 1 << 20], d=[256, 512, 1024], impl=list(IMPLS), dtype="bf16")
+CPU_DEFAULTS = dict(b=[1024], n=[131072], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32")
+FIELDS = ("device", "threads", "dtype", "b", "n", "d", "impl", "time_ms", "peak_mib", "x_matmul", "status")
+
+
+def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Unit-norm features, positive similarities, ids with some same-id pairs, 1% invalid slots, ready stats."""
+    from fne_dist.fne import SimilarityStats
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    anchors = torch.nn.functional.normalize(torch.randn(b, d, device=device, generator=g), dim=1).to(dtype)
+    keys = torch.empty(n, d, device=device, dtype=dtype)
+    for start in range(0, n, 1 << 16):  # normalise in chunks: no fp32 copy of all the keys at once
+        chunk = torch.randn(min(1 << 16, n - start), d, device=device, generator=g)
+        keys[start:start + chunk.shape[0]] = torch.nn.functional.normalize(chunk, dim=1).to(dtype)
+    pos_sims = 0.3 + 0.4 * torch.rand(b, device=device, generator=g)
+    anchor_ids = torch.randint(0, 4 * n, (b,), device=device, generator=g)
+    key_ids = torch.randint(0, 4 * n, (n,), device=device, generator=g)
+    valid = torch.rand(n, device=device, generator=g) > 0.01
+    # similarities of random unit vectors are ~N(0, 1/d): mu+ - margin = 0 keeps about half the candidates
+    stats = SimilarityStats.from_moments(count_pos=1000, mean_pos=0.2, var_pos=0.01, mean_neg=0.0, var_neg=2.0 / d,
+                                         device=device)
+    return anchors, keys, pos_sims, anchor_ids, key_ids, valid, stats
+
+
+def runner(impl: str, inputs, tile_size: int | None):
+    """A no-argument callable running `impl` once on `inputs`."""
+    from fne_dist.fne import FNEConfig, sample_negatives
+
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid, stats = inputs
+    if impl == "matmul":
+        return lambda: torch.matmul(anchors, keys.T)
+    cfg = FNEConfig()
+    return lambda: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, seed=0, valid=valid,
+                                    impl=impl, tile_size=tile_size)
+
+
+def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size) -> dict:
+    """Median CUDA-event time and peak extra memory of one case in this process; OOM is a result."""
+    inputs = run = None
+    try:
+        inputs = make_inputs(b, n, d, dtype, "cuda")
+        run = runner(impl, inputs, tile_size)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() - base
+        return {"time_ms": statistics.median(times), "peak_mib": peak / 2**20, "status": "ok"}
+    except torch.cuda.OutOfMemoryError:
+        return {"time_ms": None, "peak_mib": None, "status": "OOM"}
+    finally:
+        inputs = run = None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _resident_kib() -> dict:
+    with open("/proc/self/status") as f:
+        return {k: int(v) for k, v in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", f.read())}
+
+
+def _cpu_case(impl, b, n, d, dtype, repeats, tile_size) -> dict:
+    """Runs in a fresh process: the first call's peak extra resident memory, then the median time of `repeats`."""
+    try:
+        run = runner(impl, make_inputs(b, n, d, dtype, "cpu"), tile_size)
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident set
+        before = _resident_kib()["VmRSS"]
+        run()
+        peak = _resident_kib()["VmHWM"] - before
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e3)
+        return {"time_ms": statistics.median(times), "peak_mib": peak / 1024, "status": "ok",
+                "threads": torch.get_num_threads()}
+    except MemoryError:
+        return {"time_ms": None, "peak_mib": None, "status": "OOM"}
+
+
+def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size) -> dict:
+    """One fresh process per case, so that neither the allocator's cache nor another case's peak leaks in;
+    the memory-measured first call is the warm-up.  A process killed for memory counts as OOM."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_cpu_case, impl, b, n, d, dtype, repeats, tile_size).result()
+        except BrokenProcessPool:
+            return {"time_ms": None, "peak_mib": None, "status": "OOM"}
+
+
+def run_cases(args) -> list[dict]:
+    measure = measure_gpu if args.device == "cuda" else measure_cpu
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for b, n, d in itertools.product(args.b, args.n, args.d):
+        case = []
+        for impl in args.impl:
+            result = measure(impl, b, n, d, dtype, args.warmup, args.repeats, args.tile_size)
+            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "impl": impl, **result})
+            print(format_row(case[-1]), flush=True)
+        floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
+        for r in case:
+            r["x_matmul"] = r["time_ms"] / floor if floor and r["time_ms"] else None
+        rows += case
+    return rows
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def format_row(r: dict) -> str:
+    return (f"{r['device']:>6} {_fmt(r.get('threads'), '>7')} {r['dtype']:>5} {r['b']:>6} {r['n']:>9} {r['d']:>6} {r['impl']:>7} "
+            f"{_fmt(r['time_ms'], '12.2f')} {_fmt(r['peak_mib'], '10.1f')} {_fmt(r.get('x_matmul'), '9.2f')} {r['status']:>6}")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'device':>6} {'threads':>7} {'dtype':>5} {'b':>6} {'n':>9} {'d':>6} {'impl':>7} {'time_ms':>12} {'peak_MiB':>10} "
+          f"{'x_matmul':>9} {'status':>6}")
+    for r in rows:
+        print(format_row(r))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """time.png and ratio.png: one panel per (b, d), N on the x axis, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["b"], r["d"]) for r in rows})
+    for name, key, label in (("time.png", "time_ms", "median time (ms)"), ("ratio.png", "x_matmul", "time / matmul")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+        for ax, (b, d) in zip(axes[0], panels):
+            for impl in dict.fromkeys(r["impl"] for r in rows):
+                pts = sorted((r["n"], r[key]) for r in rows if (r["b"], r["d"], r["impl"]) == (b, d, impl) and r[key])
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ns = sorted({r["n"] for r in rows if (r["b"], r["d"]) == (b, d)})
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ns, [str(n) for n in ns])
+            ax.minorticks_off()
+            ax.set(xlabel="N candidates", ylabel=label, title=f"b={b}, D={d}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fne-bench sampler", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--b", type=int, nargs="+", help="anchors per call (GPU default 256 1024 4096; CPU 1024)")
+    parser.add_argument("--n", type=int, nargs="+", help="candidates (GPU default 2^16 2^18 2^20; CPU 131072)")
+    parser.add_argument("--d", type=int, nargs="+", help="feature width (GPU default 256 512 1024; CPU 256)")
+    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="GPU default: all; CPU: dense torch matmul")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="feature dtype (GPU default bf16, CPU fp32)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 20, CPU 3)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (GPU; on the CPU the first call is)")
+    parser.add_argument("--tile-size", type=int, help="candidate tile of the torch and triton impls (default: theirs)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_sampler"), help="folder for results.csv and plots")
+    args = parser.parse_args(argv)
+    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats is None:
+        args.repeats = 20 if args.device == "cuda" else 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here; use --device cpu")
+    if args.device == "cpu" and "triton" in args.impl:
+        parser.error("the triton impl needs a CUDA GPU; on the CPU compare dense, torch and matmul")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_cases(args)
+    print()
+    print_table(rows)
+    write_csv(rows, args.out / "results.csv")
+    plot(rows, args.out)
+    print(f"\nwrote {args.out / 'results.csv'}, {args.out / 'time.png'}, {args.out / 'ratio.png'}")
+
+
+if __name__ == "__main__":
+    main()

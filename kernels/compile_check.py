@@ -1,0 +1,106 @@
+"""Compile the sampler kernels for an NVIDIA GPU on a machine without one, and report their resource use.
+
+    python -m fne_kernels.compile_check [--arch 90] [--dtype bf16 ...] [--mode ...] [--cutdown ...]
+
+Triton compiles ahead of time with its bundled ptxas, no driver needed.  This catches what the interpreter
+cannot (type rules of the compiled path, e.g. the uint32 hash, and code generation failures) and prints per
+variant the registers per thread and the stack bytes (register spills) of the shipped block sizes, which is
+how `fne_sampler.GPU_BLOCKS` was chosen.  Launch-time specialisation is approximated: contiguous features
+(unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+from fne_dist.weights import CUTDOWNS, MODES
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+POINTERS = {"pos_ptr": "*fp32", "aid_ptr": "*i64", "kid_ptr": "*i64", "valid_ptr": "*u8", "params_ptr": "*fp32",
+            "out_key_ptr": "*fp32", "out_idx_ptr": "*i32", "out_score_ptr": "*fp32", "out_hidx_ptr": "*i32",
+            "out_surv_ptr": "*i32", "out_wsum_ptr": "*fp32"}
+FLOATS = ("margin", "neg_tau", "log_rho1", "official_logit")
+ALIGNED_INTS = ("N", "D", "stride_am", "stride_kn")
+
+
+def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_stages: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: ("constexpr" if name in constants else types.get(name, "i32")) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name].startswith("*") or name in ALIGNED_INTS}
+    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _resources(kernel) -> dict:
+    """Registers, stack bytes and static shared memory of the compiled kernel, read from its cubin."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
+            "shared": kernel.metadata.shared, "mma": "wgmma" if "wgmma" in kernel.asm["ptx"] else
+            ("mma" if "mma.sync" in kernel.asm["ptx"] else "fma")}
+
+
+def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS) -> list[dict]:
+    """Compile the chosen (dtype, mode, cut-down, validity mask) variants at the block sizes `triton_sample`
+    uses for `b` anchors, plus the combine kernel; one row of resource use per variant."""
+    from fne_kernels import fne_sampler as fs
+
+    rows = []
+    for name, mode, cutdown, has_valid in itertools.product(dtypes, modes, cutdowns, (False, True)):
+        dtype = DTYPES[name]
+        block_m, block_n, block_k, num_warps, num_stages = fs._blocks(b, 0, dtype, True, None)
+        constants = dict(stride_ak=1, stride_kk=1, MODE=fs.MODE_CODES[mode], CUTDOWN=fs.CUTDOWN_CODES[cutdown],
+                         HAS_VALID=has_valid, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        types = {"a_ptr": f"*{name}", "k_ptr": f"*{name}", **POINTERS, **{f: "fp32" for f in FLOATS}}
+        kernel = _compile(fs._fne_partial_kernel, types, constants, arch, num_warps, num_stages)
+        rows.append({"kernel": "partial", "dtype": name, "mode": mode, "cutdown": cutdown, "valid": has_valid,
+                     "blocks": f"{block_m}x{block_n}x{block_k}/w{num_warps}/s{num_stages}", **_resources(kernel)})
+    types = {name: POINTERS.get(name, "*i32") for name in fs._fne_combine_kernel.arg_names if name.endswith("_ptr")}
+    types.update(key_ptr="*fp32", score_ptr="*fp32", wsum_ptr="*fp32", index_ptr="*i64", fallback_ptr="*u8",
+                 survivors_ptr="*i64", weight_sum_ptr="*fp32")
+    kernel = _compile(fs._fne_combine_kernel, types, {"BLOCK": 1024}, arch, 4, 1)
+    rows.append({"kernel": "combine", "dtype": "-", "mode": "-", "cutdown": "-", "valid": "-", "blocks": "1024/w4",
+                 **_resources(kernel)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fne_kernels.compile_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
+    parser.add_argument("-b", type=int, default=4096, help="anchors per call (caps BLOCK_M)")
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--cutdown", nargs="+", choices=CUTDOWNS, default=list(CUTDOWNS))
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check compiles the kernels: unset TRITON_INTERPRET")
+    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown)
+    header = list(rows[0])
+    print("  ".join(f"{h:>9}" for h in header))
+    for row in rows:
+        print("  ".join(f"{str(row[h]):>9}" for h in header))
+    spilled = sum(1 for row in rows if row["stack"] or row["local"])
+    print(f"{len(rows)} kernels compiled for sm_{args.arch}, {spilled} spill registers to the stack")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The fused Triton sampler against the streaming torch path (same random numbers, so the same indices).
+
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel
+module is imported), at small odd shapes with large blocks.  Tolerances: indices, fallback flags and
+survivor counts identical; weight sums to rtol 1e-5 (another summation order).  On a GPU the dot product
+and exp/log round differently from torch, so a weight can cross a threshold: there the checks allow a
+few rows in a thousand to differ (deterministic cases stay exact).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from fne_dist import rng  # noqa: E402
+from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives  # noqa: E402
+from fne_dist.sampler import dense_sample, streaming_sample  # noqa: E402
+from fne_dist.weights import fallback_scores  # noqa: E402
+from fne_kernels import triton_sample  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+# With these moments the official rule's exp(-tau f) branch holds for s > ~0.33, above the global cut 0.3.
+STATS = SimilarityStats.from_moments(count_pos=500, mean_pos=0.5, var_pos=0.01, mean_neg=0.05, var_neg=0.01)
+NOT_READY = SimilarityStats.from_moments(count_pos=50, mean_pos=0.5, var_pos=0.01, mean_neg=0.05, var_neg=0.01)
+needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+CPU_DTYPES = [torch.float32, torch.float16,
+              pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+                  not CUDA, reason="bf16 arithmetic is wrong in Triton's interpreter: tested on a GPU only"))]
+
+
+def problem(b=37, n=1000, d=48, seed=0, n_ids=300, dtype=torch.float32, device=DEVICE):
+    """Keys pulled towards random anchors by random amounts, so similarities spread over about [-0.4, 0.95]
+    and every regime of the rule (cut, hardness only, official exp(-tau f), positives, fallback) is populated."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = F.normalize(torch.randn(b, d, generator=g), dim=1)
+    pull = 3.0 * torch.rand(n, 1, generator=g) ** 2
+    keys = F.normalize(torch.randn(n, d, generator=g) / d**0.5 + pull * anchors[torch.randint(0, b, (n,), generator=g)], dim=1)
+    pos_sims = 0.5 + 0.4 * torch.rand(b, generator=g)
+    pos_sims[:3] = 1.6  # the anchor cut-down (s <= p - margin) removes all of these rows' candidates
+    anchor_ids = torch.randint(0, n_ids, (b,), generator=g)
+    key_ids = torch.randint(0, n_ids, (n,), generator=g)
+    valid = torch.rand(n, generator=g) > 0.2
+    return (anchors.to(device, dtype), keys.to(device, dtype), pos_sims.to(device), anchor_ids.to(device),
+            key_ids.to(device), valid.to(device))
+
+
+def both(args, cfg, stats=STATS, seed=3, row_offset=0, tile_size=None):
+    """(triton, torch streaming) results on the same inputs and random stream."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
+    common = dict(seed=seed, row_offset=row_offset, valid=valid)
+    tri = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, impl="triton",
+                           tile_size=tile_size, **common)
+    ref = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, impl="torch", **common)
+    return tri, ref
+
+
+def assert_same(tri, ref):
+    assert tri.index.dtype == torch.long and tri.survivors.dtype == torch.long
+    assert tri.fallback.dtype == torch.bool and tri.weight_sum.dtype == torch.float32
+    assert torch.equal(tri.index, ref.index)
+    assert torch.equal(tri.fallback, ref.fallback)
+    assert torch.equal(tri.survivors, ref.survivors)
+    torch.testing.assert_close(tri.weight_sum, ref.weight_sum, rtol=1e-5, atol=1e-6)
+
+
+def test_problem_populates_every_regime():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    s = anchors @ keys.T
+    w = fne_weights(s, pos_sims, anchor_ids[:, None] == key_ids[None, :], STATS, FNEConfig(cutdown="off"), valid)
+    hard = torch.exp(-0.5 * (s - pos_sims[:, None]) ** 2)
+    official = (w > 0) & ~torch.isclose(w, hard)
+    assert 0.5 < (s <= 0.3).float().mean() < 0.99 and official.float().mean() > 0.01 and (w == 0).any()
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("mode", ["official", "bayes"])
+@pytest.mark.parametrize("cutdown", ["global", "anchor", "off"])
+def test_same_indices_as_torch_streaming(dtype, mode, cutdown):
+    tri, ref = both(problem(dtype=dtype), FNEConfig(mode=mode, cutdown=cutdown), row_offset=11, tile_size=256)
+    assert_same(tri, ref)
+    assert torch.equal(tri.fallback.nonzero().flatten().cpu(), torch.arange(3 if cutdown == "anchor" else 0))
+
+
+@pytest.mark.parametrize("mode", ["official", "bayes"])
+def test_stats_not_ready_use_the_hardness_weight_without_global_cut(mode):
+    cfg = FNEConfig(mode=mode, cutdown="global")
+    tri, ref = both(problem(), cfg, stats=NOT_READY)
+    assert_same(tri, ref)
+    tri_off, _ = both(problem(), FNEConfig(mode=mode, cutdown="off"), stats=NOT_READY)
+    assert torch.equal(tri.index, tri_off.index)
+
+
+def test_odd_width_over_several_k_chunks_and_strided_inputs():
+    anchors, keys, *rest = problem(b=19, n=333, d=300)
+    keys = torch.cat([keys, keys], dim=1)[:, ::2]  # a non-contiguous view with the same values
+    tri, ref = both((anchors, keys, *rest), FNEConfig(), tile_size=128)
+    assert not keys.is_contiguous()
+    assert_same(tri, ref)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+@pytest.mark.parametrize("tile_size", [64, 256])
+def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+                           stream=0xDEADBEEF, row_offset=5, valid=valid)
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+                        stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=tile_size, splits=splits)
+    assert_same(tri, ref)
+
+
+def test_uniforms_follow_the_global_row():
+    """Rank r's anchors at row_offset draw what the same anchors draw inside the whole batch."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    whole = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), stream=rng.stream_key(1),
+                          valid=valid)
+    part = triton_sample(anchors[20:], keys, pos_sims[20:], anchor_ids[20:], key_ids, STATS, FNEConfig(),
+                         stream=rng.stream_key(1), row_offset=20, valid=valid)
+    assert torch.equal(part.index, whole.index[20:])
+
+
+def test_single_surviving_candidate_is_drawn_exactly():
+    """Each anchor's p - margin is set between its two hardest valid negatives: one candidate survives the
+    anchor cut-down, and the draw, the count and the weight sum are deterministic."""
+    anchors, keys, _, anchor_ids, key_ids, valid = problem()
+    scores = fallback_scores(anchors @ keys.T, anchor_ids[:, None] == key_ids[None, :], valid)
+    top2, top_index = scores.topk(2, dim=1)
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-5
+    cfg = FNEConfig(cutdown="anchor")
+    pos_sims = top2.mean(1) + cfg.margin
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=5, valid=valid, splits=3)
+    w = fne_weights(anchors @ keys.T, pos_sims, anchor_ids[:, None] == key_ids[None, :], STATS, cfg, valid)
+    assert torch.equal(tri.index, top_index[:, 0]) and (tri.survivors == 1).all() and not tri.fallback.any()
+    torch.testing.assert_close(tri.weight_sum, w.sum(1), rtol=1e-6, atol=0)
+
+
+def test_rows_without_weight_fall_back_to_the_hardest_valid_negative():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    pos_sims = torch.full_like(pos_sims, 2.0)  # anchor cut-down s <= p - margin removes every candidate
+    scores = fallback_scores(anchors @ keys.T, anchor_ids[:, None] == key_ids[None, :], valid)
+    cfg = FNEConfig(cutdown="anchor")
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=9, valid=valid, splits=3)
+    dense = dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, seed=9, valid=valid)
+    assert tri.fallback.all() and (tri.survivors == 0).all() and (tri.weight_sum == 0).all()
+    assert torch.equal(tri.index, scores.argmax(1)) and torch.equal(tri.index, dense.index)
+    hardest_any = (anchors @ keys.T).argmax(1)
+    assert (~valid[hardest_any]).any(), "the fixture must hide some rows' hardest candidate in an invalid slot"
+
+
+def test_invalid_slots_and_positives_are_never_chosen():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(n_ids=20)  # many positives per row
+    for seed in range(4):
+        res = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(cutdown="off"),
+                            stream=rng.stream_key(seed), valid=valid)
+        assert valid[res.index].all() and (key_ids[res.index] != anchor_ids).all()
+
+
+def test_official_rule_keeps_the_hardness_weight_where_both_densities_underflow():
+    """Narrow Gaussians far from most similarities: both fp32 densities are 0 there, the released rule's f is
+    NaN and w = h, although the log-domain posterior says f = 1 (which would give exp(-tau))."""
+    stats = SimilarityStats.from_moments(count_pos=500, mean_pos=1.2, var_pos=1e-4, mean_neg=-1.2, var_neg=1e-4)
+    args = problem()
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
+    s = anchors @ keys.T
+    assert ((s - 1.2) ** 2 / 2e-4 > 110).float().mean() > 0.99
+    cfg = FNEConfig(mode="official", cutdown="off")
+    tri, ref = both(args, cfg, stats=stats)
+    assert_same(tri, ref)
+    w = fne_weights(s, pos_sims, anchor_ids[:, None] == key_ids[None, :], stats, cfg, valid)
+    torch.testing.assert_close(tri.weight_sum, w.sum(1), rtol=1e-5, atol=0)
+
+
+def test_rejects_bad_arguments():
+    args = problem(b=4, n=64)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_sample(*args[:5], STATS, FNEConfig(), stream=0, tile_size=100)
+    with pytest.raises(ValueError, match="valid"):
+        triton_sample(*args[:5], STATS, FNEConfig(), stream=0, valid=args[5][:10])
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["official", "bayes"])
+@pytest.mark.parametrize("cutdown", ["global", "anchor"])
+def test_gpu_large_shapes_agree_with_torch(dtype, mode, cutdown):
+    args = problem(b=300, n=70001, d=200, dtype=dtype, n_ids=5000)
+    tri, ref = both(args, FNEConfig(mode=mode, cutdown=cutdown), row_offset=1000)
+    assert (tri.index == ref.index).float().mean() >= 0.995
+    assert (tri.survivors - ref.survivors).abs().max() <= 3
+    torch.testing.assert_close(tri.weight_sum, ref.weight_sum, rtol=1e-4, atol=1e-4)
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
+    assert valid[tri.index].all() and (key_ids[tri.index] != anchor_ids).all()
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_fallback_is_exact_and_small_batches_fill_the_splits():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=5, n=100003, d=256, dtype=torch.bfloat16)
+    pos_sims = torch.full_like(pos_sims, 2.0)
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(cutdown="anchor"), stream=1,
+                        valid=valid)
+    scores = fallback_scores(anchors.float() @ keys.float().T, anchor_ids[:, None] == key_ids[None, :], valid)
+    rows = torch.arange(len(scores), device=DEVICE)
+    assert tri.fallback.all() and valid[tri.index].all()
+    # the hardest candidate, up to ties within the bf16 dot's rounding
+    assert (scores[rows, tri.index] >= scores.max(1).values - 1e-5).all()
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The compiled path (not the interpreter): Triton compiles for sm_90 with its bundled ptxas, no GPU needed.
+    Register spills are reported by the tool, not failed on: they cost speed, not correctness."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "fne_kernels.compile_check", "--dtype", "bf16",
+                          "--mode", "official", "bayes", "--cutdown", "global"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "5 kernels compiled for sm_90" in out.stdout, out.stdout
+    assert "wgmma" in out.stdout  # bf16 on Hopper's tensor cores
