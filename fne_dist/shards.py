@@ -17,6 +17,7 @@ epoch holds.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class ShardSample:
             meta["captions"] = list(self.captions)
         return {"__key__": self.key, self.ext: self.image, "txt": self.captions[0].encode("utf-8"),
                 "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+
+
+def stable_id(text: str) -> int:
+    """A 63-bit id from a string, the same in every process and run (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
 def shard_name(split: str, index: int) -> str:

@@ -1,0 +1,303 @@
+"""fne-make-shards: local images + captions -> WebDataset shards in our layout, in parallel and resumable.
+
+Two inputs:
+  karpathy  Karpathy's split JSON (dataset_flickr30k.json, dataset_coco.json: images[] with filename, optional
+            filepath, split, sentences[].raw, imgid and, for COCO, cocoid) plus the image folder; one shard set per
+            split, each image stored once with all its captions.
+  table     a CSV, TSV or Parquet table of image path and caption (column names by option, open_clip's defaults),
+            e.g. an already-downloaded web-scale table; rows naming the same image become one image with all their
+            captions.  Downloading from urls is img2dataset's job, whose shards the loader reads as they are.
+
+Missing or undecodable images are skipped and listed in the manifest with the reason, never fatal.  Each shard is
+one task for the worker pool, so the output does not depend on the number of workers, and a shard is written
+atomically and recorded in `progress.jsonl` when done: rerunning an interrupted command skips the shards it has.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+from tqdm import tqdm
+
+from fne_dist.shards import (ShardSample, is_complete, make_manifest, read_manifest, shard_name, stable_id,
+                             write_manifest, write_shard)
+
+PROGRESS = "progress.jsonl"
+SOURCE_VERSION = 1
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to store: its file, all its captions, its id and class label (-1: none)."""
+
+    path: str
+    captions: tuple[str, ...]
+    image_id: int
+    label: int = -1
+
+
+def karpathy_items(json_path: str | Path, image_root: str | Path,
+                   restval_as_train: bool = True) -> dict[str, list[Item]]:
+    """Items per split, in the JSON's order (the standard test folds depend on it)."""
+    data = json.loads(Path(json_path).read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_path}: not a Karpathy split file (expected an object with an 'images' list)")
+    splits: dict[str, list[Item]] = {}
+    for n, entry in enumerate(data["images"]):
+        try:
+            split = entry["split"]
+            image_id = entry.get("cocoid", entry.get("imgid"))
+            if not isinstance(image_id, int):
+                raise KeyError("cocoid/imgid")
+            path = Path(image_root, entry.get("filepath", ""), entry["filename"])
+            captions = tuple(s["raw"].strip() for s in entry.get("sentences", []))
+        except (KeyError, TypeError, AttributeError) as exn:
+            raise ValueError(f"{json_path}: images[{n}] lacks or mistypes {exn} (needs split, filename, integer "
+                             "imgid or cocoid, sentences[].raw)") from None
+        split = "train" if split == "restval" and restval_as_train else split
+        splits.setdefault(split, []).append(Item(str(path), captions, image_id))
+    return splits
+
+
+def read_table(path: str | Path):
+    """A CSV (.csv), TSV (.tsv) or Parquet (.parquet) table as a pandas DataFrame."""
+    import pandas as pd
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str)
+    raise ValueError(f"{path}: unknown table type {suffix!r}; give a .csv, .tsv or .parquet file")
+
+
+def table_items(table_path: str | Path, *, image_column: str, caption_column: str, split: str,
+                image_root: str | Path | None = None, id_column: str | None = None,
+                label_column: str | None = None) -> dict[str, list[Item]]:
+    """One item per distinct image path, in the table's order, with the captions of all its rows.
+
+    Ids come from id_column (integers), else from a stable hash of the image's path (so that the shards of two
+    tables never share ids); labels from label_column (empty: -1).  Relative paths are taken from image_root, by
+    default the table's folder.
+    """
+    table = read_table(table_path)
+    wanted = [c for c in (image_column, caption_column, id_column, label_column) if c is not None]
+    missing = [c for c in wanted if c not in table.columns]
+    if missing:
+        raise ValueError(f"{table_path}: no column {', '.join(map(repr, missing))}; it has {list(table.columns)}. "
+                         "Name the right ones with --image-column / --caption-column / --id-column / --label-column")
+    root = Path(table_path).parent if image_root is None else Path(image_root)
+    grouped: dict[str, dict] = {}
+    for row in table[wanted].itertuples(index=False, name=None):
+        values = dict(zip(wanted, row))
+        path = str(root / str(values[image_column]))
+        entry = grouped.setdefault(path, {"captions": [], "id": values.get(id_column),
+                                          "label": values.get(label_column)})
+        caption = values[caption_column]
+        entry["captions"].append("" if caption is None or caption != caption else str(caption).strip())
+    items = [Item(path, tuple(entry["captions"]),
+                  stable_id(path) if id_column is None else _as_int(entry["id"], id_column, table_path, required=True),
+                  -1 if label_column is None else _as_int(entry["label"], label_column, table_path))
+             for path, entry in grouped.items()]
+    return {split: items}
+
+
+def _as_int(value, column: str, table_path, required: bool = False) -> int:
+    if value is None or value == "" or value != value:  # empty cell, NaN
+        if required:
+            raise ValueError(f"{table_path}: column {column!r} has an empty cell; ids must all be integers")
+        return -1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{table_path}: column {column!r} holds {value!r}, not an integer") from None
+
+
+class Skip(Exception):
+    """An item that cannot be stored; the message is the reason written into the manifest."""
+
+
+def load_image(path: str) -> tuple[bytes, str]:
+    """The image's bytes and extension; JPEG/PNG/WebP kept as they are, other formats re-encoded to PNG."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise Skip("missing image file") from None
+    except OSError as exn:
+        raise Skip(f"unreadable image file: {exn}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decodes fully: catches truncated files that the header alone would not
+            if img.format in _KEEP_FORMATS:
+                return data, _KEEP_FORMATS[img.format]
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+            return buf.getvalue(), "png"
+    except Exception as exn:  # any decoder failure: the file is not a usable image
+        raise Skip(f"cannot decode image: {exn}") from None
+
+
+def build_shard(out_dir: str, split: str, index: int, first: int, items: Sequence[Item]) -> dict:
+    """Write one shard of the split's items first, first + 1, ... (their positions are the sample keys: unique
+    whatever the ids); returns {"split", "index", "info" (write_shard's), "skipped": [{split, item, reason}]}."""
+    skipped = []
+
+    def samples():
+        for position, item in enumerate(items, first):
+            try:
+                captions = [c for c in item.captions if c]
+                if not captions:
+                    raise Skip("no caption")
+                image, ext = load_image(item.path)
+            except Skip as why:
+                skipped.append({"split": split, "item": item.path, "reason": str(why)})
+                continue
+            yield ShardSample(key=f"{position:09d}", image=image, ext=ext, captions=captions, image_id=item.image_id,
+                              label=item.label)
+
+    info = write_shard(Path(out_dir) / shard_name(split, index), samples())
+    return {"split": split, "index": index, "info": info, "skipped": skipped}
+
+
+def _run_task(task: tuple) -> dict:
+    return build_shard(*task)
+
+
+def _read_progress(out_dir: Path, source: dict) -> dict[tuple[str, int], dict]:
+    """Shards an interrupted run of the same source finished (and that are still there)."""
+    path = out_dir / PROGRESS
+    if not path.is_file():
+        return {}
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written when the run was killed
+            continue
+    if not lines or lines[0].get("source") != source:
+        raise ValueError(f"{out_dir} holds an interrupted run with other inputs or settings ({path}); "
+                         "rerun that command to finish it, or write to an empty --out folder")
+    return {(r["split"], r["index"]): r for r in lines[1:] if (out_dir / r["info"]["name"]).is_file()}
+
+
+def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: dict, shard_size: int = 1000,
+                workers: int = 1, progress: bool = True) -> dict:
+    """Write every split's items as shards of `shard_size` images plus manifest.json; returns the manifest.
+
+    `source` describes the inputs and settings: a finished run of the same source is not redone, an interrupted
+    one resumes, and a folder holding shards of another source is refused rather than mixed.
+    """
+    if shard_size < 1 or workers < 1:
+        raise ValueError(f"need shard_size >= 1 (got {shard_size}) and workers >= 1 (got {workers})")
+    out_dir = Path(out_dir)
+    done = is_complete(out_dir, source)
+    if done is not None:
+        return done
+    if read_manifest(out_dir) is not None:
+        raise ValueError(f"{out_dir} already holds shards made from other inputs or settings; "
+                         "write to an empty --out folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finished = _read_progress(out_dir, source)
+    if not finished:
+        (out_dir / PROGRESS).write_text(json.dumps({"source": source}, sort_keys=True) + "\n")
+    tasks = [(str(out_dir), split, i, a, split_items[a:a + shard_size])
+             for split, split_items in items.items()
+             for i, a in enumerate(range(0, len(split_items), shard_size))]
+    pending = [t for t in tasks if (t[1], t[2]) not in finished]
+    total = sum(len(t[-1]) for t in tasks)
+    bar = tqdm(total=total, initial=total - sum(len(t[-1]) for t in pending), unit="img",
+               desc=f"shards -> {out_dir}", disable=not progress)
+    with open(out_dir / PROGRESS, "a") as log, bar:
+        pool = multiprocessing.Pool(workers) if workers > 1 and len(pending) > 1 else None
+        try:
+            results = pool.imap_unordered(_run_task, pending) if pool else map(_run_task, pending)
+            for result in results:
+                log.write(json.dumps(result, sort_keys=True) + "\n")
+                log.flush()
+                finished[(result["split"], result["index"])] = result
+                bar.update(result["info"]["samples"] + len(result["skipped"]))
+                bar.set_postfix(skipped=sum(len(r["skipped"]) for r in finished.values()))
+        finally:
+            if pool:
+                pool.terminate()
+    ordered = [finished[(t[1], t[2])] for t in tasks]
+    shards = {split: [r["info"] for r in ordered if r["split"] == split] for split in items}
+    skipped = [s for r in ordered for s in r["skipped"]]
+    manifest = make_manifest(source, shards, skipped)
+    write_manifest(out_dir, manifest)
+    (out_dir / PROGRESS).unlink()
+    return manifest
+
+
+def _file_source(kind: str, path: str, **settings) -> dict:
+    """What identifies a run: the input file (by path and size) and every setting that changes the shards."""
+    path = os.path.abspath(path)
+    return {"builder": "fne-make-shards", "version": SOURCE_VERSION, "input": kind, "path": path,
+            "size": os.path.getsize(path), **settings}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="fne-make-shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="input", required=True)
+    k = sub.add_parser("karpathy", help="Karpathy split JSON + image folder (Flickr30K, COCO)")
+    k.add_argument("json", help="dataset_flickr30k.json / dataset_coco.json")
+    k.add_argument("--images", required=True, help="image folder (filepath/filename are taken relative to it)")
+    k.add_argument("--restval", choices=("train", "own"), default="train",
+                   help="COCO's restval images: add them to train (the usual 113K train set) or keep a restval split")
+    t = sub.add_parser("table", help="CSV / TSV / Parquet table of image path and caption")
+    t.add_argument("table", help=".csv, .tsv or .parquet")
+    t.add_argument("--image-column", default="filepath", help="column of image paths (default: %(default)s)")
+    t.add_argument("--caption-column", default="title", help="column of captions (default: %(default)s)")
+    t.add_argument("--id-column", help="column of integer image ids (default: a stable hash of the image path)")
+    t.add_argument("--label-column", help="column of integer class labels, used only to measure false negatives")
+    t.add_argument("--image-root", help="folder for relative image paths (default: the table's folder)")
+    t.add_argument("--split", default="train", help="split name of the shards (default: %(default)s)")
+    for q in (k, t):
+        q.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+        q.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+        q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="parallel processes, one shard each at a time (default: %(default)s)")
+        q.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.input == "karpathy":
+            items = karpathy_items(args.json, args.images, restval_as_train=args.restval == "train")
+            source = _file_source("karpathy", args.json, images=os.path.abspath(args.images), restval=args.restval,
+                                  shard_size=args.shard_size)
+        else:
+            items = table_items(args.table, image_column=args.image_column, caption_column=args.caption_column,
+                                split=args.split, image_root=args.image_root, id_column=args.id_column,
+                                label_column=args.label_column)
+            source = _file_source("table", args.table, image_column=args.image_column,
+                                  caption_column=args.caption_column, id_column=args.id_column,
+                                  label_column=args.label_column, split=args.split, shard_size=args.shard_size,
+                                  image_root=os.path.abspath(args.image_root or Path(args.table).parent))
+        manifest = make_shards(items, args.out, source=source, shard_size=args.shard_size, workers=args.workers,
+                               progress=not args.quiet)
+    except (ValueError, OSError) as exn:
+        print(f"fne-make-shards: error: {exn}", file=sys.stderr)
+        return 2
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['samples']} images, {info['pairs']} pairs, {info['skipped']} skipped -> "
+              f"{Path(args.out) / info['pattern']}")
+    if manifest["skipped"]:
+        print(f"skipped items and why: {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The standard image-text retrieval protocols over `retrieval_metrics`, with any number of captions per image.
+
+  full      the whole evaluation set, as it is
+  flickr1k  Flickr30K 1K test: the whole Karpathy test split, which must hold 1000 images
+  coco5k    MS-COCO 5K test: the whole Karpathy test split, which must hold 5000 images
+  coco1k    MS-COCO 1K test: the 5K test split cut into 5 folds of 1000 consecutive images (in the split's order,
+            each with all its captions), evaluated separately and averaged; this is the number most papers
+            report as "COCO 1K"
+
+The named protocols check the image count so that a wrong split (val for test, a partial set) cannot be reported
+under a standard name.
+"""
+from __future__ import annotations
+
+import torch
+
+from fne_dist.retrieval import KS, retrieval_metrics
+
+PROTOCOLS = ("full", "flickr1k", "coco5k", "coco1k")
+_SIZES = {"flickr1k": 1000, "coco5k": 5000, "coco1k": 5000}
+FOLD = 1000
+COLUMNS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
+
+
+def folds(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, size: int):
+    """(image_emb, text_emb, text_to_image) of consecutive folds of `size` images with their captions."""
+    for start in range(0, image_emb.shape[0], size):
+        keep = (text_to_image >= start) & (text_to_image < start + size)
+        yield image_emb[start:start + size], text_emb[keep], text_to_image[keep] - start
+
+
+def evaluate_protocol(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
+                      protocol: str) -> dict[str, float]:
+    """R@1/5/10 both ways and rsum (percent) under `protocol`, plus `images` and `texts` (the set's sizes)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    n_images = image_emb.shape[0]
+    if protocol in _SIZES and n_images != _SIZES[protocol]:
+        raise ValueError(f"protocol {protocol!r} needs the {_SIZES[protocol]}-image Karpathy test split, got "
+                         f"{n_images} images: evaluate the test split's shards, or use protocol 'full'")
+    if protocol == "coco1k":
+        parts = [retrieval_metrics(*fold) for fold in folds(image_emb, text_emb, text_to_image, FOLD)]
+        metrics = {k: sum(p[k] for p in parts) / len(parts) for k in COLUMNS}
+    else:
+        metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
+    return {**metrics, "images": n_images, "texts": text_emb.shape[0]}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Plain-text table, one row per named result (e.g. per protocol or per checkpoint)."""
+    if not all(isinstance(r, dict) for r in results.values()):
+        raise TypeError("format_table takes {name: metrics}, e.g. format_table({'coco1k': evaluate_protocol(...)})")
+    header = ["", "images", "texts"] + COLUMNS
+    rows = [[name, str(r["images"]), str(r["texts"])] + [f"{r[c]:.2f}" for c in COLUMNS]
+            for name, r in results.items()]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    return "\n".join(lines)
