@@ -4,6 +4,8 @@ PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.fne-installed
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+# One ninja for DeepSpeed's JIT ops (the venv's): switching between two rebuilds the cached ops.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install test demo bench-sampler bench-step
 

@@ -15,3 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from fne_dist.bench_step import main as run
     run(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,38 +1,61 @@
 """A stop request that every rank agrees on at a step boundary.
 
-SLURM and submitit deliver preemption and time-limit signals to some ranks only (submitit's
-checkpoint() runs on global rank 0), while a DeepSpeed checkpoint needs every rank.  A signal only
-sets a local flag; `should_stop()` all-reduces it (max) once per step, so all ranks see the same answer
-at the same step, save together, and exit.
+SLURM and submitit deliver preemption and time-limit signals to some ranks only (submitit's handler acts on global
+rank 0 only), while a DeepSpeed checkpoint needs every rank.  So a signal handler here does nothing but set a local
+flag (saving inside a handler would interrupt the main loop in the middle of a step, possibly inside a collective);
+`should_stop()` all-reduces the flag (max) once per step, so all ranks see the same answer at the same step, save
+together in the main loop, and leave.
+
+The request remembers which signals arrived, because the right exit depends on them (see fne_dist/job.py): after
+SIGUSR2 (submitit's time-limit / preemption notice) the job requeues itself, after SIGTERM SLURM is already ending or
+requeueing it.  Signal handlers are process-wide, so the request whose handlers are installed is too:
+`StopRequest.installed()` finds it, wherever it was created.
 """
 from __future__ import annotations
 
 import signal
+from typing import ClassVar, Optional
 
 import torch
 import torch.distributed as dist
 
 from fne_dist.distributed import is_distributed
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
 
 class StopRequest:
+    _installed: ClassVar[Optional["StopRequest"]] = None
+
     def __init__(self, device: torch.device | str = "cpu"):
         self.requested = False
-        self.signal_name: str | None = None
+        self.signals: list[str] = []  # names of the signals received, in order
         self.device = device
 
     def request(self, signum: int | None = None, frame=None) -> None:
         """Ask every rank to stop at the next step boundary (usable as a signal handler)."""
         self.requested = True
         if signum is not None:
-            self.signal_name = signal.Signals(signum).name
+            self.signals.append(signal.Signals(signum).name)
 
-    def install(self, signals=(signal.SIGTERM, signal.SIGUSR2)) -> None:
+    @property
+    def signal_name(self) -> Optional[str]:
+        """The last signal received (for messages), or None."""
+        return self.signals[-1] if self.signals else None
+
+    def install(self, signals=STOP_SIGNALS) -> None:
+        """Make these signals (SIGTERM and SIGUSR2 by default) set this request, replacing earlier handlers."""
         for sig in signals:
             signal.signal(sig, self.request)
+        StopRequest._installed = self
+
+    @classmethod
+    def installed(cls) -> Optional["StopRequest"]:
+        """The request whose handlers were installed last in this process, or None."""
+        return cls._installed
 
     def should_stop(self) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce)."""
+        """True on every rank if any rank was asked to stop (one tiny all-reduce; call it on every rank, every step)."""
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
         if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

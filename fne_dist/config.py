@@ -1,0 +1,256 @@
+"""Run configuration: a typed schema (dataclasses + OmegaConf), YAML files and dotted command-line overrides.
+
+`load_config("configs/demo.yaml", ["train.steps=100", "fne.mode=bayes"])` merges schema <- file <- overrides and
+returns a `Config` of plain dataclasses.  A key the schema does not know, or a value of the wrong type, is an error
+that names the key, where it came from and the closest known key; cross-field rules (queue >= global batch, valid
+choices) are checked once here, so the trainer can trust what it gets.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, get_type_hints
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from fne_dist.fne import IMPLS
+from fne_dist.stats import RESET_POLICIES
+from fne_dist.weights import CUTDOWNS, MODES, FNEConfig
+
+QUEUE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+@dataclass
+class ModelSection:
+    """The two towers: an open_clip model by name, or a local model-config JSON (open_clip's format)."""
+
+    name: str = "ViT-B-32"
+    pretrained: Optional[str] = None  # a local weights file (open_clip state dict); None: random init
+    embed_dim: Optional[int] = None  # joint embedding width; None: the model config's
+
+
+@dataclass
+class DataSection:
+    """WebDataset shards of (image, captions, id[, label]); patterns use brace expansion, '::' joins several."""
+
+    train: str = MISSING
+    val: Optional[str] = None
+    batch_size: int = 32  # per rank
+    workers: int = 4
+    shuffle_buffer: int = 1000
+    resampled: bool = False  # sample shards with replacement (web scale: epochs are defined by epoch_pairs)
+    epoch_pairs: Optional[int] = None  # pairs per epoch over all ranks; None: the manifest's count
+    augment: bool = True  # open_clip's random-resized-crop training transform; False: the eval transform
+
+
+@dataclass
+class FNESection:
+    """FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue, momentum, stats)."""
+
+    mode: str = "official"
+    margin: float = 0.2
+    tau: float = 0.5
+    prior_ratio: float = 10000.0
+    false_margin: float = 0.999
+    min_count: int = 200
+    cutdown: str = "global"
+    impl: str = "auto"
+    stats_reset: str = "epoch"
+    ema_decay: float = 0.99  # only with stats_reset=ema
+    queue_size: int = 8192
+    queue_dtype: str = "float32"
+    momentum: float = 0.995
+    warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
+
+    def rule(self) -> FNEConfig:
+        return FNEConfig(margin=self.margin, tau=self.tau, prior_ratio=self.prior_ratio,
+                         false_margin=self.false_margin, min_count=self.min_count, mode=self.mode,
+                         cutdown=self.cutdown)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    steps_per_epoch: Optional[int] = None  # None: data.epoch_pairs (or the shards' manifest) // global batch
+    steps: Optional[int] = None  # stop after this many steps in all (a budget for short runs); None: all epochs
+    seed: int = 0
+    output_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 1  # epochs between evaluations on data.val; 0: never
+    checkpoint_every: int = 1000  # steps (at the next optimizer step); 0: only at the end and on a stop request
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    resume: Optional[str] = None  # "latest" (must exist), "auto" (if one exists), or a checkpoint directory
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    fne: FNESection = field(default_factory=FNESection)
+    train: TrainSection = field(default_factory=TrainSection)
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # passed to deepspeed.initialize (batch size filled in)
+
+
+def known_keys(schema=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (the free-form deepspeed section counts as one key)."""
+    hints = get_type_hints(schema)
+    keys = []
+    for f in fields(schema):
+        kind = hints[f.name]
+        keys += known_keys(kind, f"{prefix}{f.name}.") if is_dataclass(kind) else [prefix + f.name]
+    return keys
+
+
+def _expected_type(dotted: str) -> str:
+    schema = Config
+    for part in dotted.split("."):
+        kind = get_type_hints(schema).get(part) if is_dataclass(schema) else None
+        schema = kind
+    return schema.__name__ if isinstance(schema, type) else str(schema).replace("typing.", "")
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = err.full_key or str(err.key)
+    if isinstance(err, ConfigKeyError):
+        names = known_keys() if "." in key else [f.name for f in fields(Config)]
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys: {', '.join(names)}"
+        return ConfigError(f"unknown config key '{key}' in {source}: {hint}")
+    first_line = (err.msg or str(err)).splitlines()[0]
+    if isinstance(err, ValidationError) and err.full_key:
+        return ConfigError(f"config key '{key}' in {source}: {first_line}; it takes {_expected_type(key)}")
+    return ConfigError(f"invalid config in {source}: {first_line}")
+
+
+def _merge(base, other, source: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+
+
+def _parse_overrides(overrides: list[str]):
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"command-line overrides must look like section.key=value, got {bad}")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Schema <- base (a stored config) <- YAML file <- overrides, checked; returns plain dataclasses."""
+    cfg = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge(cfg, OmegaConf.create(base), "the stored config")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass --config with a YAML file (see configs/)")
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    cfg = _merge(cfg, _parse_overrides(overrides), "the command-line overrides")
+    return from_dict(OmegaConf.to_container(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """A Config from a plain dict (as stored in a checkpoint), checked like a file."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(data), "the stored config")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config keys {missing} have no value: set them in the YAML file or as key=value overrides")
+    out = OmegaConf.to_object(cfg)
+    validate(out)
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown: use one of {tuple(choices)}")
+
+
+def _positive(key: str, value, minimum=1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
+
+
+def validate(cfg: Config) -> None:
+    """Rules that involve one value's range or several values; world size is checked in `check_world`."""
+    f, t, d = cfg.fne, cfg.train, cfg.data
+    _choice("fne.mode", f.mode, MODES)
+    _choice("fne.cutdown", f.cutdown, CUTDOWNS)
+    _choice("fne.impl", f.impl, IMPLS)
+    _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
+    _choice("fne.queue_dtype", f.queue_dtype, QUEUE_DTYPES)
+    try:
+        f.rule()
+    except ValueError as err:
+        raise ConfigError(f"fne section: {err}") from None
+    if not 0 < f.momentum < 1:
+        raise ConfigError(f"fne.momentum={f.momentum} must lie in (0, 1) (0.995 in the released code)")
+    if f.stats_reset == "ema" and not 0 < f.ema_decay < 1:
+        raise ConfigError(f"fne.ema_decay={f.ema_decay} must lie in (0, 1)")
+    for key, value, low in (("data.batch_size", d.batch_size, 1), ("data.workers", d.workers, 0),
+                            ("data.shuffle_buffer", d.shuffle_buffer, 0), ("data.epoch_pairs", d.epoch_pairs, 1),
+                            ("fne.queue_size", f.queue_size, 1), ("fne.warmup_epochs", f.warmup_epochs, 0),
+                            ("train.epochs", t.epochs, 1), ("train.steps_per_epoch", t.steps_per_epoch, 1),
+                            ("train.steps", t.steps, 1), ("train.log_every", t.log_every, 1),
+                            ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
+                            ("train.max_bad_steps", t.max_bad_steps, 1), ("model.embed_dim", cfg.model.embed_dim, 1)):
+        _positive(key, value, low)
+    if t.steps_per_epoch is not None and d.epoch_pairs is not None:
+        raise ConfigError("train.steps_per_epoch and data.epoch_pairs both set the epoch length: give only one")
+    gas = cfg.deepspeed.get("gradient_accumulation_steps", 1)
+    if not isinstance(gas, int) or gas < 1:
+        raise ConfigError(f"deepspeed.gradient_accumulation_steps={gas!r} must be an integer >= 1")
+    if "train_batch_size" in cfg.deepspeed or "train_micro_batch_size_per_gpu" in cfg.deepspeed:
+        raise ConfigError("set the batch size as data.batch_size (per rank), not in the deepspeed section")
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
+    global_batch = world_size * cfg.data.batch_size
+    if cfg.fne.queue_size < global_batch:
+        raise ConfigError(
+            f"fne.queue_size={cfg.fne.queue_size} is smaller than the global batch {global_batch} "
+            f"({world_size} ranks x data.batch_size={cfg.data.batch_size}): set fne.queue_size >= {global_batch} "
+            "or lower data.batch_size")
+    return global_batch
+
+
+def epoch_pairs(cfg: Config, global_batch: int) -> int | None:
+    """Pairs per epoch over all ranks for the loader; None: as many as the shards' manifest lists."""
+    if cfg.train.steps_per_epoch is not None:
+        return cfg.train.steps_per_epoch * global_batch
+    return cfg.data.epoch_pairs
+
+
+# Settings a checkpoint cannot be resumed under when they change (the model architecture is compared separately).
+STATE_SHAPING_KEYS = ("model.embed_dim", "data.batch_size", "fne.mode", "fne.cutdown", "fne.queue_size",
+                      "fne.queue_dtype", "fne.stats_reset", "deepspeed.zero_optimization.stage",
+                      "deepspeed.bf16.enabled")
+
+
+def lookup(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def differing_keys(saved: dict, current: dict, keys=STATE_SHAPING_KEYS) -> list[str]:
+    """'key: saved -> current' for every listed key whose value differs."""
+    return [f"{k}: {lookup(saved, k)!r} -> {lookup(current, k)!r}"
+            for k in keys if lookup(saved, k) != lookup(current, k)]

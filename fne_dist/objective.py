@@ -1,0 +1,97 @@
+"""The loss of one training step from the step's features (FNE_SPEC steps 3-9), and the state it reads.
+
+`Objective` owns the per-rank FNE state (momentum queue, similarity statistics, the sampling rule) and turns
+online features `ia, ta` (with gradient) and momentum keys `ik, tk` into the loss.  It knows nothing about
+DeepSpeed, data or towers, so the trainer and `fne-bench step` share it: the caller runs the towers, calls
+`loss`, does backward and the optimizer step, then `enqueue`s the keys it got back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fne_dist.config import FNESection
+from fne_dist.fne import sample_negatives
+from fne_dist.losses import fne_triplet_loss, vsepp_loss
+from fne_dist.queue import GlobalKeys, MomentumQueue
+from fne_dist.stats import SimilarityStats
+
+DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "labelled", "false_negatives")
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # 0-dim, with gradient into ia and ta
+    keys: GlobalKeys  # this step's global momentum keys, to enqueue after the optimizer step
+    diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's sampled negatives (both directions)
+
+
+class Objective:
+    """The FNE state of one rank (replicated queue, rank-merged statistics) and the per-step loss."""
+
+    def __init__(self, cfg: FNESection, dim: int, device: torch.device, seed: int):
+        self.cfg = cfg
+        self.rule = cfg.rule()
+        self.seed = seed
+        self.queue = MomentumQueue(cfg.queue_size, dim, getattr(torch, cfg.queue_dtype), device)
+        self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device)
+
+    def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool) -> StepLoss:
+        """The FNE loss (or, in warm-up, VSE++ hardest negatives in-batch) of this rank's b anchors."""
+        keys = GlobalKeys.gather(ik, tk, ids, labels)
+        ia, ta = ia.float(), ta.float()
+        if warmup:
+            loss = vsepp_loss(ia, ta, ids, self.rule.margin)
+            return StepLoss(loss, keys, self._hardest_diagnostics(ia, ta, ids, labels))
+        self.stats.update(ia, ta, ids)
+        cand = self.queue.candidates(keys)
+        offset = rank * len(ids)
+        loss = ia.new_zeros(())
+        diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
+        # direction 0: image anchors against text candidates; 1: text anchors against image candidates
+        for direction, (anchors, pos_keys, pool) in enumerate(((ia, tk, cand.text), (ta, ik, cand.image))):
+            pos_keys = pos_keys.float()  # row rank*b + i of the gathered keys is this rank's row i
+            pos_sims = (anchors.detach() * pos_keys).sum(1)
+            res = sample_negatives(anchors.detach(), pool, pos_sims, ids, cand.ids, self.stats, self.rule,
+                                   seed=self.seed, step=step, direction=direction, row_offset=offset,
+                                   valid=cand.valid, impl=self.cfg.impl)
+            loss = loss + fne_triplet_loss(anchors, pos_keys, pool[res.index].float(), self.rule.margin)
+            diagnostics += _negative_diagnostics(ids, labels, cand.ids[res.index], cand.labels[res.index],
+                                                 sampled=(res.fallback, res.survivors))
+        return StepLoss(loss, keys, diagnostics)
+
+    def enqueue(self, keys: GlobalKeys) -> None:
+        self.queue.enqueue(keys)
+
+    @staticmethod
+    @torch.no_grad()
+    def _hardest_diagnostics(ia, ta, ids, labels) -> torch.Tensor:
+        """What VSE++ picks, both directions: each anchor's most similar in-batch item of another id."""
+        sims = (ia @ ta.T).masked_fill(ids[:, None] == ids[None, :], float("-inf"))
+        return sum(_negative_diagnostics(ids, labels, ids[j], labels[j]) for j in (sims.argmax(1), sims.argmax(0)))
+
+
+def _negative_diagnostics(ids, labels, neg_ids, neg_labels, sampled=None) -> torch.Tensor:
+    """Sums for the log (DIAGNOSTICS): rows drawn by the FNE sampler with how many fell back and how many
+    candidates survived (`sampled` = (fallback, survivors) of a SampleResult), labelled negatives, and false
+    negatives: chosen negatives of the anchor's class label but another image id."""
+    labelled = (labels >= 0) & (neg_labels >= 0)
+    false_neg = labelled & (labels == neg_labels) & (ids != neg_ids)
+    out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
+    if sampled is not None:
+        fallback, survivors = sampled
+        out[0], out[1], out[2] = len(ids), fallback.sum(), survivors.sum()
+    out[3], out[4] = labelled.sum(), false_neg.sum()
+    return out
+
+
+def summarise(sums: dict[str, float]) -> dict[str, float]:
+    """Shares and means from DIAGNOSTICS sums (summed over steps and ranks), where they are defined."""
+    out = {}
+    if sums["sampled_rows"]:
+        out["fallback_share"] = sums["fallback"] / sums["sampled_rows"]
+        out["mean_survivors"] = sums["survivors"] / sums["sampled_rows"]
+    if sums["labelled"]:
+        out["false_negative_share"] = sums["false_negatives"] / sums["labelled"]
+    return out
