@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -216,10 +217,14 @@ def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: di
     total = sum(len(t[-1]) for t in tasks)
     bar = tqdm(total=total, initial=total - sum(len(t[-1]) for t in pending), unit="img",
                desc=f"shards -> {out_dir}", disable=not progress)
+    # Workers are spawned, not forked: a fork of a process with running threads (torch's, a caller's) can
+    # leave a worker dead on a lock, and ProcessPoolExecutor, unlike multiprocessing.Pool, reports a dead worker.
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 and len(pending) > 1 else None)
     with open(out_dir / PROGRESS, "a") as log, bar:
-        pool = multiprocessing.Pool(workers) if workers > 1 and len(pending) > 1 else None
         try:
-            results = pool.imap_unordered(_run_task, pending) if pool else map(_run_task, pending)
+            results = (f.result() for f in as_completed([pool.submit(_run_task, t) for t in pending])) if pool \
+                else map(_run_task, pending)
             for result in results:
                 log.write(json.dumps(result, sort_keys=True) + "\n")
                 log.flush()
@@ -228,7 +233,7 @@ def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: di
                 bar.set_postfix(skipped=sum(len(r["skipped"]) for r in finished.values()))
         finally:
             if pool:
-                pool.terminate()
+                pool.shutdown(cancel_futures=True)
     ordered = [finished[(t[1], t[2])] for t in tasks]
     shards = {split: [r["info"] for r in ordered if r["split"] == split] for split in items}
     skipped = [s for r in ordered for s in r["skipped"]]
