@@ -23,7 +23,7 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
     `row_offset` is this rank's first global anchor row; (seed, step, direction, global row, column) key
     the random numbers of the "torch" and "triton" impls, which never materialise [B, N].
     impl: "dense" (reference), "torch" (streaming tiles), "triton" (fused kernel, CUDA),
-    "auto" (triton on CUDA, torch otherwise).
+    "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (for "triton" a power of two >= 16).
     """
     if impl not in IMPLS:
         raise ValueError(f"sample_negatives impl={impl!r} is unknown: use one of {IMPLS}")

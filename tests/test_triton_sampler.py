@@ -1,7 +1,7 @@
 """The fused Triton sampler against the streaming torch path (same random numbers, so the same indices).
 
-Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set below before the kernel
-module is imported), at small odd shapes with large blocks.  Tolerances: indices, fallback flags and
+Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before any
+test module imports the kernel), at small odd shapes with large blocks.  Tolerances: indices, fallback flags and
 survivor counts identical; weight sums to rtol 1e-5 (another summation order).  On a GPU the dot product
 and exp/log round differently from torch, so a weight can cross a threshold: there the checks allow a
 few rows in a thousand to differ (deterministic cases stay exact).
@@ -14,15 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+from fne_dist import rng
+from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives
+from fne_dist.sampler import dense_sample, streaming_sample
+from fne_dist.weights import fallback_scores
+from fne_kernels import triton_sample
 
-from fne_dist import rng  # noqa: E402
-from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives  # noqa: E402
-from fne_dist.sampler import dense_sample, streaming_sample  # noqa: E402
-from fne_dist.weights import fallback_scores  # noqa: E402
-from fne_kernels import triton_sample  # noqa: E402
+CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if CUDA else "cpu"
 # With these moments the official rule's exp(-tau f) branch holds for s > ~0.33, above the global cut 0.3.
