@@ -1,0 +1,37 @@
+"""Non-finite steps: skipped on every rank and counted, and after `train.max_bad_steps` in a row the run stops
+with a message that says what to do.  A one-rank run whose online image features turn NaN (patched in a
+subprocess, so that nothing leaks into the test process)."""
+import subprocess
+import sys
+
+from conftest import ROOT
+from fne_dist.demo_data import build_demo_shards
+
+SCRIPT = """
+import sys
+import fne_dist.train as T
+from fne_dist.config import load_config
+
+real_encode = T.encode
+T.encode = lambda model, images, tokens: tuple(x * float("nan") for x in real_encode(model, images, tokens))
+try:
+    T.train(load_config(sys.argv[1], sys.argv[2:]))
+except T.BadStepsError as err:
+    print("STOPPED:", err)
+"""
+
+
+def test_nan_steps_are_skipped_counted_then_stop_the_run(tmp_path):
+    manifest = build_demo_shards(tmp_path / "shards")
+    train = f"{tmp_path}/shards/{manifest['splits']['train']['pattern']}"
+    overrides = [f"data.train={train}", "data.val=null", "data.batch_size=8", "fne.queue_size=64",
+                 "train.epochs=1", "train.steps_per_epoch=6", "train.max_bad_steps=3",
+                 f"train.output_dir={tmp_path}/run"]
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "configs/demo.yaml"), *overrides],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for n in (1, 2, 3):
+        assert f"step skipped ({n} in a row)" in run.stderr
+    assert "STOPPED: 3 consecutive steps" in run.stdout and "train.max_bad_steps=3" in run.stdout
+    assert "Lower the learning rate" in run.stdout
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
