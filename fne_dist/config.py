@@ -69,9 +69,8 @@ class FNESection:
     warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
 
     def rule(self) -> FNEConfig:
-        return FNEConfig(margin=self.margin, tau=self.tau, prior_ratio=self.prior_ratio,
-                         false_margin=self.false_margin, min_count=self.min_count, mode=self.mode,
-                         cutdown=self.cutdown)
+        """The sampling rule: this section's fields that FNEConfig has (validated there)."""
+        return FNEConfig(**{f.name: getattr(self, f.name) for f in fields(FNEConfig)})
 
 
 @dataclass
