@@ -17,6 +17,13 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Reduce `t` in place over all ranks (a no-op in one process); returns `t`."""
+    if is_distributed():
+        dist.all_reduce(t, op=op)
+    return t
+
+
 @torch.no_grad()
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equally shaped tensors of every rank along dim 0, in rank order (no gradient)."""

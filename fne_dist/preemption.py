@@ -19,7 +19,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.distributed as dist
 
-from fne_dist.distributed import is_distributed
+from fne_dist.distributed import all_reduce
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
@@ -57,6 +57,4 @@ class StopRequest:
     def should_stop(self) -> bool:
         """True on every rank if any rank was asked to stop (one tiny all-reduce; call it on every rank, every step)."""
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        if is_distributed():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())

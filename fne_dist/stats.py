@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from fne_dist.distributed import all_reduce
 
 RESET_POLICIES = ("epoch", "never", "ema")
 MIN_VAR = 1e-8
@@ -88,11 +89,9 @@ class SimilarityStats:
                 neg_w.sum(), (neg_w * negs).sum(), (neg_w * negs**2).sum(),
             ])
 
-    def update(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None = None, group=None) -> None:
+    def update(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None = None) -> None:
         """Add this step's moments, summed over all ranks with one all-reduce when distributed."""
-        batch = self.batch_moments(img, txt, ids).to(self.moments_vec.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch, group=group)
+        batch = all_reduce(self.batch_moments(img, txt, ids).to(self.moments_vec.device))
         if self.reset == "ema":
             self.moments_vec.mul_(self.ema_decay)
         self.moments_vec.add_(batch)

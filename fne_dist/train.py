@@ -35,7 +35,7 @@ from fne_dist import checkpoint
 from fne_dist.checkpoint import Progress
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, to_dict, to_yaml
 from fne_dist.data import load_eval_set, make_train_loader
-from fne_dist.distributed import is_distributed
+from fne_dist.distributed import all_reduce, is_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.job import export_distributed_env
 from fne_dist.metrics_log import MetricsLog
@@ -64,18 +64,11 @@ class Tally:
         self.sums[2] += 1
 
     def read(self) -> dict:
-        sums = dict(zip(TALLY, _sum_over_ranks(self.sums).tolist()))
+        sums = dict(zip(TALLY, all_reduce(self.sums.clone()).tolist()))
         self.sums.zero_()
         out = {"loss": sums["loss"] / sums["steps"] if sums["steps"] else float("nan"),
-               "bad_steps": round(sums["bad_steps"] / (dist.get_world_size() if is_distributed() else 1))}
+               "bad_steps": round(sums["bad_steps"] / world_size())}
         return out | summarise(sums)
-
-
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    t = t.clone()
-    if is_distributed():
-        dist.all_reduce(t)
-    return t
 
 
 class BadStepsError(RuntimeError):
@@ -198,9 +191,7 @@ class Trainer:
 
     def _all_ranks_finite(self, *tensors: torch.Tensor) -> bool:
         flag = torch.stack([t.isfinite().all() for t in tensors]).all().float().reshape(1)
-        if is_distributed():
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return bool(all_reduce(flag, op=dist.ReduceOp.MIN).item())
 
     def train_step(self, batch, step: int, warmup: bool) -> bool:
         """FNE_SPEC steps 1-10 for one batch; skipped on every rank (no update) if any rank sees a non-finite value.
@@ -245,7 +236,7 @@ class Trainer:
     def _log(self, progress: Progress, loader, seconds: float, steps: int, bar) -> None:
         """One training record (collective): means over the window and the ranks, the Gaussians, the lr."""
         record = self.window.read()
-        skipped = _sum_over_ranks(torch.tensor([float(self.data_skipped + loader.skipped)], device=self.rt.device))
+        skipped = all_reduce(torch.tensor([float(self.data_skipped + loader.skipped)], device=self.rt.device))
         record |= {"epoch": progress.epoch, "lr": float(self.engine.get_lr()[0]),
                    "samples_per_s": steps * self.global_batch / max(seconds, 1e-9), "data_skipped": int(skipped),
                    "warmup": progress.epoch < self.cfg.fne.warmup_epochs}

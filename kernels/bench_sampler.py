@@ -20,7 +20,6 @@ import csv
 import gc
 import itertools
 import multiprocessing
-import os
 import re
 import statistics
 import time
