@@ -1,19 +1,23 @@
-# Every target installs what it needs into .venv/ first (pins: constraints.txt).
+# Every target installs what it needs into .venv/ first (pins: constraints.txt, the one place).
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.fne-installed
+PIP := -m pip install --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+# pip applies PIP_CONSTRAINT inside the isolated build environment of the editable install too (setuptools).
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # One ninja for DeepSpeed's JIT ops (the venv's): switching between two rebuilds the cached ops.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+LOCK_VENV := .cache/lock-venv
 
-.PHONY: install test demo bench-sampler bench-step
+.PHONY: install test demo bench-sampler bench-step lock
 
 install: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PYTHON) $(PIP) -c constraints.txt -e '.[dev]'
 	touch $@
 
 test: $(STAMP)
@@ -27,3 +31,14 @@ bench-sampler: $(STAMP)
 
 bench-step: $(STAMP)
 	$(VENV)/bin/fne-bench step
+
+# Re-resolve in a fresh venv under the current pins (edit or delete a line of constraints.txt to move it),
+# then rewrite constraints.txt: its comment header, then `pip freeze` of everything installed.
+lock:
+	rm -rf $(LOCK_VENV)
+	python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt -e '.[dev]'
+	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pinned packages"
