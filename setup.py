@@ -30,7 +30,10 @@ setup(
         "ninja",
     ],
     extras_require={
-        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow"],
+        # s3:// shards are read with boto3 (credentials and endpoint: boto3's usual AWS_* variables)
+        "s3": ["boto3"],
+        # moto[server]: the S3 emulator the loopback tests start on 127.0.0.1
+        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[server]"],
     },
     entry_points={
         "console_scripts": [

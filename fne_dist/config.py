@@ -45,7 +45,9 @@ class DataSection:
     workers: int = 4
     shuffle_buffer: int = 1000
     resampled: bool = False  # sample shards with replacement (web scale: epochs are defined by epoch_pairs)
-    epoch_pairs: Optional[int] = None  # pairs per epoch over all ranks; None: the manifest's count
+    epoch_pairs: Optional[int] = None  # pairs per epoch over all ranks; None: the manifest's count (local shards)
+    timeout: float = 60.0  # remote shards: seconds any wait for bytes may last before the shard is reopened
+    retries: int = 3  # remote shards: reopenings per shard before it is skipped (logged, counted in data_skipped)
     augment: bool = True  # open_clip's random-resized-crop training transform; False: the eval transform
 
 
@@ -202,12 +204,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fne.ema_decay={f.ema_decay} must lie in (0, 1)")
     for key, value, low in (("data.batch_size", d.batch_size, 1), ("data.workers", d.workers, 0),
                             ("data.shuffle_buffer", d.shuffle_buffer, 0), ("data.epoch_pairs", d.epoch_pairs, 1),
+                            ("data.retries", d.retries, 0),
                             ("fne.queue_size", f.queue_size, 1), ("fne.warmup_epochs", f.warmup_epochs, 0),
                             ("train.epochs", t.epochs, 1), ("train.steps_per_epoch", t.steps_per_epoch, 1),
                             ("train.steps", t.steps, 1), ("train.log_every", t.log_every, 1),
                             ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
                             ("train.max_bad_steps", t.max_bad_steps, 1), ("model.embed_dim", cfg.model.embed_dim, 1)):
         _positive(key, value, low)
+    if not d.timeout > 0:
+        raise ConfigError(f"data.timeout={d.timeout} must be > 0 seconds (a stalled shard server is given up on "
+                          "after it)")
     if t.steps_per_epoch is not None and d.epoch_pairs is not None:
         raise ConfigError("train.steps_per_epoch and data.epoch_pairs both set the epoch length: give only one")
     gas = cfg.deepspeed.get("gradient_accumulation_steps", 1)

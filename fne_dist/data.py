@@ -44,12 +44,13 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fne_dist.remote import Fetch, is_remote, open_shards, unsupported_scheme
 from fne_dist.shards import IMAGE_EXTS, count_pairs, stable_id
 
 log = logging.getLogger(__name__)
 
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")
-_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # pipe:, s3://, https://, ...: not checkable from here
+_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+:")  # pipe:, s3://, https://, ...
 
 
 class Batch(NamedTuple):
@@ -121,7 +122,8 @@ def expand_urls(pattern: str | Sequence[str]) -> list[str]:
     """Shard urls from brace notation, globs, or a list of them (`,` or `::` separated in a string).
 
     Local paths must exist: a pattern that matches nothing, or names a shard that is not there, is an error here,
-    before training starts, and not an empty or shorter epoch later.  Remote urls (pipe:, s3://, ...) pass unchecked.
+    before training starts, and not an empty or shorter epoch later.  Remote urls (pipe:, http(s)://, s3://) pass
+    unchecked (a shard that fails to load is skipped and counted then); a scheme without an opener is an error.
     """
     items = [pattern] if isinstance(pattern, str) else list(pattern)
     parts = [p for item in items for p in _split_top_level(str(item))]
@@ -129,9 +131,13 @@ def expand_urls(pattern: str | Sequence[str]) -> list[str]:
         raise ValueError(f"empty shard pattern {pattern!r}: give shard files, e.g. 'data/train-{{000000..000009}}.tar'")
     urls, missing = [], []
     for part in parts:
-        if _REMOTE.match(part):
+        if _SCHEME.match(part) and not part.startswith("file://"):
+            problem = unsupported_scheme(part)
+            if problem:
+                raise ValueError(problem)
             urls.extend(braceexpand.braceexpand(part))
             continue
+        part = part.removeprefix("file://")
         for path in braceexpand.braceexpand(os.path.expanduser(part)):
             if glob.has_magic(path):
                 found = sorted(glob.glob(path))
@@ -187,9 +193,11 @@ def _sample_pairs(sample: dict, skips: SkipCounter) -> list[_Pair]:
     return [_Pair(sample[ext], c, image_id, label, where) for c in captions]
 
 
-def _read_pairs(urls: Sequence[str], skips: SkipCounter) -> Iterator[_Pair]:
-    """Pairs of these shards in order, images still encoded; bad tars and members are skipped and counted."""
-    for sample in wds.tarfile_samples(iter([{"url": u} for u in urls]), handler=skips):
+def _read_pairs(urls: Sequence[str], skips: SkipCounter, fetch: Fetch) -> Iterator[_Pair]:
+    """Pairs of these shards in order, images still encoded; bad tars and members, and remote shards that fail
+    after the retries, are skipped and counted.  (webdataset's tarfile_samples with our opener.)"""
+    files = wds.tariterators.tar_file_expander(open_shards(urls, fetch, skips), handler=skips)
+    for sample in wds.tariterators.group_by_keys(files, handler=skips):
         yield from _sample_pairs(sample, skips)
 
 
@@ -218,12 +226,12 @@ class _RankStream(IterableDataset):
     """This rank's batches of one epoch; inside DataLoader workers, each worker makes every n-th batch."""
 
     def __init__(self, urls, *, preprocess, tokenizer, batch_size, seed, epoch, rank, world_size, resampled,
-                 shuffle_buffer, num_workers, num_batches, skip_batches, skips):
+                 shuffle_buffer, num_workers, num_batches, skip_batches, skips, fetch):
         super().__init__()
         self.urls, self.preprocess, self.tokenizer = urls, preprocess, tokenizer
         self.batch_size, self.seed, self.epoch, self.rank, self.world_size = batch_size, seed, epoch, rank, world_size
         self.resampled, self.shuffle_buffer, self.num_workers = resampled, shuffle_buffer, num_workers
-        self.num_batches, self.skip_batches, self.skips = num_batches, skip_batches, skips
+        self.num_batches, self.skip_batches, self.skips, self.fetch = num_batches, skip_batches, skips, fetch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -253,7 +261,7 @@ class _RankStream(IterableDataset):
                                            world_size=self.world_size, worker=reader, num_workers=n_readers)
             rng = random.Random(f"fne-samples/{self._tag(reader)}/{rnd}")
             n = 0
-            for pair in wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(_read_pairs(shards, self.skips)):
+            for pair in wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(_read_pairs(shards, self.skips, self.fetch)):
                 n += 1
                 yield pair
             if n == 0:
@@ -310,12 +318,14 @@ class TrainLoader:
 
 def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int, epoch: int, rank: int,
                       world_size: int, resampled: bool = False, shuffle_buffer: int = 1000, num_workers: int = 0,
-                      epoch_pairs: int | None = None, skip_batches: int = 0) -> TrainLoader:
+                      epoch_pairs: int | None = None, skip_batches: int = 0, timeout: float = Fetch.timeout,
+                      retries: int = Fetch.retries) -> TrainLoader:
     """This rank's training batches for `epoch` (see the module docstring for the guarantees).
 
     urls: shard pattern(s) for expand_urls; preprocess: PIL image -> [3, H, W] tensor (open_clip's train
     transform); tokenizer: list of str -> [n, L] long (open_clip's); epoch_pairs: global pairs per epoch, default
-    from the shards' manifest (required for shards without one); skip_batches: batches of this epoch already done.
+    from the shards' manifest (required for remote shards and shards without one); skip_batches: batches of this
+    epoch already done; timeout, retries: how remote shards are read (fne_dist.remote).
     """
     urls = expand_urls(urls)
     if not 0 <= rank < world_size:
@@ -328,9 +338,10 @@ def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int
     if epoch_pairs is None:
         epoch_pairs = count_pairs(urls)
         if epoch_pairs is None:
+            remote = " (remote shards never are)" if any(is_remote(u) for u in urls) else ""
             raise ValueError("cannot tell how many pairs an epoch holds: the shards are not listed in a manifest.json "
-                             "of fne-make-shards; pass epoch_pairs (global pairs per epoch, like open_clip's "
-                             "--train-num-samples)")
+                             f"of fne-make-shards{remote}; pass epoch_pairs (global pairs per epoch, like open_clip's "
+                             "--train-num-samples; in a config: data.epoch_pairs or train.steps_per_epoch)")
     num_batches = epoch_pairs // (batch_size * world_size)
     if num_batches == 0:
         raise ValueError(f"epoch_pairs={epoch_pairs} is less than one global batch ({batch_size} x {world_size} "
@@ -340,17 +351,18 @@ def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int
     return TrainLoader(_RankStream(
         urls, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,
         world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
-        num_batches=num_batches, skip_batches=skip_batches, skips=SkipCounter()))
+        num_batches=num_batches, skip_batches=skip_batches, skips=SkipCounter(), fetch=Fetch(timeout, retries)))
 
 
-def load_eval_set(urls, *, preprocess, tokenizer) -> EvalSet:
+def load_eval_set(urls, *, preprocess, tokenizer, timeout: float = Fetch.timeout,
+                  retries: int = Fetch.retries) -> EvalSet:
     """All pairs of the shards grouped by image id: images decoded once, every caption kept, in shard order."""
     urls = expand_urls(urls)
     skips = SkipCounter()
     row_of: dict[int, int] = {}
     bad_ids: set[int] = set()
     images, image_ids, labels, captions, owner = [], [], [], [], []
-    for pair in _read_pairs(urls, skips):
+    for pair in _read_pairs(urls, skips, Fetch(timeout, retries)):
         if pair.image_id in bad_ids:
             continue
         if pair.image_id not in row_of:

@@ -165,7 +165,8 @@ class Trainer:
         self.eval_set = None
         if cfg.data.val and cfg.train.eval_every:
             self.eval_set = load_eval_set(cfg.data.val, preprocess=self.towers.preprocess_val,
-                                          tokenizer=self.towers.tokenizer)
+                                          tokenizer=self.towers.tokenizer, timeout=cfg.data.timeout,
+                                          retries=cfg.data.retries)
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
         self.stop = StopRequest(rt.device)
         self.window, self.epoch_tally = Tally(rt.device), Tally(rt.device)  # since the last log / in this epoch
@@ -181,7 +182,8 @@ class Trainer:
             tokenizer=self.towers.tokenizer, batch_size=cfg.data.batch_size, seed=cfg.train.seed, epoch=epoch,
             rank=self.rt.rank, world_size=self.rt.world_size, resampled=cfg.data.resampled,
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.workers,
-            epoch_pairs=epoch_pairs(cfg, self.global_batch), skip_batches=skip)
+            epoch_pairs=epoch_pairs(cfg, self.global_batch), skip_batches=skip, timeout=cfg.data.timeout,
+            retries=cfg.data.retries)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def _autocast(self):

@@ -1,0 +1,117 @@
+"""Shard servers on 127.0.0.1 for the remote-data tests, started and stopped by the tests themselves.
+
+`ShardServer`: a threaded HTTP server over a folder that answers Range requests (206) and plays faults per file
+name: "missing" (404), "stall" (accepts the request, never answers), ("cut", n) (the first n answers announce the
+whole length, send half and close).  Every request is recorded, so a test can tell who read which shard.
+`s3_server`: moto's S3 emulator in a thread, with the environment a user sets for an S3-compatible store.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import re
+import threading
+from pathlib import Path
+
+STALL_LIMIT_S = 30  # a stalled answer ends at the latest when the server stops, or after this
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: "ShardServer"
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        name = self.path.lstrip("/")
+        wanted = self.headers.get("Range")
+        fault = self.server.take_fault(name)
+        self.server.record(name, wanted)
+        if fault == "stall":
+            self.server.stopping.wait(STALL_LIMIT_S)
+            return
+        path = self.server.root / name
+        if fault == "missing" or not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        self.wfile.write(body[:len(body) // 2] if fault == "cut" else body)
+        self.close_connection = True
+
+    def log_message(self, *args):  # quiet: the tests read `requests`
+        pass
+
+
+class ShardServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path, faults: dict | None = None):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root, self.faults = Path(root), dict(faults or {})
+        self.requests: list[tuple[str, str | None]] = []
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def take_fault(self, name: str):
+        with self._lock:
+            fault = self.faults.get(name)
+            if isinstance(fault, tuple):  # ("cut", n): n times, then served whole
+                kind, times = fault
+                self.faults[name] = (kind, times - 1) if times > 1 else None
+                return kind
+            return fault
+
+    def record(self, name: str, wanted: str | None) -> None:
+        with self._lock:
+            self.requests.append((name, wanted))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str, files: list[Path]):
+    """moto's S3 on 127.0.0.1 holding `files` under their names in `bucket`; yields the environment (credentials,
+    region, AWS_ENDPOINT_URL) that boto3 needs to reach it, also set in os.environ meanwhile."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {**S3_ENV, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        client = boto3.client("s3")
+        client.create_bucket(Bucket=bucket)
+        for path in files:
+            client.upload_file(str(path), bucket, path.name)
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

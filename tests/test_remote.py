@@ -1,0 +1,168 @@
+"""Shards from servers on the loopback address: HTTP (urllib and `pipe:curl`) and S3 (moto's emulator).
+
+Remote batches equal the local ones; a connection cut mid-shard is resumed exactly; a shard that answers 404, one
+cut every time and a stalled server are skipped, named in the log and counted, in bounded time; ranks and workers
+split remote shards without overlap; resampled remote shards resume exactly; fne-train trains from both servers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from loopback import ShardServer, s3_server
+from slurm_fixtures import ROOT, demo_overrides, demo_shards  # noqa: F401 (fixture)
+from test_data import loader, same, tokenizer, train_tf, write_set  # noqa: F401 (fixtures)
+
+from fne_dist.config import ConfigError, load_config
+from fne_dist.data import expand_urls
+
+N_SHARDS, PAIRS = 8, 12  # equal shards: 2 ranks x 2 workers read 2 shards each, none twice
+FAST = dict(timeout=1.0, retries=1)
+needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (pipe:curl patterns)")
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("remote-shards")
+    return write_set(folder, "train", [PAIRS] * N_SHARDS, manifest=False), folder
+
+
+@pytest.fixture(scope="module")
+def s3(local):
+    urls, _ = local
+    with s3_server("shards", [Path(u) for u in urls]) as env:
+        yield env
+
+
+def remote(local, scheme: str, base: str = "") -> list[str]:
+    """The local shards' urls as the scheme writes them (same order)."""
+    names = [Path(u).name for u in local[0]]
+    if scheme == "http":
+        return [f"{base}/{n}" for n in names]
+    if scheme == "curl":
+        return [f"pipe:curl -fsSL {base}/{n}" for n in names]
+    return [f"s3://shards/{n}" for n in names]
+
+
+def read(urls, tokenizer, train_tf, **kw):
+    return loader(urls, tokenizer, train_tf, epoch_pairs=N_SHARDS * PAIRS, **kw)
+
+
+@pytest.mark.parametrize("scheme", ["http", pytest.param("curl", marks=needs_curl), "s3"])
+def test_remote_batches_equal_local(local, s3, scheme, tokenizer, train_tf):
+    with ShardServer(local[1]) as server:
+        got = read(remote(local, scheme, server.url), tokenizer, train_tf)
+        batches = list(got)
+    assert same(batches, list(read(local[0], tokenizer, train_tf))) and got.skipped == 0
+
+
+@pytest.mark.parametrize("scheme", ["http", pytest.param("curl", marks=needs_curl)])
+def test_connection_cut_mid_shard_resumes_exactly(local, scheme, tokenizer, train_tf, caplog):
+    name = Path(local[0][2]).name
+    with ShardServer(local[1], faults={name: ("cut", 1)}) as server:
+        got = read(remote(local, scheme, server.url), tokenizer, train_tf, **FAST)
+        with caplog.at_level("WARNING", logger="fne_dist.remote"):
+            batches = list(got)
+        tries = [r for n, r in server.requests if n == name]
+    assert same(batches, list(read(local[0], tokenizer, train_tf))) and got.skipped == 0
+    assert f"{name}: " in caplog.text and "retry 1 of 1" in caplog.text
+    # urllib resumes with a range request; curl's pipe is run again and the bytes already read are dropped
+    assert len(tries) == 2 and (tries[1] is not None) == (scheme == "http")
+
+
+@pytest.mark.parametrize("scheme", ["http", pytest.param("curl", marks=needs_curl)])
+def test_missing_and_always_cut_shards_are_skipped_named_counted(local, scheme, tokenizer, train_tf, caplog):
+    cut, missing = Path(local[0][1]).name, Path(local[0][4]).name
+    with ShardServer(local[1], faults={cut: ("cut", 99), missing: "missing"}) as server:
+        got = read(remote(local, scheme, server.url), tokenizer, train_tf, **FAST)
+        with caplog.at_level("WARNING"):
+            ids = torch.cat([b.ids for b in got]).tolist()
+    assert len(ids) == N_SHARDS * PAIRS  # the epoch keeps its length: the reader goes round its other shards
+    assert not set(ids) & set(range(4 * PAIRS, 5 * PAIRS))  # nothing of the missing shard
+    assert got.skipped >= 2
+    for name in (cut, missing):
+        assert f"shard {server.url if scheme == 'http' else ''}" in caplog.text and name in caplog.text
+    assert "after 2 attempts" in caplog.text  # the cut one: tried, retried once, given up
+    if scheme == "http":
+        assert "HTTP 404" in caplog.text and [n for n, _ in server.requests].count(missing) == 1  # not retried
+
+
+@pytest.mark.parametrize("scheme", ["http", pytest.param("curl", marks=needs_curl), "s3"])
+def test_stalled_server_times_out_and_is_skipped(local, s3, scheme, tokenizer, train_tf, caplog):
+    stalled = Path(local[0][3]).name
+    with ShardServer(local[1], faults={stalled: "stall"}) as server:
+        urls = remote(local, scheme, server.url)
+        if scheme == "s3":  # one shard from the stalled HTTP server among the S3 ones
+            urls[3] = f"{server.url}/{stalled}"
+        got = read(urls, tokenizer, train_tf, **FAST)
+        start = time.monotonic()
+        with caplog.at_level("WARNING"):
+            ids = torch.cat([b.ids for b in got]).tolist()
+        seconds = time.monotonic() - start
+    # 2 attempts x 1 s timeout + 1 s pause, and the reading itself; a hang would last until the server stops
+    assert seconds < 20, f"took {seconds:.0f} s"
+    assert len(ids) == N_SHARDS * PAIRS and not set(ids) & set(range(3 * PAIRS, 4 * PAIRS))
+    assert got.skipped >= 1 and stalled in caplog.text and "after 2 attempts" in caplog.text
+
+
+def test_ranks_and_workers_split_remote_shards(local, tokenizer, train_tf):
+    with ShardServer(local[1]) as server:
+        runs = [list(read(remote(local, "http", server.url), tokenizer, train_tf, rank=r, world_size=2,
+                          num_workers=2)) for r in range(2)]
+        requested = sorted(n for n, _ in server.requests)
+    ids = [torch.cat([b.ids for b in run]).tolist() for run in runs]
+    assert len(ids[0]) == len(ids[1]) == N_SHARDS * PAIRS // 2
+    assert sorted(ids[0] + ids[1]) == list(range(N_SHARDS * PAIRS))  # every pair once, no overlap
+    assert requested == sorted(Path(u).name for u in local[0])  # each shard read by one reader, once
+
+
+def test_resampled_remote_shards_resume_exactly(local, s3, tokenizer, train_tf):
+    urls = remote(local, "s3")
+    kw = dict(resampled=True, epoch_pairs=160, rank=1, world_size=2, num_workers=2)
+    full = list(loader(urls, tokenizer, train_tf, **kw))
+    assert len(full) == 160 // 8
+    for skip in (3, 7):
+        rest = loader(urls, tokenizer, train_tf, skip_batches=skip, **kw)
+        assert len(rest) == len(full) - skip and same(full[skip:], list(rest))
+
+
+def test_remote_settings_are_checked(local):
+    with pytest.raises(ValueError, match="remote shards never are.*pass epoch_pairs.*data.epoch_pairs"):
+        loader(["http://127.0.0.1:9/a.tar"], None, None)
+    with pytest.raises(ValueError, match="'gs:' has no opener.*pipe:gsutil cat"):
+        expand_urls("gs://bucket/train-{0..3}.tar")
+    assert expand_urls("s3://b/x-{0..1}.tar") == ["s3://b/x-0.tar", "s3://b/x-1.tar"]
+    with pytest.raises(ConfigError, match="data.timeout=0.0 must be > 0"):
+        load_config(overrides=["data.train=x", "data.timeout=0"])
+    with pytest.raises(ConfigError, match="data.retries=-1 must be >= 0"):
+        load_config(overrides=["data.train=x", "data.retries=-1"])
+
+
+def test_train_from_http_and_s3(demo_shards, tmp_path, port):  # noqa: F811 (fixture)
+    """fne-train on one rank from both servers at once (one shard missing): trains, counts the skip, goes on."""
+    shards = [demo_shards / f"train-{i:06d}.tar" for i in range(8)]
+    with ShardServer(demo_shards) as server, s3_server("demo", shards[4:]) as env:
+        pattern = (f"pipe:curl -fsSL {server.url}/train-{{000000..000001}}.tar::{server.url}/train-000002.tar::"
+                   f"{server.url}/gone.tar::s3://demo/train-{{000004..000007}}.tar")
+        overrides = demo_overrides(demo_shards, tmp_path / "run", steps=4) + [
+            f"data.train={pattern}", "data.resampled=true", "data.epoch_pairs=320", "data.timeout=5",
+            "data.retries=1", "data.workers=0"]
+        environ = {**os.environ, **env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "fne_dist.train", "--config", str(ROOT / "configs/demo.yaml"),
+                               *overrides], env=environ, capture_output=True, text=True, timeout=120)
+        requested = {n for n, _ in server.requests}
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and all(r["loss"] == r["loss"] for r in train)
+    assert train[-1]["data_skipped"] >= 1 and "gone.tar" in done.stderr and "HTTP 404" in done.stderr
+    assert {"train-000000.tar", "train-000002.tar"} <= requested
+
