@@ -32,8 +32,8 @@ setup(
     extras_require={
         # s3:// shards are read with boto3 (credentials and endpoint: boto3's usual AWS_* variables)
         "s3": ["boto3"],
-        # moto[server]: the S3 emulator the loopback tests start on 127.0.0.1
-        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[server]"],
+        # moto[s3] + flask, flask-cors: the S3 emulator the loopback tests start on 127.0.0.1 (its server mode)
+        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[s3]", "flask", "flask-cors"],
     },
     entry_points={
         "console_scripts": [

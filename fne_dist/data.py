@@ -23,6 +23,10 @@ Equal batch counts.  All ranks must run the same number of steps.  Every rank yi
 lists.  A reader whose shards run out before that starts over on them (reshuffled), and one that has more stops
 early, so with unequal shards a few pairs repeat or wait for the next epoch: the same choice as open_clip's.
 With `resampled=True` (web scale) each reader draws shards with replacement instead of splitting them.
+
+Remote shards (`pipe:`, `http(s)://`, `s3://`) are opened by fne_dist.remote: every wait has a timeout, a failing
+shard is reopened where it stopped (bounded retries), and one that still fails is skipped, logged and counted like
+a bad tar, so a stalled server costs seconds, never the run.  They have no manifest: `epoch_pairs` gives the length.
 """
 from __future__ import annotations
 

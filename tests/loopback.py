@@ -2,7 +2,8 @@
 
 `ShardServer`: a threaded HTTP server over a folder that answers Range requests (206) and plays faults per file
 name: "missing" (404), "stall" (accepts the request, never answers), ("cut", n) (the first n answers announce the
-whole length, send half and close).  Every request is recorded, so a test can tell who read which shard.
+whole length, send half and close); with ranges=False it answers every request whole (200), as servers without
+range support do.  Every request is recorded, so a test can tell who read which shard.
 `s3_server`: moto's S3 emulator in a thread, with the environment a user sets for an S3-compatible store.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
-        start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted else 0
+        start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted and self.server.ranges else 0
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -50,9 +51,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class ShardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, faults: dict | None = None):
+    def __init__(self, root: Path, faults: dict | None = None, ranges: bool = True):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.root, self.faults = Path(root), dict(faults or {})
+        self.root, self.faults, self.ranges = Path(root), dict(faults or {}), ranges
         self.requests: list[tuple[str, str | None]] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
