@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 LOCK_VENV := .cache/lock-venv
 
-.PHONY: install test demo bench-sampler bench-step lock
+.PHONY: install test demo bench-sampler bench-step bench-data lock
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ bench-sampler: $(STAMP)
 
 bench-step: $(STAMP)
 	$(VENV)/bin/fne-bench step
+
+bench-data: $(STAMP)
+	$(VENV)/bin/fne-bench data
 
 # Re-resolve in a fresh venv under the current pins (edit or delete a line of constraints.txt to move it),
 # then rewrite constraints.txt: its comment header, then `pip freeze` of everything installed.
