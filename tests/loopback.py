@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import logging
 import os
 import re
 import threading
@@ -97,6 +98,7 @@ def s3_server(bucket: str, files: list[Path]):
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
