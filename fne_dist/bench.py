@@ -2,9 +2,31 @@
 `fne-bench data ...` (the loader's samples/s per worker)."""
 from __future__ import annotations
 
+import csv
 import sys
+from pathlib import Path
 
 USAGE = "usage: fne-bench {sampler,step,data} [options]  (fne-bench sampler --help for the options)"
+
+
+def print_table(rows: list[dict], fields) -> None:
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in fields}
+    print("  ".join(k.ljust(widths[k]) for k in fields))
+    for row in rows:
+        print("  ".join(str(row[k]).ljust(widths[k]) for k in fields))
+
+
+def append_csv(rows: list[dict], fields, path: str | Path) -> None:
+    """Append the rows to a CSV (header written when the file is new), so that runs accumulate."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"appended to {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,6 @@ appends the rows to a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import http.server
 import io
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fne_dist.bench import append_csv, print_table
 from fne_dist.config import ModelSection
 from fne_dist.data import SkipCounter, _decode_image, _read_pairs, make_train_loader
 from fne_dist.remote import Fetch
@@ -170,16 +170,5 @@ def run(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = run(args)
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in FIELDS}
-    print("  ".join(k.ljust(widths[k]) for k in FIELDS))
-    for row in rows:
-        print("  ".join(str(row[k]).ljust(widths[k]) for k in FIELDS))
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"appended to {path}")
+    print_table(rows, FIELDS)
+    append_csv(rows, FIELDS, args.csv)

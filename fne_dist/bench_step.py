@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fne_dist.bench import append_csv, print_table
 from fne_dist.config import FNESection, ModelSection
 from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
 from fne_dist.objective import Objective
@@ -140,17 +140,7 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     row = run(args)
-    widths = {k: max(len(k), len(str(row[k]))) for k in FIELDS}
-    print("  ".join(k.ljust(widths[k]) for k in FIELDS))
-    print("  ".join(str(row[k]).ljust(widths[k]) for k in FIELDS))
+    print_table([row], FIELDS)
     verdict = "within" if row["ratio"] <= 1.4 else "ABOVE"
     print(f"FNE step / CLIP step = {row['ratio']:.2f}x ({verdict} the 1.4x target)")
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-    print(f"appended to {path}")
+    append_csv([row], FIELDS, args.csv)
