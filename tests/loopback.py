@@ -4,7 +4,7 @@
 name: "missing" (404), "stall" (accepts the request, never answers), ("cut", n) (the first n answers announce the
 whole length, send half and close); with ranges=False it answers every request whole (200), as servers without
 range support do.  Every request is recorded, so a test can tell who read which shard.
-`s3_server`: moto's S3 emulator in a thread, with the environment a user sets for an S3-compatible store.
+`self_signed` makes a certificate for HTTPS on 127.0.0.1; `s3_server`: moto's S3 emulator in a thread, with the environment a user sets for an S3-compatible store.
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import http.server
 import logging
 import os
 import re
+import ssl
+import subprocess
 import threading
 from pathlib import Path
 
@@ -52,9 +54,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class ShardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, faults: dict | None = None, ranges: bool = True):
+    def __init__(self, root: Path, faults: dict | None = None, ranges: bool = True, tls: tuple | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.root, self.faults, self.ranges = Path(root), dict(faults or {}), ranges
+        self.root, self.faults, self.ranges, self.scheme = Path(root), dict(faults or {}), ranges, "http"
+        if tls is not None:  # (certificate, key) files: HTTPS
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
         self.requests: list[tuple[str, str | None]] = []
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -62,7 +69,7 @@ class ShardServer(http.server.ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
     def take_fault(self, name: str):
         with self._lock:
@@ -86,6 +93,15 @@ class ShardServer(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
         self._thread.join(timeout=10)
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), valid for a day."""
+    cert, key = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

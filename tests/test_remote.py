@@ -1,4 +1,4 @@
-"""Shards from servers on the loopback address: HTTP (urllib and `pipe:curl`) and S3 (moto's emulator).
+"""Shards from servers on the loopback address: HTTP(S) (urllib and `pipe:curl`) and S3 (moto's emulator).
 
 Remote batches equal the local ones; a connection cut mid-shard is resumed exactly; a shard that answers 404, one
 cut every time and a stalled server are skipped, named in the log and counted, in bounded time; ranks and workers
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loopback import ShardServer, s3_server
+from loopback import ShardServer, s3_server, self_signed
 from slurm_fixtures import ROOT, demo_overrides, read_metrics
 from test_data import loader, same, tokenizer, train_tf, write_set  # noqa: F401 (fixtures)
 
@@ -61,6 +61,20 @@ def test_remote_batches_equal_local(local, s3, scheme, tokenizer, train_tf):
         got = read(remote(local, scheme, server.url), tokenizer, train_tf)
         batches = list(got)
     assert same(batches, list(read(local[0], tokenizer, train_tf))) and got.skipped == 0
+
+
+@needs_curl
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (makes the test certificate)")
+def test_https_through_the_trust_store(local, tmp_path, monkeypatch, tokenizer, train_tf):
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # urllib trusts what the system store (here: this file) holds
+    with ShardServer(local[1], tls=(cert, key)) as server:
+        urls = remote(local, "http", server.url)
+        urls[1] = f"pipe:curl -fsSL --cacert {cert} {urls[1]}"
+        got = read(urls, tokenizer, train_tf)
+        batches = list(got)
+    assert server.url.startswith("https://") and got.skipped == 0
+    assert same(batches, list(read(local[0], tokenizer, train_tf)))
 
 
 @pytest.mark.parametrize("scheme", ["http", "http-no-ranges", pytest.param("curl", marks=needs_curl)])
