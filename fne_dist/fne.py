@@ -6,9 +6,7 @@ import torch
 from fne_dist import rng
 from fne_dist.sampler import SampleResult, dense_sample, streaming_sample
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, fne_weights
-
-IMPLS = ("auto", "dense", "torch", "triton")
+from fne_dist.weights import IMPLS, FNEConfig, fne_weights
 
 __all__ = ["FNEConfig", "SimilarityStats", "SampleResult", "fne_weights", "sample_negatives"]
 

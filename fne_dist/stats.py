@@ -105,8 +105,9 @@ class SimilarityStats:
         return {"moments": self.moments_vec.cpu().clone(), "reset": self.reset, "ema_decay": self.ema_decay}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["reset"] != self.reset:
-            raise ValueError(f"SimilarityStats: checkpoint reset={state['reset']!r}, this run reset={self.reset!r}; "
-                             "resume with the checkpoint's setting")
-        self.ema_decay = state["ema_decay"]
+        """Restore moments saved under the same reset policy and decay (refused otherwise, naming both)."""
+        for name in ("reset", "ema_decay"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"SimilarityStats: checkpoint {name}={state[name]!r}, this run {name}="
+                                 f"{getattr(self, name)!r}; resume with the checkpoint's setting")
         self.moments_vec = state["moments"].to(device=self.moments_vec.device, dtype=torch.float64)
