@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from fne_dist import job as job_module
 from fne_dist import launch
+from fne_dist.distributed import export_distributed_env
 from slurm_fixtures import DEMO, TESTS, agree_on_stop, demo_overrides, demo_shards, read_metrics, toy_train  # noqa: F401
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -109,13 +110,13 @@ def test_the_requeue_limit_ends_the_job_with_its_checkpoint(tmp_path, monkeypatc
 ])
 def test_distributed_environment_of_a_plain_srun_step(env, expected):
     with mock.patch.dict(os.environ, env, clear=True):
-        job_module.export_distributed_env()
+        export_distributed_env()
         got = {k: os.environ[k] for k in DIST_VARS if k in os.environ}
         port = got.pop("MASTER_PORT", None)
     assert got == expected
     if "MASTER_ADDR" in expected:
         with mock.patch.dict(os.environ, env, clear=True):
-            job_module.export_distributed_env()
+            export_distributed_env()
             assert os.environ["MASTER_PORT"] == port  # every task of the job draws the same port
 
 

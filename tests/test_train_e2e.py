@@ -23,6 +23,7 @@ import torch
 from fne_dist import checkpoint, metrics_log
 from fne_dist.config import load_config, to_dict
 from fne_dist.demo_data import build_demo_shards, render
+from fne_dist.distributed import free_port
 from fne_dist.evaluate import main as fne_eval
 from fne_dist.shards import ShardSample, write_shard
 from fne_dist.train import EXIT_PREEMPTED
@@ -58,14 +59,6 @@ deepspeed:
   optimizer: {{type: AdamW, params: {{lr: 1.0e-3, weight_decay: 0.1, torch_adam: true}}}}
   scheduler: {{type: WarmupLR, params: {{warmup_num_steps: 5, warmup_type: linear}}}}
 """
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -173,30 +166,3 @@ def test_incompatible_resume_is_refused(runs):
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"model architecture embed_dim: 64 -> 32"):
         checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag)
     assert torch.equal(state["queue"]["valid"], torch.ones(64, dtype=torch.bool))
-
-
-class FakeEngine:
-    """Stands in for a DeepSpeed engine: writes one file into the tag, then optionally dies (a crash mid-save)."""
-
-    def __init__(self, crash: bool):
-        self.crash = crash
-
-    def save_checkpoint(self, save_dir, tag, save_latest):
-        assert save_latest is False  # `latest` is ours to move, after every file is written
-        (Path(save_dir) / tag / checkpoint.DS_MODEL_STATES).write_bytes(b"engine state")
-        if self.crash:
-            raise OSError("No space left on device")
-
-
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path):
-    from fne_dist.config import FNESection
-    from fne_dist.objective import Objective
-
-    objective = Objective(FNESection(queue_size=8), dim=4, device=torch.device("cpu"), seed=0)
-    kwargs = dict(config={}, architecture={}, momentum=torch.nn.Linear(4, 4), objective=objective)
-    first = checkpoint.save(FakeEngine(crash=False), tmp_path, progress=checkpoint.Progress(step=10), **kwargs)
-    with pytest.raises(OSError):
-        checkpoint.save(FakeEngine(crash=True), tmp_path, progress=checkpoint.Progress(step=20), **kwargs)
-    assert (tmp_path / checkpoint.tag_name(20) / checkpoint.STATE).is_file()  # a partial tag exists ...
-    assert checkpoint.find("latest", tmp_path) == first  # ... but latest still names the complete one
-    assert checkpoint.read_state(first)["progress"] == {"step": 10, "epoch": 0, "batch": 0}
