@@ -148,11 +148,18 @@ def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def _check_space(ckpt_dir: Path, tag_dir: Path) -> None:
     """Refuse (on every rank alike) to start a checkpoint that the disk has no room for: the last one's size."""
     last = _latest(ckpt_dir)
     needed = _size(last) if last is not None and last.is_dir() and last != tag_dir else 0
-    free = shutil.disk_usage(ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent).free
+    free = _free_bytes(ckpt_dir)
     if any_rank(free < needed):
         raise CheckpointWriteError(
             errno.ENOSPC, f"no space left for checkpoint {tag_dir}: the last one ({last.name}) took "
@@ -166,7 +173,7 @@ def _write_failed(err: BaseException, ckpt_dir: Path, tag_dir: Path) -> Checkpoi
     last = _latest(ckpt_dir)
     if last is None or last.resolve() != tag_dir.resolve():
         shutil.rmtree(tag_dir, ignore_errors=True)
-    disk_full = getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(ckpt_dir).free < 2**20
+    disk_full = getattr(err, "errno", None) == errno.ENOSPC or _free_bytes(ckpt_dir) < 2**20
     what = "no space left on device" if disk_full else f"{type(err).__name__}: {str(err).splitlines()[0]}"
     previous = f"`latest` still names {last.name}" if last is not None else "there is no earlier checkpoint"
     return CheckpointWriteError(
