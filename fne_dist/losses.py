@@ -4,15 +4,18 @@ from __future__ import annotations
 import torch
 
 
-def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float) -> torch.Tensor:
-    """mean_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
+def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i weight_i * max(0, margin + a_i . n_i - a_i . p_i) for one direction.
 
     anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
-    so image->text trains the image tower and text->image the text tower.
+    so image->text trains the image tower and text->image the text tower.  weight [b] (no gradient): 0 for a row
+    that got no negative (its term is 0 and it still counts in the mean over b), or the drawn negative's 1 - f.
     """
     pos = (anchors * pos_keys.detach()).sum(1)
     neg = (anchors * neg_keys.detach()).sum(1)
-    return (margin + neg - pos).clamp_min(0).mean()
+    hinge = (margin + neg - pos).clamp_min(0)
+    return (hinge if weight is None else hinge * weight.detach()).mean()
 
 
 def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float) -> torch.Tensor:
