@@ -1,14 +1,16 @@
 """`fne-train --config FILE [--resume latest|auto|PATH] [key=value ...]`: distributed FNE training with DeepSpeed.
 
 One process per rank.  The process group comes from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.job derives from SLURM's variables
+MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.distributed derives from SLURM's variables
 inside a submitit job or an srun step; a lone process without any of them runs as a world of one.  gloo on CPU,
 NCCL on GPU.
 
 `train(cfg)` is the entry point for code (fne-launch calls it inside a submitit job) and returns a summary dict;
 `main` is the console script.  A stop request (SIGTERM / SIGUSR2 on any rank, agreed on by all ranks at a step
 boundary) makes every rank save a checkpoint and return `{"preempted": True, "step": ...}`; `main` then exits
-with EXIT_PREEMPTED so that a job script can tell "requeue me" from success and failure.
+with EXIT_PREEMPTED on every rank so that a job script can tell "requeue me" from success and failure (srun and the
+deepspeed launcher pass 75 on; torchrun exits 1 for any non-zero worker status and lists `exitcode : 75` per rank,
+so under torchrun read `"preempted"` in <output_dir>/summary.json, which a run deletes when it starts).
 """
 from __future__ import annotations
 
@@ -291,6 +293,7 @@ class Trainer:
         progress = self._resume()
         self.stop.install()
         if self.rt.rank == 0:
+            (self.out_dir / "summary.json").unlink(missing_ok=True)  # a crash must not leave an earlier verdict
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         bar = None
         if self.rt.rank == 0:
@@ -322,6 +325,7 @@ class Trainer:
                 self._save(progress)
             return self._summary(progress, preempted=False)
         finally:
+            self.stop.restore()
             if bar is not None:
                 bar.close()
             self.metrics.close()
@@ -363,8 +367,17 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The console script: bad input is one `fne-train: error:` line (rank 0) and exit status 2."""
-    return run_cli("fne-train", _main, argv)
+    """The console script: bad input is one `fne-train: error:` line (rank 0) and exit status 2.  After a stop
+    request every rank has saved and passed a last barrier; each then leaves at once with EXIT_PREEMPTED, so that
+    launchers which stop the other ranks when one exits (torchrun, srun --kill-on-bad-exit, the deepspeed
+    launcher) see 75 from every rank rather than a rank they killed in its interpreter shutdown."""
+    status = run_cli("fne-train", _main, argv)
+    if status == EXIT_PREEMPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
