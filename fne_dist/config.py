@@ -16,6 +16,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fne_dist.queue import check_queue_size
 from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
@@ -238,11 +239,10 @@ def validate(cfg: Config) -> None:
 def check_world(cfg: Config, world_size: int) -> int:
     """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
     global_batch = world_size * cfg.data.batch_size
-    if cfg.fne.queue_size < global_batch:
-        raise ConfigError(
-            f"fne.queue_size={cfg.fne.queue_size} is smaller than the global batch {global_batch} "
-            f"({world_size} ranks x data.batch_size={cfg.data.batch_size}): set fne.queue_size >= {global_batch} "
-            "or lower data.batch_size")
+    try:
+        check_queue_size(cfg.fne.queue_size, global_batch, f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return global_batch
 
 

@@ -13,7 +13,7 @@ import torch
 
 from fne_dist.config import FNESection
 from fne_dist.fne import sample_negatives
-from fne_dist.losses import fne_triplet_loss, vsepp_loss
+from fne_dist.losses import fne_triplet_loss, hardest_in_batch, vsepp_loss
 from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
 
@@ -71,8 +71,8 @@ class Objective:
     @torch.no_grad()
     def _hardest_diagnostics(ia, ta, ids, labels) -> torch.Tensor:
         """What VSE++ picks, both directions: each anchor's most similar in-batch item of another id."""
-        sims = (ia @ ta.T).masked_fill(ids[:, None] == ids[None, :], float("-inf"))
-        return sum(_negative_diagnostics(ids, labels, ids[j], labels[j]) for j in (sims.argmax(1), sims.argmax(0)))
+        return sum(_negative_diagnostics(ids, labels, ids[hardest.indices], labels[hardest.indices])
+                   for hardest in hardest_in_batch(ia @ ta.T, ids))
 
 
 def _negative_diagnostics(ids, labels, neg_ids, neg_labels, sampled=None) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from fne_dist.distributed import all_reduce
+from fne_dist.losses import hardest_in_batch
 
 RESET_POLICIES = ("epoch", "never", "ema")
 MIN_VAR = 1e-8
@@ -72,14 +73,10 @@ class SimilarityStats:
         """
         with torch.no_grad():
             s = (img.float() @ txt.float().T).double()
-            n = s.shape[0]
-            eye = torch.eye(n, dtype=torch.bool, device=s.device)
-            same = eye if ids is None else ids[:, None] == ids[None, :]
-            rows = torch.arange(n, device=s.device)
+            rows = torch.arange(s.shape[0], device=s.device)
             mutual = (s.argmax(1) == rows) & (s.argmax(0) == rows)
             pos = s.diagonal()
-            neg_masked = s.masked_fill(same, float("-inf"))
-            neg_i2t, neg_t2i = neg_masked.max(1).values, neg_masked.max(0).values
+            neg_i2t, neg_t2i = (hardest.values for hardest in hardest_in_batch(s, ids))
             pos_w = mutual.double()
             negs = torch.stack([neg_i2t, neg_t2i])
             neg_w = pos_w * torch.isfinite(negs)
