@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from fne_dist import job as job_module
 from fne_dist import launch
+from fne_dist.config import load_config, to_dict
 from fne_dist.distributed import export_distributed_env
 from slurm_fixtures import DEMO, TESTS, agree_on_stop, demo_overrides, demo_shards, read_metrics, toy_train  # noqa: F401
 
@@ -122,3 +123,10 @@ def test_distributed_environment_of_a_plain_srun_step(env, expected):
 
 def test_preemption_signal_is_submitits():
     assert job_module.preemption_signal() == signal.SIGUSR2
+
+
+def test_a_requeued_job_resumes_and_never_overwrites(tmp_path):
+    seen = []
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", "train.overwrite=true"])
+    job_module.TrainJob(to_dict(cfg), requeues=1, train_fn=lambda c: seen.append(c) or {"preempted": False})()
+    assert (seen[0].train.resume, seen[0].train.overwrite) == ("auto", False)
