@@ -47,8 +47,9 @@ def variants(epochs: int) -> list[tuple[str, str, list[str]]]:
 
 
 def train_variant(out_dir: Path, overrides: list[str]) -> None:
+    """Train one variant from scratch (each `make demo` replaces the previous demo's runs)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "fne_dist.train", "--config", str(CONFIG), f"train.output_dir={out_dir}", *overrides]
+           "-m", "fne_dist.train", "--config", str(CONFIG), f"train.output_dir={out_dir}", "--overwrite", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
