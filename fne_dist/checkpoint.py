@@ -64,6 +64,12 @@ class CheckpointWriteError(OSError):
         return self.strerror
 
 
+class NoRoomForCheckpoint(CheckpointWriteError):
+    """The disk cannot take another checkpoint as large as the last one; nothing was written."""
+
+    rank_specific = False  # every rank agreed on it
+
+
 @dataclass
 class Progress:
     """Where training stands: steps done, the epoch in progress and the batches of it already trained on, and the
@@ -161,10 +167,11 @@ def _check_space(ckpt_dir: Path, tag_dir: Path) -> None:
     needed = _size(last) if last is not None and last.is_dir() and last != tag_dir else 0
     free = _free_bytes(ckpt_dir)
     if any_rank(free < needed):
-        raise CheckpointWriteError(
-            errno.ENOSPC, f"no space left for checkpoint {tag_dir}: the last one ({last.name}) took "
-            f"{needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free on this rank's disk (or another rank's). "
-            f"Nothing was written; `latest` still names {last.name}. Free space there (train.keep_checkpoints "
+        last_name = last.name if last is not None else "the previous checkpoint"
+        raise NoRoomForCheckpoint(
+            errno.ENOSPC, f"no space left for checkpoint {tag_dir}: the last one ({last_name}) took "
+            f"{needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free in {ckpt_dir} (on this or another rank). "
+            f"Nothing was written; `latest` still names {last_name}. Free space there (train.keep_checkpoints "
             "bounds how many checkpoints stay) and resume with --resume latest")
 
 

@@ -80,7 +80,7 @@ def test_no_room_for_another_checkpoint_is_refused_before_writing(tmp_path, monk
     first = save(tmp_path, 10, FakeEngine(size=5000))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"no space left for checkpoint .*step000000020.*"
+    with pytest.raises(checkpoint.NoRoomForCheckpoint, match=r"no space left for checkpoint .*step000000020.*"
                                                               r"latest. still names step000000010") as err:
         save(tmp_path, 20)
     assert err.value.errno == errno.ENOSPC and str(err.value).startswith("no space left")
