@@ -221,7 +221,8 @@ def validate(cfg: Config) -> None:
                             ("train.epochs", t.epochs, 1), ("train.steps_per_epoch", t.steps_per_epoch, 1),
                             ("train.steps", t.steps, 1), ("train.log_every", t.log_every, 1),
                             ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
-                            ("train.max_bad_steps", t.max_bad_steps, 1), ("train.keep_checkpoints", t.keep_checkpoints, 0),
+                            ("train.max_bad_steps", t.max_bad_steps, 1),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 0),
                             ("model.embed_dim", cfg.model.embed_dim, 1)):
         _positive(key, value, low)
     if t.overwrite and t.resume in ("latest", "auto"):
@@ -240,7 +241,8 @@ def check_world(cfg: Config, world_size: int) -> int:
     """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
     global_batch = world_size * cfg.data.batch_size
     try:
-        check_queue_size(cfg.fne.queue_size, global_batch, f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
+        check_queue_size(cfg.fne.queue_size, global_batch,
+                         f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return global_batch

@@ -1,9 +1,9 @@
 """`fne-train --config FILE [--resume latest|auto|PATH] [key=value ...]`: distributed FNE training with DeepSpeed.
 
 One process per rank.  The process group comes from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.distributed derives from SLURM's variables
-inside a submitit job or an srun step; a lone process without any of them runs as a world of one.  gloo on CPU,
-NCCL on GPU.
+MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.distributed derives from SLURM's
+variables inside a submitit job or an srun step; a lone process without any of them runs as a world of one.  gloo
+on CPU, NCCL on GPU.
 
 `train(cfg)` is the entry point for code (fne-launch calls it inside a submitit job) and returns a summary dict;
 `main` is the console script.  A stop request (SIGTERM / SIGUSR2 on any rank, agreed on by all ranks at a step

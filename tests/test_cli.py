@@ -47,7 +47,8 @@ def fake_checkpoint(tmp_path, architecture):
     """A tag folder whose fne_state.pt holds the demo config and `architecture`."""
     tag = tmp_path / "checkpoints" / checkpoint.tag_name(10)
     tag.mkdir(parents=True)
-    torch.save({"config": to_dict(load_config(DEMO)), "architecture": architecture, "world_size": 1}, tag / "fne_state.pt")
+    torch.save({"config": to_dict(load_config(DEMO)), "architecture": architecture, "world_size": 1},
+               tag / checkpoint.STATE)
     (tmp_path / "checkpoints" / "latest").write_text(tag.name)
     return tag
 
