@@ -39,6 +39,13 @@ def test_a_bad_config_never_reaches_the_queue(argv, message, nothing_submitted, 
     assert err.startswith("fne-launch: error:") and message in err
 
 
+def test_a_folder_with_another_runs_checkpoints_never_reaches_the_queue(tmp_path, nothing_submitted, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step000000010")
+    assert launch.main(["--config", str(DEMO), f"train.output_dir={tmp_path}"]) == 2
+    assert "holds the checkpoints of an earlier run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--config", "no/such.yaml"], "does not exist"),
     (["--config", str(DEMO), "--gpus-per-node", "8", "--tasks-per-node", "4"], "one task per GPU"),
