@@ -6,7 +6,11 @@ import csv
 import sys
 from pathlib import Path
 
-USAGE = "usage: fne-bench {sampler,step,data} [options]  (fne-bench sampler --help for the options)"
+from fne_dist.cli import ArgumentParser
+
+COMMANDS = {"sampler": "the sampler kernels against a matmul and the dense recipe (fne-bench sampler --help)",
+            "step": "an FNE training step against a CLIP step (fne-bench step --help)",
+            "data": "the loader's samples/s per worker and in total (fne-bench data --help)"}
 
 
 def print_table(rows: list[dict], fields) -> None:
@@ -31,8 +35,11 @@ def append_csv(rows: list[dict], fields, path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("sampler", "step", "data"):
-        raise SystemExit(USAGE)
+    if not argv or argv[0] not in COMMANDS:
+        parser = ArgumentParser(prog="fne-bench", description=__doc__.splitlines()[0],
+                                epilog="  ".join(f"{name}: {what}." for name, what in COMMANDS.items()))
+        parser.add_argument("command", choices=tuple(COMMANDS))
+        parser.parse_args(argv)  # --help (exit 0) or a usage error (exit 2)
     if argv[0] == "sampler":
         from fne_kernels.bench_sampler import main as run
     elif argv[0] == "step":

@@ -25,6 +25,7 @@ from fne_dist.model import build_towers, encode, freeze_temperature, momentum_co
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
+from fne_dist.weights import IMPLS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("device", "model", "dtype", "batch", "queue", "mode", "impl", "clip_ms", "fne_ms", "ratio")
@@ -37,7 +38,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--queue", type=int, default=8192)
     parser.add_argument("--mode", choices=("official", "bayes"), default="official")
-    parser.add_argument("--impl", default="auto", help="sampler: auto | dense | torch | triton")
+    parser.add_argument("--impl", choices=IMPLS, default="auto", help="sampler (default: triton on CUDA, else torch)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")

@@ -13,11 +13,11 @@ import torch
 
 from fne_dist.config import FNESection
 from fne_dist.fne import sample_negatives
-from fne_dist.losses import fne_triplet_loss, vsepp_loss
+from fne_dist.losses import fne_triplet_loss, hardest_in_batch, vsepp_loss
 from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
 
-DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "labelled", "false_negatives")
+DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled", "false_negatives")
 
 
 @dataclass
@@ -56,9 +56,12 @@ class Objective:
             res = sample_negatives(anchors.detach(), pool, pos_sims, ids, cand.ids, self.stats, self.rule,
                                    seed=self.seed, step=step, direction=direction, row_offset=offset,
                                    valid=cand.valid, impl=self.cfg.impl)
-            loss = loss + fne_triplet_loss(anchors, pos_keys, pool[res.index].float(), self.rule.margin)
-            diagnostics += _negative_diagnostics(ids, labels, cand.ids[res.index], cand.labels[res.index],
-                                                 sampled=(res.fallback, res.survivors))
+            has = res.has_negative
+            chosen = res.index.clamp_min(0)  # rows without a negative read column 0 and get weight 0
+            loss = loss + fne_triplet_loss(anchors, pos_keys, pool[chosen].float(), self.rule.margin,
+                                           weight=has.to(anchors.dtype))
+            diagnostics += _negative_diagnostics(ids[has], labels[has], cand.ids[res.index[has]],
+                                                 cand.labels[res.index[has]], sampled=res)
         return StepLoss(loss, keys, diagnostics)
 
     def enqueue(self, keys: GlobalKeys) -> None:
@@ -68,21 +71,21 @@ class Objective:
     @torch.no_grad()
     def _hardest_diagnostics(ia, ta, ids, labels) -> torch.Tensor:
         """What VSE++ picks, both directions: each anchor's most similar in-batch item of another id."""
-        sims = (ia @ ta.T).masked_fill(ids[:, None] == ids[None, :], float("-inf"))
-        return sum(_negative_diagnostics(ids, labels, ids[j], labels[j]) for j in (sims.argmax(1), sims.argmax(0)))
+        return sum(_negative_diagnostics(ids, labels, ids[hardest.indices], labels[hardest.indices])
+                   for hardest in hardest_in_batch(ia @ ta.T, ids))
 
 
 def _negative_diagnostics(ids, labels, neg_ids, neg_labels, sampled=None) -> torch.Tensor:
-    """Sums for the log (DIAGNOSTICS): rows drawn by the FNE sampler with how many fell back and how many
-    candidates survived (`sampled` = (fallback, survivors) of a SampleResult), labelled negatives, and false
-    negatives: chosen negatives of the anchor's class label but another image id."""
+    """Sums for the log (DIAGNOSTICS): rows drawn by the FNE sampler with how many fell back, how many candidates
+    survived and how many got no negative (`sampled`: the SampleResult), labelled negatives, and false negatives:
+    chosen negatives of the anchor's class label but another image id (over the rows that got a negative)."""
     labelled = (labels >= 0) & (neg_labels >= 0)
     false_neg = labelled & (labels == neg_labels) & (ids != neg_ids)
     out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
     if sampled is not None:
-        fallback, survivors = sampled
-        out[0], out[1], out[2] = len(ids), fallback.sum(), survivors.sum()
-    out[3], out[4] = labelled.sum(), false_neg.sum()
+        out[0], out[1], out[2] = len(sampled.index), sampled.fallback.sum(), sampled.survivors.sum()
+        out[3] = (~sampled.has_negative).sum()
+    out[4], out[5] = labelled.sum(), false_neg.sum()
     return out
 
 
@@ -92,6 +95,7 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     if sums["sampled_rows"]:
         out["fallback_share"] = sums["fallback"] / sums["sampled_rows"]
         out["mean_survivors"] = sums["survivors"] / sums["sampled_rows"]
+        out["no_negative_share"] = sums["no_negative"] / sums["sampled_rows"]
     if sums["labelled"]:
         out["false_negative_share"] = sums["false_negatives"] / sums["labelled"]
     return out

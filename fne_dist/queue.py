@@ -8,6 +8,13 @@ import torch
 from fne_dist.distributed import all_gather_cat
 
 
+def check_queue_size(size: int, global_batch: int, why: str = "world size x per-rank batch") -> None:
+    """The queue must hold a whole global batch, which every step enqueues (the one home of this rule)."""
+    if global_batch > size:
+        raise ValueError(f"fne.queue_size={size} is smaller than the global batch {global_batch} ({why}): set "
+                         f"fne.queue_size to at least {global_batch}, or lower data.batch_size")
+
+
 @dataclass
 class GlobalKeys:
     """Momentum keys of the global batch, all-gathered in rank order: image [G, D], text [G, D], ids [G],
@@ -58,10 +65,7 @@ class MomentumQueue:
         self.ptr = 0
 
     def check_global_batch(self, global_batch: int) -> None:
-        if global_batch > self.size:
-            raise ValueError(
-                f"queue size {self.size} is smaller than the global batch {global_batch} (world size x per-rank "
-                f"batch): set the queue size to at least {global_batch}, or lower the batch size")
+        check_queue_size(self.size, global_batch)
 
     def candidates(self, keys: GlobalKeys) -> Candidates:
         """Global batch keys first, then the queue as it is before this step's enqueue (FNE_SPEC step 3)."""
