@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from fne_dist import rng
-from fne_dist.sampler import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult, dense_sample, merge_samples, streaming_sample
+from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
+from fne_dist.sampler import dense_sample, merge_samples, streaming_sample
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, fne_weights, true_negative_prob
 
