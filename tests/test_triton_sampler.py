@@ -108,7 +108,7 @@ def test_odd_width_over_several_k_chunks_and_strided_inputs():
 
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
-@pytest.mark.parametrize("tile_size", [64, 256])
+@pytest.mark.parametrize("tile_size", [128, 256, 512])
 def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
     ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
