@@ -176,9 +176,13 @@ def test_rejects_unknown_impl_and_width_mismatch():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["official", "eliminate"])
 def test_parts_merged_give_the_draw_of_the_whole_candidate_set(impl, mode):
+    check_parts_merged(impl, mode, problem())
+
+
+def check_parts_merged(impl, mode, args):
     """[batch ; queue] as separate calls at their global column offsets, merged, is the one-call draw (parts cut at
     multiples of SAMPLE_BLOCK, so that every sampling block lies in one part)."""
-    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
     cfg = FNEConfig(mode=mode, prior_ratio=10.0)
     run = lambda lo, hi: sample_negatives(anchors, keys[lo:hi], pos_sims, anchor_ids, key_ids[lo:hi], STATS, cfg,  # noqa: E731
                                           seed=4, valid=valid[lo:hi], impl=impl, col_offset=lo)
@@ -231,18 +235,19 @@ def block_law_problem(b=3000, n_blocks=10, d=16, seed=0):
     return anchor.expand(b, d).contiguous(), keys, pos_sims, torch.full((b,), -7), torch.arange(n)
 
 
-def check_block_law(impl, **kw):
+def check_block_law(impl, device="cpu", **kw):
     """Two-level law: the drawn block follows W_b / W over many blocks, and a row whose weight sits in one block
     (every other block invalid) draws its columns with w_j / W_b."""
     anchors, keys, pos_sims, ids_a, ids_k = block_law_problem(**kw)
     cfg = FNEConfig(cutdown="off")
     w = fne_weights(anchors[:1] @ keys.T, pos_sims[:1], torch.zeros(1, len(keys), dtype=torch.bool), STATS, cfg)[0]
-    res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=21, impl=impl)
-    assert_law(res.index.cpu() // SAMPLE_BLOCK, w.view(-1, SAMPLE_BLOCK).sum(1))
     valid = torch.zeros(len(keys), dtype=torch.bool)
     valid[3 * SAMPLE_BLOCK:4 * SAMPLE_BLOCK] = True
+    anchors, keys, pos_sims, ids_a, ids_k, valid = (x.to(device) for x in (anchors, keys, pos_sims, ids_a, ids_k, valid))
+    res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=21, impl=impl)
+    assert_law(res.index.cpu() // SAMPLE_BLOCK, w.view(-1, SAMPLE_BLOCK).sum(1))
     res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=22, impl=impl, valid=valid)
-    assert_law(res.index.cpu() - 3 * SAMPLE_BLOCK, w[valid])
+    assert_law(res.index.cpu() - 3 * SAMPLE_BLOCK, w[valid.cpu()])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
