@@ -27,7 +27,8 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
     (NO_NEGATIVE for a row that gets none).  Results over disjoint candidate parts combine with `merge_samples`.
     "torch" and "triton" never materialise [B, N].
     impl: "dense" (reference), "torch" (streaming tiles), "triton" (fused kernel, CUDA),
-    "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (for "triton" a power of two >= 16).
+    "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (rounded up to a multiple of
+    SAMPLE_BLOCK; for "triton" a power of two >= SAMPLE_BLOCK).
     """
     if impl not in IMPLS:
         raise ValueError(f"sample_negatives impl={impl!r} is unknown: use one of {IMPLS}")

@@ -30,6 +30,8 @@ logit2 = log2(f / (1 - f)) = cn (s - mu-)^2 - cp (s - mu+)^2 + c0, and h = exp2(
     exactly: a correctly rounded fp32 exp is 0 below log(2^-150), so "lp underflows" is (s - mu+)^2 > r+ with
     r+ = (-log(2^-150) - 0.5 log(2 pi var+)) 2 var+ (and likewise for ln);
   - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode.
+Per candidate that is 2 (bayes, eliminate) or 3 (official) exp2 and one fast division (`tl.fdiv`, 2 ulp: the
+weights are sampling odds, not outputs), besides the dot product.
 Same inputs and stream as the torch path give the same indices except where float rounding (another summation
 order, another exp/log) moves a weight across a threshold or two race keys within an ulp; the tests check
 identical indices at small shapes in the interpreter.
@@ -54,11 +56,12 @@ CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
 LOG2E = 1.0 / math.log(2.0)
 LOG_UNDERFLOW = -150.0 * math.log(2.0)  # exp(x) in fp32 (correctly rounded, denormals kept) is 0 below this
 SB = tl.constexpr(SAMPLE_BLOCK)
+NONE = tl.constexpr(NO_NEGATIVE)
 TWO_POW_M23 = tl.constexpr(2.0**-23)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on sm_90, by operand bytes (2: bf16/fp16, 4: fp32).  Chosen
 # without a GPU as the largest tiles that compile without register spills (python -m fne_kernels.compile_check);
 # the GPU script (kernels/gpu_check.sh) sweeps BLOCK_N with --tile-size.
-GPU_CONFIGS = {2: (128, 256, 64, 8, 3), 4: (64, 128, 32, 8, 2)}
+GPU_CONFIGS = {2: (128, 128, 64, 8, 3), 4: (64, 128, 32, 8, 2)}
 PICK_BLOCKS = (2, 32)  # (rows, K chunk) per program of the pick kernel on the GPU: [2, 128, 32] products
 PROGRAMS_PER_SM = 4  # whole waves of main-loop programs
 INTERPRETER_PROGRAMS = 4
@@ -112,13 +115,13 @@ def _weights(s, p, masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg,
         dn2 = dn * dn
         logit2 = cn * dn2 - cp * dp2 + c0
         if MODE == 0:
-            f = 1.0 / (1.0 + tl.exp2(-logit2))
+            f = tl.fdiv(1.0, 1.0 + tl.exp2(-logit2), ieee_rounding=False)
             posterior = (logit2 > official_logit2) & ((dp2 <= r_pos) | (dn2 <= r_neg))
             w = tl.where(posterior, tl.exp2(neg_tau2 * f), w)
         elif MODE == 1:
-            w = w / (1.0 + tl.exp2(logit2))
+            w = tl.fdiv(w, 1.0 + tl.exp2(logit2), ieee_rounding=False)
         else:
-            w = tl.where(1.0 / (1.0 + tl.exp2(logit2)) > keep_min, w, 0.0)
+            w = tl.where(tl.fdiv(1.0, 1.0 + tl.exp2(logit2), ieee_rounding=False) > keep_min, w, 0.0)
     drop = masked
     if CUTDOWN == 0:
         drop = drop | (s <= cut_global)
@@ -285,14 +288,14 @@ def _fne_pick_kernel(
     pick = tl.where(first < SB, first, last)
     pick = tl.where(pick >= 0, pick, hardest_col)  # only if recomputing lost every weight of the block
     fallback = needs_fallback & (MODE != 2)
-    index = tl.where(drawn, block_col + pick, tl.where(fallback, block_col + hardest_col, NO_NEGATIVE))
+    index = tl.where(drawn, block_col + pick, tl.where(fallback, block_col + hardest_col, NONE))
     tl.store(index_ptr + rows, index.to(tl.int64), mask=row_ok)
     tl.store(fallback_ptr + rows, fallback.to(tl.uint8), mask=row_ok)
     tl.store(survivors_ptr + rows, survivors.to(tl.int64), mask=row_ok)
     tl.store(weight_sum_ptr + rows, weight_sum, mask=row_ok)
     tl.store(race_key_ptr + rows, best_key, mask=row_ok)
     tl.store(fallback_score_ptr + rows, hardest, mask=row_ok)
-    tl.store(fallback_index_ptr + rows, tl.where(needs_fallback, block_col + hardest_col, NO_NEGATIVE).to(tl.int64),
+    tl.store(fallback_index_ptr + rows, tl.where(needs_fallback, block_col + hardest_col, NONE).to(tl.int64),
              mask=row_ok)
 
 
