@@ -61,20 +61,15 @@ def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)
 
 
-def race_blocks(w: torch.Tensor, stream: int, rows: torch.Tensor, first_col: int):
-    """The block race over one tile of weights [B, T] whose blocks start at global column `first_col` (T a multiple
-    of SAMPLE_BLOCK except at the end of a call): per row the smallest key -log(u) / W_b (+inf where the tile has
-    no weight), its block's first column within the tile, the block's weights [B, SAMPLE_BLOCK] and its pick
+def race_blocks(blocks: torch.Tensor, block_w: torch.Tensor, stream: int, rows: torch.Tensor, first_col: int):
+    """The block race over one tile: `blocks` [B, n_blocks, SAMPLE_BLOCK] its weights, `block_w` [B, n_blocks] their
+    sums, the first block starting at global column `first_col`.  Per row the smallest key -log(u) / W_b (+inf
+    where the tile has no weight), its block's first column within the tile, the block's weights and its pick
     uniform."""
-    b, t = w.shape
-    n_blocks = -(-t // SAMPLE_BLOCK)
-    if t % SAMPLE_BLOCK:
-        w = F.pad(w, (0, n_blocks * SAMPLE_BLOCK - t))
-    blocks = w.view(b, n_blocks, SAMPLE_BLOCK)
-    starts = torch.arange(0, n_blocks * SAMPLE_BLOCK, SAMPLE_BLOCK, device=w.device)
+    starts = torch.arange(0, blocks.shape[1] * SAMPLE_BLOCK, SAMPLE_BLOCK, device=blocks.device)
     u_race, u_pick = rng.block_uniforms(stream, rows, starts + first_col)
-    key, arg = u_race.log_().neg_().div_(blocks.sum(2)).min(1)
-    at = torch.arange(b, device=w.device)
+    key, arg = u_race.log_().neg_().div_(block_w).min(1)
+    at = torch.arange(blocks.shape[0], device=blocks.device)
     return key, arg * SAMPLE_BLOCK, blocks[at, arg], u_pick[at, arg]
 
 
@@ -90,11 +85,17 @@ def pick_in_block(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: SimilarityStats, cfg: FNEConfig):
-    """One tile's weights w [B, T] and per row its survivors, weight sum, best fallback score and that column."""
+    """One tile of similarities [B, T]: its weights cut into sampling blocks [B, n_blocks, SAMPLE_BLOCK] (the last
+    one padded with zeros), the block sums [B, n_blocks], and per row the survivors, the best fallback score and
+    its column within the tile."""
     pos_mask = anchor_ids[:, None] == tile_ids[None, :]
     w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, tile_valid)
     score, column = fallback_scores(sims, pos_mask, tile_valid).max(1)
-    return w, (w > 0).sum(1), w.sum(1), score, column
+    survivors = (w > 0).sum(1)
+    if w.shape[1] % SAMPLE_BLOCK:
+        w = F.pad(w, (0, -w.shape[1] % SAMPLE_BLOCK))
+    blocks = w.view(w.shape[0], -1, SAMPLE_BLOCK)
+    return blocks, blocks.sum(2), survivors, score, column
 
 
 _COMPILED = {}  # "tile_stats": the compiled tile step; None once compiling failed
@@ -120,13 +121,11 @@ def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarity
                  stream: int, row_offset: int = 0, col_offset: int = 0, valid=None) -> SampleResult:
     """The reference: the whole [B, N] weight matrix, then one two-level draw over all of it."""
     sims = anchors.float() @ keys.float().T
-    pos_mask = anchor_ids[:, None] == key_ids[None, :]
-    w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, valid)
-    rows = torch.arange(len(anchors), device=w.device) + row_offset
-    best_key, start, block_w, u = race_blocks(w, stream, rows, col_offset)
-    best = start + pick_in_block(block_w, u)
-    worst_score, worst = fallback_scores(sims, pos_mask, valid).max(1)
-    return finish(best_key, best + col_offset, worst_score, worst + col_offset, (w > 0).sum(1), w.sum(1), cfg)
+    blocks, block_w, survivors, worst_score, worst = tile_stats(sims, pos_sims, anchor_ids, key_ids, valid, stats, cfg)
+    rows = torch.arange(len(anchors), device=sims.device) + row_offset
+    best_key, start, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset)
+    best = start + pick_in_block(chosen, u)
+    return finish(best_key, best + col_offset, worst_score, worst + col_offset, survivors, block_w.sum(1), cfg)
 
 
 def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
@@ -154,15 +153,15 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         stop = min(start + tile, n)
         sims = a @ keys[start:stop].float().T
         tile_valid = None if valid is None else valid[start:stop]
-        w, tile_survivors, tile_sum, score, sarg = _tile_stats(sims, pos_sims, anchor_ids, key_ids[start:stop],
-                                                               tile_valid, stats, cfg)
+        blocks, block_w, tile_survivors, score, sarg = _tile_stats(sims, pos_sims, anchor_ids, key_ids[start:stop],
+                                                                   tile_valid, stats, cfg)
         survivors += tile_survivors
-        weight_sum += tile_sum
-        key, block, block_w, u = race_blocks(w, stream, rows, col_offset + start)
+        weight_sum += block_w.sum(1)
+        key, block, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset + start)
         take = key < best_key
         best_key = torch.where(take, key, best_key)
         best_start = torch.where(take, block + start, best_start)
-        best_w = torch.where(take[:, None], block_w, best_w)
+        best_w = torch.where(take[:, None], chosen, best_w)
         best_u = torch.where(take, u, best_u)
         take = score > worst_score
         worst_score = torch.where(take, score, worst_score)

@@ -274,3 +274,20 @@ def check_one_fallback_row_among_drawn_rows(impl, b=300):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_one_fallback_row_among_drawn_rows(impl):
     check_one_fallback_row_among_drawn_rows(impl)
+
+
+def test_compiled_tile_step_draws_what_the_eager_one_draws(monkeypatch):
+    """Large CPU tiles run the torch.compile'd tile step (one fused loop): same indices, fallbacks and survivors as
+    the eager rule, weight sums to float rounding."""
+    from fne_dist import sampler
+
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=64, n=1500)
+    run = lambda: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), seed=6,  # noqa: E731
+                                   valid=valid, impl="torch", tile_size=512)
+    eager = run()
+    monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
+    compiled = run()
+    assert sampler._COMPILED["tile_stats"] is not None, "compiling failed: the eager step ran instead"
+    for name in ("index", "fallback", "survivors", "fallback_index"):
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+    torch.testing.assert_close(compiled.weight_sum, eager.weight_sum, rtol=1e-5, atol=1e-6)
