@@ -255,15 +255,17 @@ def test_block_law_over_many_blocks_and_inside_one_block(impl):
     check_block_law(impl)
 
 
-def check_one_fallback_row_among_drawn_rows(impl, b=300):
+def check_one_fallback_row_among_drawn_rows(impl, device="cpu", b=300):
     """A row without weight (its anchor cut-down removes every candidate) between rows that draw: it takes its
     hardest valid negative, the others draw as they do without it."""
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=b, n=700)
     pos_sims = torch.zeros_like(pos_sims)  # cut s <= -0.2: every other row keeps candidates
     pos_sims[b // 2] = 5.0
     cfg = FNEConfig(cutdown="anchor")
-    res = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, seed=8, valid=valid, impl=impl)
     w, scores = dense_weights(anchors, keys, pos_sims, anchor_ids, key_ids, valid, cfg)
+    args = (x.to(device) for x in (anchors, keys, pos_sims, anchor_ids, key_ids))
+    res = sample_negatives(*args, STATS, cfg, seed=8, valid=valid.to(device), impl=impl)
+    res = type(res)(*(x.cpu() for x in vars(res).values()))
     assert res.fallback.nonzero().flatten().tolist() == [b // 2]
     assert res.index[b // 2] == scores[b // 2].argmax() == res.fallback_index[b // 2]
     drawn = torch.arange(b) != b // 2

@@ -194,7 +194,7 @@ def test_rejects_bad_arguments():
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["official", "bayes"])
+@pytest.mark.parametrize("mode", ["official", "bayes", "eliminate", "hardness"])
 @pytest.mark.parametrize("cutdown", ["global", "anchor"])
 def test_gpu_large_shapes_agree_with_torch(dtype, mode, cutdown):
     args = problem(b=300, n=70001, d=200, dtype=dtype, n_ids=5000)
@@ -218,6 +218,25 @@ def test_gpu_fallback_is_exact_and_small_batches_fill_the_splits():
     assert tri.fallback.all() and valid[tri.index].all()
     # the hardest candidate, up to ties within the bf16 dot's rounding
     assert (scores[rows, tri.index] >= scores.max(1).values - 1e-5).all()
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_bf16_anchors_against_an_fp32_queue_many_fallbacks():
+    """bf16 anchors against fp32 keys (cast tile by tile, never copied), most rows without weight: every fallback
+    row takes its hardest candidate up to the bf16 dot's rounding, the others a positive weight."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=1000, n=200003, d=256, n_ids=50000)
+    pos_sims = torch.where(torch.arange(1000, device=DEVICE) % 10 == 0, pos_sims, torch.full_like(pos_sims, 3.0))
+    cfg = FNEConfig(cutdown="anchor")
+    tri = triton_sample(anchors.bfloat16(), keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=4, valid=valid)
+    sims = anchors.bfloat16().float() @ keys.bfloat16().float().T
+    scores = fallback_scores(sims, anchor_ids[:, None] == key_ids[None, :], valid)
+    w = fne_weights(sims, pos_sims, anchor_ids[:, None] == key_ids[None, :], STATS, cfg, valid)
+    rows = torch.arange(len(scores), device=DEVICE)
+    assert tri.fallback.float().mean() > 0.85 and valid[tri.index].all()
+    fb = tri.fallback
+    assert (scores[rows[fb], tri.index[fb]] >= scores.max(1).values[fb] - 1e-5).all()
+    assert (w[rows[~fb], tri.index[~fb]] > 0).float().mean() >= 0.995
 
 
 def test_kernels_compile_for_hopper(tmp_path):
@@ -244,7 +263,7 @@ def test_eliminate_and_hardness_modes_agree_with_torch(mode, cutdown):
 
 @pytest.mark.parametrize("mode", ["official", "eliminate"])
 def test_parts_merged_give_the_draw_of_the_whole_candidate_set(mode):
-    check_parts_merged("triton", mode, problem(device="cpu"))
+    check_parts_merged("triton", mode, problem())
 
 
 def test_global_columns_and_rows_match_torch():
@@ -261,7 +280,7 @@ def test_block_law_over_many_blocks_and_inside_one_block():
 
 
 def test_one_fallback_row_among_drawn_rows():
-    check_one_fallback_row_among_drawn_rows("triton")
+    check_one_fallback_row_among_drawn_rows("triton", device=DEVICE)
 
 
 @pytest.mark.parametrize("splits", [2, 5])
