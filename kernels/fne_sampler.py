@@ -3,7 +3,8 @@
 It draws exactly what `fne_dist.sampler.streaming_sample` draws (see that module for the two-level law), in two
 kernels, without writing any [B, N] array:
 
-1. `_fne_blocks_kernel`, the main loop at matmul speed.  Grid = anchor blocks x candidate splits; each program
+1. `_fne_blocks_kernel`, the main loop, built to run at about the matmul's speed (unmeasured on a GPU so far:
+   kernels/gpu_check.sh measures it).  Grid = anchor blocks x candidate splits; each program
    keeps its anchor block and streams candidate tiles of BLOCK_N columns (a multiple of SAMPLE_BLOCK): the
    similarity tile with `tl.dot` (fp32 accumulation; keys cast on load when their dtype differs), the FNE weight
    with the masks and the cut-down, then row reductions of the tile viewed as [rows, blocks, SAMPLE_BLOCK] (sum,
