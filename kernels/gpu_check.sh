@@ -60,18 +60,18 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log everythin
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'device', '$DEVICE')" | tee -a "$LOG"
 [ "$TINY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
 
-stage tests 120 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
+stage tests 140 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
   tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
 bench() {  # bench STAGE SECONDS ARGS...: one fne-bench sampler run into its own folder
   local name=$1 seconds=$2
   shift 2
   stage "$name" "$seconds" $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/$name" "$@"
 }
-bench scale 100 "${BIG[@]}" --impl matmul triton torch dense
-bench tile256 30 "${BIG[@]}" --impl triton --tile-size 256
-bench fallback 45 "${BIG[@]}" --impl matmul triton torch --fallback
+bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
+bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
+bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
 bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
-bench small 30 "${SMALL[@]}" --impl matmul triton torch dense
+bench small 25 "${SMALL[@]}" --impl matmul triton torch dense
 
 $PY - "$WORK" "$OUT" "$PREFIX" <<'EOF' 2>&1 | tee -a "$LOG"
 """Gather every stage's results.csv into one CSV and two plots, and print the table."""

@@ -193,8 +193,8 @@ def test_rejects_bad_arguments():
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["official", "bayes", "eliminate", "hardness"])
+@pytest.mark.parametrize("dtype, mode", [(torch.bfloat16, mode) for mode in ("official", "bayes", "eliminate", "hardness")]
+                         + [(torch.float16, "official"), (torch.float32, "bayes")])  # each variant compiles: few
 @pytest.mark.parametrize("cutdown", ["global", "anchor"])
 def test_gpu_large_shapes_agree_with_torch(dtype, mode, cutdown):
     args = problem(b=300, n=70001, d=200, dtype=dtype, n_ids=5000)
