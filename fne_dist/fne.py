@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from fne_dist import rng
-from fne_dist.sampler import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult, dense_sample, merge_samples, streaming_sample
+from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
+from fne_dist.sampler import dense_sample, merge_samples, streaming_sample
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import IMPLS, FNEConfig, fne_weights, true_negative_prob
 
@@ -24,7 +25,8 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
     (NO_NEGATIVE for a row that gets none).  Results over disjoint candidate parts combine with `merge_samples`.
     "torch" and "triton" never materialise [B, N].
     impl: "dense" (reference), "torch" (streaming tiles), "triton" (fused kernel, CUDA),
-    "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (for "triton" a power of two >= 16).
+    "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (rounded up to a multiple of
+    SAMPLE_BLOCK; for "triton" a power of two >= SAMPLE_BLOCK).
     """
     if impl not in IMPLS:
         raise ValueError(f"sample_negatives impl={impl!r} is unknown: use one of {IMPLS}")

@@ -1,63 +1,51 @@
-"""Negative samplers in torch: the dense reference and the streaming form of FNE_SPEC.
+"""Negative samplers in torch: the dense reference and the streaming form of FNE_SPEC, both two-level.
 
-Both draw by an exponential race: per anchor the candidate with the smallest key E/w, E = -log(u), wins, which is
-exactly a draw from w / sum(w).  The uniforms come from `fne_dist.rng`, keyed on (seed, step, direction, global
-row, global column), so the draw does not depend on the tile size, on how anchors are split across ranks, or on
-how the candidates are split into parts: results for disjoint parts (segments of [batch ; queue], rank shards)
-combine exactly with `merge_samples` (the smallest key wins).  The dense path builds the whole [B, N] weight
-matrix; the streaming path never does (memory O(B * tile)).
+Two-level exact sampling.  Each call's candidate columns are cut into blocks of SAMPLE_BLOCK columns counted from
+its first column (`col_offset`).  A row first races its blocks: block b, of weight W_b (the sum of its weights),
+gets the key E_b / W_b with E_b = -log(u_b) exponential, and the smallest key wins, which is exactly a draw of
+block b with probability W_b / W.  Inside the winning block a second uniform v picks by inverse CDF the first
+column whose running weight sum exceeds v * W_b, with probability w_j / W_b.  Together: w_j / W, exactly.  The two
+uniforms come from `fne_dist.rng`, keyed on (seed, step, direction, global row, the block's global first column),
+so the draw does not depend on the tile size (a multiple of SAMPLE_BLOCK), on how anchors are split across ranks,
+or on how the candidates are split into parts cut at multiples of SAMPLE_BLOCK: results for such parts (segments,
+rank shards) combine exactly with `merge_samples` (the smallest race key wins).  The dense path builds the whole
+[B, N] weight matrix; the streaming path never does (memory O(B * tile)).  The Triton kernel draws the same way.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fne_dist import rng
+from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, fallback_scores, fne_weights
 
 DEFAULT_TILE_ELEMENTS = 1 << 22  # [B, tile] fp32 temporaries of 16 MiB
-SAMPLE_BLOCK = 128  # columns per sampling block (two-level sampler); callers cut candidate parts at multiples of it
-NO_NEGATIVE = -1  # `SampleResult.index` of a row that gets no negative
+GPU_TILE_ELEMENTS = 1 << 26  # on a GPU, 256 MiB temporaries: few tiles, few kernel launches
+COMPILE_MIN_ELEMENTS = 1 << 22  # CPU tiles from this size run the compiled tile step (one fused loop, ~10x eager)
 
-
-@dataclass
-class SampleResult:
-    """Per anchor row [B]: index (long, global candidate column; NO_NEGATIVE where the row gets no negative: in
-    eliminate mode when every weight is 0, in any mode when no valid non-positive candidate exists), fallback (bool:
-    the row had no positive weight and took its hardest candidate, see `fallback_scores`), survivors (long:
-    candidates with positive weight), weight_sum (fp32), race_key (fp32: the winner's race key, +inf where the
-    weight sum is 0), fallback_score (fp32: the best fallback score, -inf where no candidate qualifies) and
-    fallback_index (its global column).  The last three let `merge_samples` combine results over disjoint candidate
-    sets exactly."""
-
-    index: torch.Tensor
-    fallback: torch.Tensor
-    survivors: torch.Tensor
-    weight_sum: torch.Tensor
-    race_key: torch.Tensor | None = None
-    fallback_score: torch.Tensor | None = None
-    fallback_index: torch.Tensor | None = None  # the best fallback column (global)
-
-    @property
-    def has_negative(self) -> torch.Tensor:
-        return self.index != NO_NEGATIVE
+__all__ = ["SampleResult", "SAMPLE_BLOCK", "NO_NEGATIVE", "dense_sample", "streaming_sample", "merge_samples"]
 
 
 def finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg: FNEConfig) -> SampleResult:
     """The result from a row's race winner and fallback candidate: the race where any weight is positive, else the
     fallback (never in eliminate mode), else no negative."""
     drawn = weight_sum > 0
-    fallback = ~drawn & torch.isfinite(worst_score) if cfg.mode != "eliminate" else torch.zeros_like(drawn)
+    needs_fallback = ~drawn & torch.isfinite(worst_score)
+    fallback = needs_fallback if cfg.mode != "eliminate" else torch.zeros_like(drawn)
     none = torch.full_like(best_index, NO_NEGATIVE)
     index = torch.where(drawn, best_index, torch.where(fallback, worst_index, none))
-    return SampleResult(index, fallback, survivors, weight_sum, best_key, worst_score, worst_index)
+    return SampleResult(index, fallback, survivors, weight_sum, best_key, worst_score,
+                        torch.where(needs_fallback, worst_index, none))
 
 
 def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult:
-    """Combine results over disjoint candidate sets (in any order) into the result over their union."""
+    """Combine results over disjoint candidate sets (in any order) into the result over their union.  Exact for the
+    two-level draw when every sampling block lies in one part: a part's race key is its winning block's key."""
     key = torch.stack([p.race_key for p in parts])
     # where a part's weight sum is positive its index is its race winner; elsewhere its key is +inf
     idx = torch.stack([p.index.where(p.weight_sum > 0, torch.iinfo(torch.long).max) for p in parts])
@@ -73,54 +61,111 @@ def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)
 
 
-def _race_tile(w, stream, row_bits, cols):
-    """Each row's smallest race key -log(u)/w over one tile of columns, and its column (w = 0 never wins)."""
-    u = rng.uniform_from_hashes(row_bits, rng.col_hash(stream, cols))
-    return torch.log(u).neg_().div_(w).min(1)
+def race_blocks(blocks: torch.Tensor, block_w: torch.Tensor, stream: int, rows: torch.Tensor, first_col: int):
+    """The block race over one tile: `blocks` [B, n_blocks, SAMPLE_BLOCK] its weights, `block_w` [B, n_blocks] their
+    sums, the first block starting at global column `first_col`.  Per row the smallest key -log(u) / W_b (+inf
+    where the tile has no weight), its block's first column within the tile, the block's weights and its pick
+    uniform."""
+    starts = torch.arange(0, blocks.shape[1] * SAMPLE_BLOCK, SAMPLE_BLOCK, device=blocks.device)
+    u_race, u_pick = rng.block_uniforms(stream, rows, starts + first_col)
+    key, arg = u_race.log_().neg_().div_(block_w).min(1)
+    b, n_blocks = block_w.shape
+    row_block = torch.arange(b, device=blocks.device) * n_blocks + arg  # a flat row gather: ~100x faster than [at, arg]
+    return key, arg * SAMPLE_BLOCK, blocks.reshape(b * n_blocks, SAMPLE_BLOCK)[row_block], u_pick.flatten()[row_block]
+
+
+def pick_in_block(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF inside each row's block [B, SAMPLE_BLOCK]: the first column whose running weight sum exceeds
+    u * (the block's total), which always has a positive weight; where rounding leaves no such column, the last
+    column of positive weight.  The Triton kernel computes the same."""
+    cdf = w.cumsum(1)
+    first = (cdf <= u[:, None] * cdf[:, -1:]).sum(1)
+    columns = torch.arange(w.shape[1], device=w.device)
+    last = torch.where(w > 0, columns, -1).max(1).values
+    return torch.where(first < w.shape[1], first, last)
+
+
+def tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: SimilarityStats, cfg: FNEConfig):
+    """One tile of similarities [B, T]: its weights cut into sampling blocks [B, n_blocks, SAMPLE_BLOCK] (the last
+    one padded with zeros), the block sums [B, n_blocks], and per row the survivors, the best fallback score and
+    its column within the tile."""
+    pos_mask = anchor_ids[:, None] == tile_ids[None, :]
+    w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, tile_valid)
+    score, column = fallback_scores(sims, pos_mask, tile_valid).max(1)
+    survivors = (w > 0).sum(1)
+    if w.shape[1] % SAMPLE_BLOCK:
+        w = F.pad(w, (0, -w.shape[1] % SAMPLE_BLOCK))
+    blocks = w.view(w.shape[0], -1, SAMPLE_BLOCK)
+    return blocks, blocks.sum(2), survivors, score, column
+
+
+_COMPILED = {}  # "tile_stats": the compiled tile step; None once compiling failed
+
+
+def _tile_stats(sims, *args):
+    """`tile_stats`, compiled into one fused loop for large CPU tiles: eager, its ~30 elementwise passes over the
+    tile cost several times the matmul; compiled, less than it.  The compiled rule computes the same weights up to
+    float rounding.  Small tiles (tests, small batches) stay eager: compiling costs about a minute once per process
+    (Inductor caches it on disk); where compiling fails, eager it is, with a warning."""
+    if sims.device.type == "cpu" and sims.numel() >= COMPILE_MIN_ELEMENTS:
+        step = _COMPILED.setdefault("tile_stats", torch.compile(tile_stats, dynamic=True))
+        if step is not None:
+            try:
+                return step(sims, *args)
+            except Exception as error:  # no C++ compiler, an unsupported platform: the eager step is always there
+                warnings.warn(f"torch.compile of the sampler's tile step failed ({error!r:.200}); running it eagerly")
+                _COMPILED["tile_stats"] = None
+    return tile_stats(sims, *args)
 
 
 def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
                  stream: int, row_offset: int = 0, col_offset: int = 0, valid=None) -> SampleResult:
-    """The reference: the whole [B, N] weight matrix, then one race over all of it."""
+    """The reference: the whole [B, N] weight matrix, then one two-level draw over all of it."""
     sims = anchors.float() @ keys.float().T
-    pos_mask = anchor_ids[:, None] == key_ids[None, :]
-    w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, valid)
-    rows = torch.arange(len(anchors), device=w.device) + row_offset
-    cols = torch.arange(keys.shape[0], device=w.device) + col_offset
-    best_key, best = _race_tile(w, stream, rng.row_hash(stream, rows), cols)
-    worst_score, worst = fallback_scores(sims, pos_mask, valid).max(1)
-    return finish(best_key, best + col_offset, worst_score, worst + col_offset, (w > 0).sum(1), w.sum(1), cfg)
+    blocks, block_w, survivors, worst_score, worst = tile_stats(sims, pos_sims, anchor_ids, key_ids, valid, stats, cfg)
+    rows = torch.arange(len(anchors), device=sims.device) + row_offset
+    best_key, start, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset)
+    best = start + pick_in_block(chosen, u)
+    return finish(best_key, best + col_offset, worst_score, worst + col_offset, survivors, block_w.sum(1), cfg)
 
 
 def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
                      stream: int, row_offset: int = 0, col_offset: int = 0, valid=None,
                      tile_size: int | None = None) -> SampleResult:
-    """The streaming form in torch (CPU or GPU); memory O(B * tile_size)."""
+    """The streaming form in torch (CPU or GPU); memory O(B * tile_size).  The tile (default: DEFAULT_TILE_ELEMENTS
+    on the CPU, GPU_TILE_ELEMENTS on a GPU) is rounded up to a multiple of SAMPLE_BLOCK.  Each tile keeps its race
+    winner's block weights, so the draw inside the block needs no second pass over the candidates."""
     b, n = anchors.shape[0], keys.shape[0]
     device = anchors.device
-    tile = tile_size or max(1, min(n, DEFAULT_TILE_ELEMENTS // max(b, 1)))
+    elements = DEFAULT_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
+    tile = tile_size or max(1, min(n, elements // max(b, 1)))
+    tile = -(-tile // SAMPLE_BLOCK) * SAMPLE_BLOCK
     a = anchors.float()
-    row_bits = rng.row_hash(stream, torch.arange(b, device=device) + row_offset)
+    rows = torch.arange(b, device=device) + row_offset
     best_key = torch.full((b,), float("inf"), device=device)
-    best_index = torch.zeros(b, dtype=torch.long, device=device)
+    best_start = torch.zeros(b, dtype=torch.long, device=device)
+    best_w = torch.zeros(b, SAMPLE_BLOCK, device=device)
+    best_u = torch.zeros(b, device=device)
     worst_score = torch.full((b,), float("-inf"), device=device)
-    worst_index = torch.zeros(b, dtype=torch.long, device=device)
+    worst_index = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
     survivors = torch.zeros(b, dtype=torch.long, device=device)
     weight_sum = torch.zeros(b, device=device)
     for start in range(0, n, tile):
         stop = min(start + tile, n)
         sims = a @ keys[start:stop].float().T
-        pos_mask = anchor_ids[:, None] == key_ids[None, start:stop]
         tile_valid = None if valid is None else valid[start:stop]
-        w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, tile_valid)
-        survivors += (w > 0).sum(1)
-        weight_sum += w.sum(1)
-        key, arg = _race_tile(w, stream, row_bits, torch.arange(start, stop, device=device) + col_offset)
+        blocks, block_w, tile_survivors, score, sarg = _tile_stats(sims, pos_sims, anchor_ids, key_ids[start:stop],
+                                                                   tile_valid, stats, cfg)
+        survivors += tile_survivors
+        weight_sum += block_w.sum(1)
+        key, block, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset + start)
         take = key < best_key
         best_key = torch.where(take, key, best_key)
-        best_index = torch.where(take, arg + start + col_offset, best_index)
-        score, sarg = fallback_scores(sims, pos_mask, tile_valid).max(1)
+        best_start = torch.where(take, block + start, best_start)
+        best_w = torch.where(take[:, None], chosen, best_w)
+        best_u = torch.where(take, u, best_u)
         take = score > worst_score
         worst_score = torch.where(take, score, worst_score)
         worst_index = torch.where(take, sarg + start + col_offset, worst_index)
+    best_index = best_start + pick_in_block(best_w, best_u) + col_offset
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)

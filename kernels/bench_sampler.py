@@ -2,7 +2,9 @@
 
 Implementations: `triton` (the fused kernel), `torch` (streaming tiles), `dense` (the [B, N] reference) and
 `matmul` (anchors @ keys.T alone: the floor any sampler must pay).  Every case draws from the full FNE rule
-(official mode, global cut-down, statistics ready, 1% invalid slots).
+(official mode by default, global cut-down, statistics ready, 1% invalid slots).  `--fallback` benchmarks the
+many-fallback regime: the global cut-down sits above every similarity, so every row has weight 0 and takes its
+hardest candidate.
 
 GPU: medians of CUDA-event timings after warm-up; peak memory = torch.cuda.max_memory_allocated during the
 calls minus what was allocated before (inputs included in neither).  A case that runs out of memory is
@@ -11,7 +13,9 @@ first call (the kernel's high-water mark, /proc/self/clear_refs reset once the i
 resident set before it, and its time the median wall clock of the calls after that one, on torch's
 default number of threads (set OMP_NUM_THREADS to choose; the table records it).
 
-Writes `results.csv`, `time.png` (time against N per implementation) and `ratio.png` (time / matmul) to --out.
+Writes `{prefix}results.csv`, `{prefix}time.png` (time against N per implementation) and `{prefix}ratio.png`
+(time / matmul) to --out.  `--device cpu --impl triton` runs the kernel in Triton's interpreter when
+TRITON_INTERPRET=1 is set (slow: tiny shapes only, to dry-run scripts).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import csv
 import gc
 import itertools
 import multiprocessing
+import os
 import re
 import statistics
 import time
@@ -29,15 +34,19 @@ from pathlib import Path
 
 import torch
 
+from fne_dist.weights import MODES
+
 IMPLS = ("triton", "torch", "dense", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(b=[256, 1024, 4096], n=[1 << 16, 1 << 18, 1 << 20], d=[256, 512, 1024], impl=list(IMPLS), dtype="bf16")
 CPU_DEFAULTS = dict(b=[1024], n=[131072], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32")
-FIELDS = ("device", "threads", "dtype", "b", "n", "d", "impl", "time_ms", "peak_mib", "x_matmul", "status")
+FIELDS = ("device", "threads", "dtype", "b", "n", "d", "mode", "regime", "tile", "impl", "time_ms", "peak_mib", "x_matmul",
+          "status")
 
 
-def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Unit-norm features, positive similarities, ids with some same-id pairs, 1% invalid slots, ready stats."""
+def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, device: str, fallback: bool = False, seed: int = 0):
+    """Unit-norm features, positive similarities, ids with some same-id pairs, 1% invalid slots, ready stats
+    (`fallback`: with mu+ - margin above every similarity, so every row falls back)."""
     from fne_dist.fne import SimilarityStats
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -51,29 +60,29 @@ def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, device: str, seed: i
     key_ids = torch.randint(0, 4 * n, (n,), device=device, generator=g)
     valid = torch.rand(n, device=device, generator=g) > 0.01
     # similarities of random unit vectors are ~N(0, 1/d): mu+ - margin = 0 keeps about half the candidates
-    stats = SimilarityStats.from_moments(count_pos=1000, mean_pos=0.2, var_pos=0.01, mean_neg=0.0, var_neg=2.0 / d,
-                                         device=device)
+    stats = SimilarityStats.from_moments(count_pos=1000, mean_pos=2.0 if fallback else 0.2, var_pos=0.01, mean_neg=0.0,
+                                         var_neg=2.0 / d, device=device)
     return anchors, keys, pos_sims, anchor_ids, key_ids, valid, stats
 
 
-def runner(impl: str, inputs, tile_size: int | None):
+def runner(impl: str, inputs, tile_size: int | None, mode: str = "official"):
     """A no-argument callable running `impl` once on `inputs`."""
     from fne_dist.fne import FNEConfig, sample_negatives
 
     anchors, keys, pos_sims, anchor_ids, key_ids, valid, stats = inputs
     if impl == "matmul":
         return lambda: torch.matmul(anchors, keys.T)
-    cfg = FNEConfig()
+    cfg = FNEConfig(mode=mode)
     return lambda: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, seed=0, valid=valid,
                                     impl=impl, tile_size=tile_size)
 
 
-def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size) -> dict:
+def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
     """Median CUDA-event time and peak extra memory of one case in this process; OOM is a result."""
     inputs = run = None
     try:
-        inputs = make_inputs(b, n, d, dtype, "cuda")
-        run = runner(impl, inputs, tile_size)
+        inputs = make_inputs(b, n, d, dtype, "cuda", fallback)
+        run = runner(impl, inputs, tile_size, mode)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -102,10 +111,10 @@ def _resident_kib() -> dict:
         return {k: int(v) for k, v in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", f.read())}
 
 
-def _cpu_case(impl, b, n, d, dtype, repeats, tile_size) -> dict:
+def _cpu_case(impl, b, n, d, dtype, repeats, tile_size, mode, fallback) -> dict:
     """Runs in a fresh process: the first call's peak extra resident memory, then the median time of `repeats`."""
     try:
-        run = runner(impl, make_inputs(b, n, d, dtype, "cpu"), tile_size)
+        run = runner(impl, make_inputs(b, n, d, dtype, "cpu", fallback), tile_size, mode)
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark to the current resident set
@@ -123,12 +132,12 @@ def _cpu_case(impl, b, n, d, dtype, repeats, tile_size) -> dict:
         return {"time_ms": None, "peak_mib": None, "status": "OOM"}
 
 
-def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size) -> dict:
+def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
     """One fresh process per case, so that neither the allocator's cache nor another case's peak leaks in;
     the memory-measured first call is the warm-up.  A process killed for memory counts as OOM."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_cpu_case, impl, b, n, d, dtype, repeats, tile_size).result()
+            return pool.submit(_cpu_case, impl, b, n, d, dtype, repeats, tile_size, mode, fallback).result()
         except BrokenProcessPool:
             return {"time_ms": None, "peak_mib": None, "status": "OOM"}
 
@@ -140,8 +149,10 @@ def run_cases(args) -> list[dict]:
     for b, n, d in itertools.product(args.b, args.n, args.d):
         case = []
         for impl in args.impl:
-            result = measure(impl, b, n, d, dtype, args.warmup, args.repeats, args.tile_size)
-            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "impl": impl, **result})
+            result = measure(impl, b, n, d, dtype, args.warmup, args.repeats, args.tile_size, args.mode, args.fallback)
+            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": args.mode,
+                         "regime": "fallback" if args.fallback else "typical", "tile": args.tile_size or "-",
+                         "impl": impl, **result})
             print(format_row(case[-1]), flush=True)
         floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
         for r in case:
@@ -155,13 +166,14 @@ def _fmt(value, spec):
 
 
 def format_row(r: dict) -> str:
-    return (f"{r['device']:>6} {_fmt(r.get('threads'), '>7')} {r['dtype']:>5} {r['b']:>6} {r['n']:>9} {r['d']:>6} {r['impl']:>7} "
+    return (f"{r['device']:>6} {_fmt(r.get('threads'), '>7')} {r['dtype']:>5} {r['b']:>6} {r['n']:>9} {r['d']:>6} "
+            f"{r['mode']:>9} {r['regime']:>8} {r['tile']:>5} {r['impl']:>7} "
             f"{_fmt(r['time_ms'], '12.2f')} {_fmt(r['peak_mib'], '10.1f')} {_fmt(r.get('x_matmul'), '9.2f')} {r['status']:>6}")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'device':>6} {'threads':>7} {'dtype':>5} {'b':>6} {'n':>9} {'d':>6} {'impl':>7} {'time_ms':>12} {'peak_MiB':>10} "
-          f"{'x_matmul':>9} {'status':>6}")
+    print(f"{'device':>6} {'threads':>7} {'dtype':>5} {'b':>6} {'n':>9} {'d':>6} {'mode':>9} {'regime':>8} {'tile':>5} "
+          f"{'impl':>7} {'time_ms':>12} {'peak_MiB':>10} {'x_matmul':>9} {'status':>6}")
     for r in rows:
         print(format_row(r))
 
@@ -173,8 +185,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows({k: r.get(k) for k in FIELDS} for r in rows)
 
 
-def plot(rows: list[dict], out: Path) -> None:
-    """time.png and ratio.png: one panel per (b, d), N on the x axis, one line per implementation."""
+def plot(rows: list[dict], out: Path, prefix: str = "") -> None:
+    """{prefix}time.png and {prefix}ratio.png: one panel per (b, d), N on the x axis, one line per implementation
+    (and tile, regime where they vary)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,10 +197,11 @@ def plot(rows: list[dict], out: Path) -> None:
     for name, key, label in (("time.png", "time_ms", "median time (ms)"), ("ratio.png", "x_matmul", "time / matmul")):
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
         for ax, (b, d) in zip(axes[0], panels):
-            for impl in dict.fromkeys(r["impl"] for r in rows):
-                pts = sorted((r["n"], r[key]) for r in rows if (r["b"], r["d"], r["impl"]) == (b, d, impl) and r[key])
+            for line in dict.fromkeys(_line(r) for r in rows):
+                pts = sorted((int(r["n"]), float(r[key])) for r in rows
+                             if (r["b"], r["d"], _line(r)) == (b, d, line) and r[key])
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=impl)
+                    ax.plot(*zip(*pts), marker="o", label=line)
             ns = sorted({r["n"] for r in rows if (r["b"], r["d"]) == (b, d)})
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -197,8 +211,15 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
+        fig.savefig(out / f"{prefix}{name}", dpi=120)
         plt.close(fig)
+
+
+def _line(r: dict) -> str:
+    """A plot line's label: the implementation, with its tile and regime where not the default."""
+    tile = "" if r.get("tile") in (None, "-", "") else f" tile {r['tile']}"
+    regime = "" if r.get("regime") in (None, "typical") else f" {r['regime']}"
+    return f"{r['impl']}{tile}{regime}"
 
 
 def parse_args(argv):
@@ -212,7 +233,10 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 20, CPU 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (GPU; on the CPU the first call is)")
     parser.add_argument("--tile-size", type=int, help="candidate tile of the torch and triton impls (default: theirs)")
+    parser.add_argument("--mode", default="official", choices=MODES, help="FNEConfig.mode of the rule")
+    parser.add_argument("--fallback", action="store_true", help="the many-fallback regime: every row falls back")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_sampler"), help="folder for results.csv and plots")
+    parser.add_argument("--prefix", default="", help="prefix of the written file names (e.g. device and date)")
     args = parser.parse_args(argv)
     defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -222,8 +246,9 @@ def parse_args(argv):
         args.repeats = 20 if args.device == "cuda" else 3
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here; use --device cpu")
-    if args.device == "cpu" and "triton" in args.impl:
-        parser.error("the triton impl needs a CUDA GPU; on the CPU compare dense, torch and matmul")
+    if args.device == "cpu" and "triton" in args.impl and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("the triton impl needs a CUDA GPU (or TRITON_INTERPRET=1 for a slow dry run at tiny shapes); "
+                     "on the CPU compare dense, torch and matmul")
     return args
 
 
@@ -233,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_cases(args)
     print()
     print_table(rows)
-    write_csv(rows, args.out / "results.csv")
-    plot(rows, args.out)
-    print(f"\nwrote {args.out / 'results.csv'}, {args.out / 'time.png'}, {args.out / 'ratio.png'}")
+    write_csv(rows, args.out / f"{args.prefix}results.csv")
+    plot(rows, args.out, args.prefix)
+    print(f"\nwrote {args.out}/{args.prefix}results.csv, {args.prefix}time.png, {args.prefix}ratio.png")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
     python -m fne_kernels.compile_check [--arch 90] [--dtype bf16 ...] [--mode ...] [--cutdown ...]
 
 Triton compiles ahead of time with its bundled ptxas, no driver needed.  This catches what the interpreter
-cannot (type rules of the compiled path, e.g. the uint32 hash, and code generation failures) and prints per
-variant the registers per thread and the stack bytes (register spills) of the shipped block sizes, which is
-how `fne_sampler.GPU_BLOCKS` was chosen.  Launch-time specialisation is approximated: contiguous features
-(unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
+cannot (type rules of the compiled path, e.g. the uint64 hash, and code generation failures) and prints per
+variant of the main loop (`_fne_blocks_kernel`) and the pick kernel the registers per thread, the stack bytes
+(register spills), shared memory, whether the dot runs on wgmma and whether TMA (cp.async.bulk.tensor) appears,
+at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen.  `--keys` compiles the mixed case too
+(keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
+features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
 """
 from __future__ import annotations
 
@@ -23,9 +25,13 @@ from fne_dist.weights import CUTDOWNS, MODES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 POINTERS = {"pos_ptr": "*fp32", "aid_ptr": "*i64", "kid_ptr": "*i64", "valid_ptr": "*u8", "params_ptr": "*fp32",
-            "out_key_ptr": "*fp32", "out_idx_ptr": "*i32", "out_score_ptr": "*fp32", "out_hidx_ptr": "*i32",
-            "out_surv_ptr": "*i32", "out_wsum_ptr": "*fp32"}
-FLOATS = ("margin", "neg_tau", "log_rho1", "official_logit")
+            "out_key_ptr": "*fp32", "out_block_ptr": "*i32", "out_score_ptr": "*fp32", "out_sblock_ptr": "*i32",
+            "out_surv_ptr": "*i32", "out_wsum_ptr": "*fp32",
+            "key_ptr": "*fp32", "block_ptr": "*i32", "score_ptr": "*fp32", "sblock_ptr": "*i32", "surv_ptr": "*i32",
+            "wsum_ptr": "*fp32", "index_ptr": "*i64", "fallback_ptr": "*u8", "survivors_ptr": "*i64",
+            "weight_sum_ptr": "*fp32", "race_key_ptr": "*fp32", "fallback_score_ptr": "*fp32",
+            "fallback_index_ptr": "*i64"}
+FLOATS = ("margin", "neg_tau2", "official_logit2", "keep_min")
 ALIGNED_INTS = ("N", "D", "stride_am", "stride_kn")
 
 
@@ -43,7 +49,7 @@ def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_st
 
 
 def _resources(kernel) -> dict:
-    """Registers, stack bytes and static shared memory of the compiled kernel, read from its cubin."""
+    """Registers, stack bytes and static shared memory of the compiled kernel (from its cubin); wgmma / TMA use."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -52,33 +58,39 @@ def _resources(kernel) -> dict:
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    ptx = kernel.asm["ptx"]
     return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
-            "shared": kernel.metadata.shared, "mma": "wgmma" if "wgmma" in kernel.asm["ptx"] else
-            ("mma" if "mma.sync" in kernel.asm["ptx"] else "fma")}
+            "shared": kernel.metadata.shared,
+            "mma": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma"),
+            "tma": "yes" if "cp.async.bulk.tensor" in ptx else "no"}
 
 
-def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS) -> list[dict]:
-    """Compile the chosen (dtype, mode, cut-down, validity mask) variants at the block sizes `triton_sample`
-    uses for `b` anchors, plus the combine kernel; one row of resource use per variant."""
+def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS,
+          key_dtype: str | None = None) -> list[dict]:
+    """Compile the chosen (dtype, mode, cut-down, validity mask) variants of both kernels at the block sizes
+    `triton_sample` uses for `b` anchors; one row of resource use per kernel.  `key_dtype`: keys of that dtype
+    (cast on load) instead of the anchors' dtype."""
     from fne_kernels import fne_sampler as fs
 
     rows = []
     for name, mode, cutdown, has_valid in itertools.product(dtypes, modes, cutdowns, (False, True)):
         dtype = DTYPES[name]
-        block_m, block_n, block_k, num_warps, num_stages = fs._blocks(b, 0, dtype, True, None)
-        constants = dict(stride_ak=1, stride_kk=1, MODE=fs.MODE_CODES[mode], CUTDOWN=fs.CUTDOWN_CODES[cutdown],
-                         HAS_VALID=has_valid, INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        keys = key_dtype or name
+        block_m, block_n, block_k, num_warps, num_stages = fs._config(b, 1024, dtype, True, None)
+        rule = dict(MODE=fs.MODE_CODES[mode], CUTDOWN=fs.CUTDOWN_CODES[cutdown], HAS_VALID=has_valid)
+        types = {"a_ptr": f"*{name}", "k_ptr": f"*{keys}", **POINTERS, **{f: "fp32" for f in FLOATS}}
+        variant = {"dtype": name if keys == name else f"{name}+{keys}", "mode": mode, "cutdown": cutdown,
+                   "valid": has_valid}
+        constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True,
+                         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        types = {"a_ptr": f"*{name}", "k_ptr": f"*{name}", **POINTERS, **{f: "fp32" for f in FLOATS}}
-        kernel = _compile(fs._fne_partial_kernel, types, constants, arch, num_warps, num_stages)
-        rows.append({"kernel": "partial", "dtype": name, "mode": mode, "cutdown": cutdown, "valid": has_valid,
-                     "blocks": f"{block_m}x{block_n}x{block_k}/w{num_warps}/s{num_stages}", **_resources(kernel)})
-    types = {name: POINTERS.get(name, "*i32") for name in fs._fne_combine_kernel.arg_names if name.endswith("_ptr")}
-    types.update(key_ptr="*fp32", score_ptr="*fp32", wsum_ptr="*fp32", index_ptr="*i64", fallback_ptr="*u8",
-                 survivors_ptr="*i64", weight_sum_ptr="*fp32")
-    kernel = _compile(fs._fne_combine_kernel, types, {"BLOCK": 1024}, arch, 4, 1)
-    rows.append({"kernel": "combine", "dtype": "-", "mode": "-", "cutdown": "-", "valid": "-", "blocks": "1024/w4",
-                 **_resources(kernel)})
+        kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, num_warps, num_stages)
+        rows.append({"kernel": "blocks", **variant, "blocks": f"{block_m}x{block_n}x{block_k}/w{num_warps}/s{num_stages}",
+                     **_resources(kernel)})
+        pick_r, pick_k = fs.PICK_BLOCKS
+        kernel = _compile(fs._fne_pick_kernel, types, dict(stride_ak=1, stride_kk=1, **rule, BLOCK_R=pick_r,
+                                                             BLOCK_K=pick_k), arch, 4, 1)
+        rows.append({"kernel": "pick", **variant, "blocks": f"{pick_r}x{fs.SAMPLE_BLOCK}x{pick_k}/w4", **_resources(kernel)})
     return rows
 
 
@@ -89,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cutdown", nargs="+", choices=CUTDOWNS, default=list(CUTDOWNS))
+    parser.add_argument("--keys", choices=list(DTYPES), help="keys of this dtype (cast on load); default: the anchors'")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check compiles the kernels: unset TRITON_INTERPRET")
-    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown)
+    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown, args.keys)
     header = list(rows[0])
     print("  ".join(f"{h:>9}" for h in header))
     for row in rows:

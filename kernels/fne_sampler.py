@@ -1,39 +1,41 @@
-"""The fused FNE negative sampler in Triton (FNE_SPEC, "Streaming form"), forward only.
+"""The fused FNE negative sampler in Triton (FNE_SPEC, "Streaming form"), forward only: two-level exact sampling.
 
-One kernel computes, for a block of anchors and a contiguous range of candidate tiles, everything the
-streaming torch path (`fne_dist.sampler.streaming_sample`) computes, without writing any [B, N] array:
-the similarity tile with `tl.dot` (fp32 accumulation), the positive mask from the ids, the validity mask,
-the FNE weight of `fne_dist.weights.fne_weights`, the cut-down, the exponential race (key = -log(u) / w,
-running minimum and its column), the running argmax of the fallback score (`fallback_scores`: the
-similarity, -inf on positives and invalid slots), and per row the survivor count and the weight sum.
-The candidates are split across programs (grid = anchor blocks x candidate splits) so that a few anchors
-still fill the GPU; a second small kernel merges each row's partial winners in split order with strict
-comparisons, so that ties go to the lowest column exactly as in one sequential pass.
+It draws exactly what `fne_dist.sampler.streaming_sample` draws (see that module for the two-level law), in two
+kernels, without writing any [B, N] array:
 
-Same random numbers as the torch path.  The uniforms are computed in uint32 exactly as in `fne_dist.rng`:
-row_hash(stream, row_offset + i), col_hash(stream, column), the MurmurHash3 finaliser of their xor, the
-top 23 bits -> ((bits >> 9) + 0.5) * 2^-23.  Both paths therefore race the same exponentials and, on the
-same inputs, stream and row_offset, pick the same indices -- except where float rounding (another
-summation order in the dot product, another exp/log) moves a weight across a threshold (the cut-down, the
-official rule's false_margin, zero) or swaps two race keys equal to within an ulp.  The tests check
-identical indices and survivor counts at small shapes in the interpreter.
+1. `_fne_blocks_kernel`, the main loop, built to run at about the matmul's speed (unmeasured on a GPU so far:
+   kernels/gpu_check.sh measures it).  Grid = anchor blocks x candidate splits; each program
+   keeps its anchor block and streams candidate tiles of BLOCK_N columns (a multiple of SAMPLE_BLOCK): the
+   similarity tile with `tl.dot` (fp32 accumulation; keys cast on load when their dtype differs), the FNE weight
+   with the masks and the cut-down, then row reductions of the tile viewed as [rows, blocks, SAMPLE_BLOCK] (sum,
+   count, max: no per-candidate race or argmax) that give per (row, block) the weight sum W_b, the survivor count
+   and the best fallback score.
+   The race over blocks (one hash, log and division per (row, block), not per candidate) keeps per row the
+   smallest key -log(u) / W_b and its block; the fallback keeps only its best score and block (no running argmax).
+   Full tiles load without masks: rows and columns past the end are clamped to the last one and dropped from
+   the result, so only the feature width needs a mask when it is not a multiple of BLOCK_K.
+2. `_fne_pick_kernel`, a few rows per program: merges the splits in column order (strict comparisons: ties go to
+   the lowest block, as one sequential pass), then recomputes the SAMPLE_BLOCK similarities of the one block the
+   row needs -- its race winner, or where its weight sum is 0 its fallback block -- and draws inside it by inverse
+   CDF with the pick uniform (or takes the block's hardest candidate).  Rows that fall back cost one block each,
+   never a second pass over the candidates.
 
-The posterior, written once in the log domain.  With lp = log N(s; mu+, var+), ln = log N(s; mu-, var-),
-logit = lp - ln - log(rho - 1) is log(f / (1 - f)), so f = sigmoid(logit) and 1 - f = sigmoid(-logit):
-  - bayes: w = h * sigmoid(-logit), finite for any s (as fne_weights computes it);
-  - official: `1 - f < false_margin` is `logit > log((1 - false_margin) / false_margin)` and then
-    w = exp(-tau * sigmoid(logit)), else w = h.  The released rule forms the two densities in fp32, and
-    where both underflow to 0 its f is 0/0 = NaN, the comparison is False and w = h.  The kernel
-    reproduces that with an explicit condition: a correctly rounded fp32 exp returns 0 exactly below
-    log(2^-150), so "both densities underflow" is `lp < log(2^-150) and ln < log(2^-150)`.
+Random numbers: `fne_dist.rng` in uint64 (`_mix64`, `_counter_bits`), bit-identical to the torch statement.
 
-Scalars.  The ready flag and the fp32 constants derived from the moments (the global threshold mu+ - margin,
-1/(2 var), 0.5 log(2 pi var)) are computed by a few torch ops into a small device tensor that the kernel
-loads: with the statistics on the features' device (as the trainer keeps them) a call never synchronises
-the host with the device.  The cfg values are plain arguments.
-
-Performance on a GPU is unmeasured so far (see docs/benchmarks/README.md); the block sizes are the largest
-that compile for sm_90 without register spills.
+The weight, in log2 units with folded constants (`_scalar_params`).  With lp, ln the log densities,
+logit2 = log2(f / (1 - f)) = cn (s - mu-)^2 - cp (s - mu+)^2 + c0, and h = exp2(-tau log2(e) (s - p)^2):
+  - bayes: w = h / (1 + exp2(logit2));  eliminate: w = h where 1 / (1 + exp2(logit2)) > 1 - f_max, else 0;
+  - official: `1 - f < false_margin` is `logit2 > log2((1 - false_margin) / false_margin)`, then
+    w = exp2(-tau log2(e) f) with f = 1 / (1 + exp2(-logit2)), else h.  The released rule forms the two densities in
+    fp32, and where both underflow to 0 its f is 0/0 = NaN, the comparison is False and w = h.  The kernel keeps that
+    exactly: a correctly rounded fp32 exp is 0 below log(2^-150), so "lp underflows" is (s - mu+)^2 > r+ with
+    r+ = (-log(2^-150) - 0.5 log(2 pi var+)) 2 var+ (and likewise for ln);
+  - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode.
+Per candidate that is 2 (bayes, eliminate) or 3 (official) exp2 and one fast division (`tl.fdiv`, 2 ulp: the
+weights are sampling odds, not outputs), besides the dot product.
+Same inputs and stream as the torch path give the same indices except where float rounding (another summation
+order, another exp/log) moves a weight across a threshold or two race keys within an ulp; the tests check
+identical indices at small shapes in the interpreter.
 """
 from __future__ import annotations
 
@@ -45,188 +47,275 @@ import torch
 import triton
 import triton.language as tl
 
-from fne_dist.sampler import SampleResult
+from fne_dist import rng
+from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig
 
-MODE_CODES = {"official": 0, "bayes": 1}
+MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
-# exp(x) in fp32 (correctly rounded, denormals kept) is 0 exactly for x < log(2^-150).
-LOG_UNDERFLOW = tl.constexpr(-150.0 * math.log(2.0))
+LOG2E = 1.0 / math.log(2.0)
+LOG_UNDERFLOW = -150.0 * math.log(2.0)  # exp(x) in fp32 (correctly rounded, denormals kept) is 0 below this
+SB = tl.constexpr(SAMPLE_BLOCK)
+NONE = tl.constexpr(NO_NEGATIVE)
 TWO_POW_M23 = tl.constexpr(2.0**-23)
-PROGRAMS_PER_SM = 4
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on the GPU for {False: bf16/fp16, True: fp32} operands.
-GPU_BLOCKS = {False: (128, 64, 64, 8, 3), True: (64, 64, 32, 8, 2)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on sm_90, by operand bytes (2: bf16/fp16, 4: fp32).  Chosen
+# without a GPU as the largest tiles that compile without register spills (python -m fne_kernels.compile_check);
+# the GPU script (kernels/gpu_check.sh) sweeps BLOCK_N with --tile-size.
+GPU_CONFIGS = {2: (128, 128, 64, 8, 3), 4: (64, 128, 32, 8, 2)}
+PICK_BLOCKS = (2, 32)  # (rows, K chunk) per program of the pick kernel on the GPU: [2, 128, 32] products
+PROGRAMS_PER_SM = 4  # whole waves of main-loop programs
 INTERPRETER_PROGRAMS = 4
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the candidate splits)
 
 
 @triton.jit
-def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser on uint32 (multiplications wrap mod 2^32), as fne_dist.rng.fmix32."""
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
+def _mix64(z):
+    """SplitMix64's finaliser on uint64 (multiplications wrap mod 2^64), as fne_dist.rng.mix64."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    return z ^ (z >> 31)
 
 
 @triton.jit
-def _fne_weight(s, p, ready, mean_pos, inv2var_pos, lognorm_pos, mean_neg, inv2var_neg, lognorm_neg,
-                neg_tau, log_rho1, official_logit, MODE: tl.constexpr):
-    """The FNE weight before the masks and the cut-down (fne_weights' `w`), elementwise on [M, N]."""
+def _counter_bits(row, block_col, key1, key2):
+    """fne_dist.rng.block_bits: int64 global rows and block columns (broadcast) -> the 64 hash bits (uint64)."""
+    counter = (row.to(tl.uint64, bitcast=True) << 32) | block_col.to(tl.uint64, bitcast=True)
+    return _mix64(_mix64(counter ^ key1) ^ key2)
+
+
+@triton.jit
+def _uniform(bits, SHIFT: tl.constexpr):
+    """23 bits of `bits` from SHIFT up -> (x + 0.5) 2^-23 in fp32, as fne_dist.rng (never 0 or 1)."""
+    return (((bits >> SHIFT) & 0x7FFFFF).to(tl.float32) + 0.5) * TWO_POW_M23
+
+
+@triton.jit
+def _word64(lo, hi):
+    """A uint64 from its two halves, passed as int32 arguments (one argument type for any value)."""
+    return ((hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _load_params(params_ptr):
+    """The 8 fp32 scalars of `_scalar_params`."""
+    return (tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3),
+            tl.load(params_ptr + 4), tl.load(params_ptr + 5), tl.load(params_ptr + 6), tl.load(params_ptr + 7))
+
+
+@triton.jit
+def _weights(s, p, masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
+             margin, neg_tau2, official_logit2, keep_min, MODE: tl.constexpr, CUTDOWN: tl.constexpr):
+    """fne_weights (masks and cut-down applied) of fp32 similarities s, with each row's positive p broadcast."""
     d = s - p
-    hard = tl.exp(neg_tau * (d * d))
-    dp = s - mean_pos
-    dn = s - mean_neg
-    log_pos = -(dp * dp) * inv2var_pos - lognorm_pos
-    log_neg = -(dn * dn) * inv2var_neg - lognorm_neg
-    logit = log_pos - log_neg - log_rho1
-    if MODE == 0:
-        # f is read only where logit > official_logit; the clamp keeps exp finite elsewhere.
-        f = 1.0 / (1.0 + tl.exp(-tl.maximum(logit, official_logit)))
-        underflow = (log_pos < LOG_UNDERFLOW) & (log_neg < LOG_UNDERFLOW)
-        rule = tl.where((logit > official_logit) & ~underflow, tl.exp(neg_tau * f), hard)
-    else:
-        rule = hard * (1.0 / (1.0 + tl.exp(logit)))
-    return tl.where(ready, rule, hard)
+    w = tl.exp2(neg_tau2 * (d * d))
+    if MODE != 3:
+        dp = s - mean_pos
+        dn = s - mean_neg
+        dp2 = dp * dp
+        dn2 = dn * dn
+        logit2 = cn * dn2 - cp * dp2 + c0
+        if MODE == 0:
+            f = tl.fdiv(1.0, 1.0 + tl.exp2(-logit2), ieee_rounding=False)
+            posterior = (logit2 > official_logit2) & ((dp2 <= r_pos) | (dn2 <= r_neg))
+            w = tl.where(posterior, tl.exp2(neg_tau2 * f), w)
+        elif MODE == 1:
+            w = tl.fdiv(w, 1.0 + tl.exp2(logit2), ieee_rounding=False)
+        else:
+            w = tl.where(tl.fdiv(1.0, 1.0 + tl.exp2(logit2), ieee_rounding=False) > keep_min, w, 0.0)
+    drop = masked
+    if CUTDOWN == 0:
+        drop = drop | (s <= cut_global)
+    elif CUTDOWN == 1:
+        drop = drop | (s <= p - margin)
+    return tl.where(drop, 0.0, w)
 
 
-@triton.jit(do_not_specialize=["stream", "row_offset"])
-def _fne_partial_kernel(
+@triton.jit(do_not_specialize=["key1_lo", "key1_hi", "key2_lo", "key2_hi", "row_offset", "col_offset"])
+def _fne_blocks_kernel(
     a_ptr, k_ptr, pos_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr,
-    out_key_ptr, out_idx_ptr, out_score_ptr, out_hidx_ptr, out_surv_ptr, out_wsum_ptr,
+    out_key_ptr, out_block_ptr, out_score_ptr, out_sblock_ptr, out_surv_ptr, out_wsum_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, tiles_per_split,
-    stream, row_offset, margin, neg_tau, log_rho1, official_logit,
-    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
+    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Race winner, fallback winner, survivors and weight sum of rows [pid_m block] over one candidate split."""
+    """Per row of the anchor block, over one split of candidate tiles: the best block race key and its block, the
+    best fallback score and its block, survivors and weight sum."""
+    NB: tl.constexpr = BLOCK_N // SB
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    p = tl.load(pos_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    aid = tl.load(aid_ptr + rows, mask=row_ok, other=0)
-    ready = tl.load(params_ptr) > 0.5
-    cut_global = tl.load(params_ptr + 1)
-    mean_pos = tl.load(params_ptr + 2)
-    inv2var_pos = tl.load(params_ptr + 3)
-    lognorm_pos = tl.load(params_ptr + 4)
-    mean_neg = tl.load(params_ptr + 5)
-    inv2var_neg = tl.load(params_ptr + 6)
-    lognorm_neg = tl.load(params_ptr + 7)
-    stream_bits = stream.to(tl.uint32)
-    row_bits = _fmix32((row_offset + rows).to(tl.uint32) * 0x9E3779B9 + stream_bits)
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_am
+    rows_in = tl.minimum(rows, B - 1)  # clamped: loads without masks; rows past B are not stored
+    p = tl.load(pos_ptr + rows_in).to(tl.float32)
+    aid = tl.load(aid_ptr + rows_in)
+    cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0 = _load_params(params_ptr)
+    k1 = _word64(key1_lo, key1_hi)
+    k2 = _word64(key2_lo, key2_hi)
+    global_rows = row_offset.to(tl.int64) + rows
+    offs_k = tl.arange(0, BLOCK_K)
+    a_base = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
 
     best_key = tl.full([BLOCK_M], float("inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    best_block = tl.zeros([BLOCK_M], tl.int32)
     hardest = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    hardest_idx = tl.zeros([BLOCK_M], tl.int32)
+    hardest_block = tl.zeros([BLOCK_M], tl.int32)
     survivors = tl.zeros([BLOCK_M], tl.int32)
     weight_sum = tl.zeros([BLOCK_M], tl.float32)
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
     for t in range(first, last):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        k_cols = k_ptr + cols.to(tl.int64)[None, :] * stride_kn
+        cols_in = tl.minimum(cols, N - 1)
+        a_ptrs = a_base
+        k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            a = tl.load(a_rows + ks[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            kt = tl.load(k_cols + ks[:, None] * stride_kk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            s = tl.dot(a, kt, s, input_precision=INPUT_PRECISION)
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                kt = tl.load(k_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < D, other=0.0)
+                kt = tl.load(k_ptrs, mask=(k0 + offs_k)[:, None] < D, other=0.0)
+            s = tl.dot(a, kt.to(a.dtype), s, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            k_ptrs += BLOCK_K * stride_kk
 
-        kid = tl.load(kid_ptr + cols, mask=col_ok, other=0)
-        masked = (aid[:, None] == kid[None, :]) | ~col_ok[None, :]
+        col_bad = cols >= N
         if HAS_VALID:
-            masked |= (tl.load(valid_ptr + cols, mask=col_ok, other=0) == 0)[None, :]
-        drop = masked
-        if CUTDOWN == 0:
-            drop |= s <= cut_global
-        elif CUTDOWN == 1:
-            drop |= s <= (p - margin)[:, None]
-        w = _fne_weight(s, p[:, None], ready, mean_pos, inv2var_pos, lognorm_pos, mean_neg, inv2var_neg, lognorm_neg,
-                        neg_tau, log_rho1, official_logit, MODE)
-        w = tl.where(drop, 0.0, w)
-        survivors += tl.sum((w > 0).to(tl.int32), axis=1)
-        weight_sum += tl.sum(w, axis=1)
+            col_bad = col_bad | (tl.load(valid_ptr + cols_in) == 0)
+        masked = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
+        w = _weights(s, p[:, None], masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
+                     margin, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN)
+        score = tl.where(masked, float("-inf"), s)
+        block_w = tl.sum(tl.reshape(w, [BLOCK_M, NB, SB]), axis=2)
+        block_n = tl.sum(tl.reshape((w > 0).to(tl.int32), [BLOCK_M, NB, SB]), axis=2)
+        block_s = tl.max(tl.reshape(score, [BLOCK_M, NB, SB]), axis=2)
+        survivors += tl.sum(block_n, axis=1)
+        weight_sum += tl.sum(block_w, axis=1)
 
-        col_bits = _fmix32(cols.to(tl.uint32) ^ stream_bits)
-        bits = _fmix32(row_bits[:, None] ^ col_bits[None, :])
-        u = ((bits >> 9).to(tl.float32) + 0.5) * TWO_POW_M23
-        race = tl.where(w > 0, -tl.log(u) / tl.where(w > 0, w, 1.0), float("inf"))
+        blocks = t * NB + tl.arange(0, NB)
+        bits = _counter_bits(global_rows[:, None], col_offset.to(tl.int64) + blocks[None, :].to(tl.int64) * SB, k1, k2)
+        race = tl.where(block_w > 0, -tl.log(_uniform(bits, 41)) / tl.where(block_w > 0, block_w, 1.0), float("inf"))
         key, arg = tl.min(race, axis=1, return_indices=True, return_indices_tie_break_left=True)
         take = key < best_key
         best_key = tl.where(take, key, best_key)
-        best_idx = tl.where(take, t * BLOCK_N + arg, best_idx)
-
-        score = tl.where(masked, float("-inf"), s)
-        top, arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        best_block = tl.where(take, t * NB + arg, best_block)
+        top, arg = tl.max(block_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
         take = top > hardest
         hardest = tl.where(take, top, hardest)
-        hardest_idx = tl.where(take, t * BLOCK_N + arg, hardest_idx)
+        hardest_block = tl.where(take, t * NB + arg, hardest_block)
 
     out = pid_s * B + rows
+    row_ok = rows < B
     tl.store(out_key_ptr + out, best_key, mask=row_ok)
-    tl.store(out_idx_ptr + out, best_idx, mask=row_ok)
+    tl.store(out_block_ptr + out, best_block, mask=row_ok)
     tl.store(out_score_ptr + out, hardest, mask=row_ok)
-    tl.store(out_hidx_ptr + out, hardest_idx, mask=row_ok)
+    tl.store(out_sblock_ptr + out, hardest_block, mask=row_ok)
     tl.store(out_surv_ptr + out, survivors, mask=row_ok)
     tl.store(out_wsum_ptr + out, weight_sum, mask=row_ok)
 
 
-@triton.jit
-def _fne_combine_kernel(
-    key_ptr, idx_ptr, score_ptr, hidx_ptr, surv_ptr, wsum_ptr,
-    index_ptr, fallback_ptr, survivors_ptr, weight_sum_ptr,
-    B, SPLITS, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["key1_lo", "key1_hi", "key2_lo", "key2_hi", "row_offset", "col_offset"])
+def _fne_pick_kernel(
+    a_ptr, k_ptr, pos_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr,
+    key_ptr, block_ptr, score_ptr, sblock_ptr, surv_ptr, wsum_ptr,
+    index_ptr, fallback_ptr, survivors_ptr, weight_sum_ptr, race_key_ptr, fallback_score_ptr, fallback_index_ptr,
+    B, N, D, stride_am, stride_ak, stride_kn, stride_kk, SPLITS,
+    key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
+    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Merge the splits of each row in column order; strict comparisons keep the lowest column on ties."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < B
-    best_key = tl.load(key_ptr + rows, mask=ok, other=float("inf"))
-    best_idx = tl.load(idx_ptr + rows, mask=ok, other=0)
-    hardest = tl.load(score_ptr + rows, mask=ok, other=float("-inf"))
-    hardest_idx = tl.load(hidx_ptr + rows, mask=ok, other=0)
-    survivors = tl.load(surv_ptr + rows, mask=ok, other=0)
-    weight_sum = tl.load(wsum_ptr + rows, mask=ok, other=0.0)
+    """BLOCK_R rows: merge the splits, then draw inside each row's winning block (inverse CDF) or take its fallback
+    block's hardest candidate, from that one block's recomputed similarities."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    rows_in = tl.minimum(rows, B - 1)
+    best_key = tl.load(key_ptr + rows_in)
+    best_block = tl.load(block_ptr + rows_in)
+    hardest = tl.load(score_ptr + rows_in)
+    hardest_block = tl.load(sblock_ptr + rows_in)
+    survivors = tl.load(surv_ptr + rows_in)
+    weight_sum = tl.load(wsum_ptr + rows_in)
     for split in range(1, SPLITS):
-        at = split * B + rows
-        key = tl.load(key_ptr + at, mask=ok, other=float("inf"))
+        at = split * B + rows_in
+        key = tl.load(key_ptr + at)
         take = key < best_key
         best_key = tl.where(take, key, best_key)
-        best_idx = tl.where(take, tl.load(idx_ptr + at, mask=ok, other=0), best_idx)
-        score = tl.load(score_ptr + at, mask=ok, other=float("-inf"))
+        best_block = tl.where(take, tl.load(block_ptr + at), best_block)
+        score = tl.load(score_ptr + at)
         take = score > hardest
         hardest = tl.where(take, score, hardest)
-        hardest_idx = tl.where(take, tl.load(hidx_ptr + at, mask=ok, other=0), hardest_idx)
-        survivors += tl.load(surv_ptr + at, mask=ok, other=0)
-        weight_sum += tl.load(wsum_ptr + at, mask=ok, other=0.0)
-    fallback = weight_sum == 0
-    tl.store(index_ptr + rows, tl.where(fallback, hardest_idx, best_idx).to(tl.int64), mask=ok)
-    tl.store(fallback_ptr + rows, fallback.to(tl.uint8), mask=ok)
-    tl.store(survivors_ptr + rows, survivors.to(tl.int64), mask=ok)
-    tl.store(weight_sum_ptr + rows, weight_sum, mask=ok)
+        hardest_block = tl.where(take, tl.load(sblock_ptr + at), hardest_block)
+        survivors += tl.load(surv_ptr + at)
+        weight_sum += tl.load(wsum_ptr + at)
+    drawn = weight_sum > 0
+    needs_fallback = (weight_sum == 0) & (hardest > float("-inf"))
+    width = tl.where(drawn | needs_fallback, D, 0)  # the other rows load nothing below
+
+    block = tl.where(drawn, best_block, hardest_block)
+    offs = tl.arange(0, SB)
+    cols = block[:, None] * SB + offs[None, :]
+    cols_in = tl.minimum(cols, N - 1)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None, None] * stride_am + offs_k[None, None, :] * stride_ak
+    k_ptrs = k_ptr + cols_in.to(tl.int64)[:, :, None] * stride_kn + offs_k[None, None, :] * stride_kk
+    s = tl.zeros([BLOCK_R, SB], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = (k0 + offs_k)[None, None, :] < width[:, None, None]
+        a = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        kt = tl.load(k_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+        s += tl.sum(kt * a, axis=2)
+        a_ptrs += BLOCK_K * stride_ak
+        k_ptrs += BLOCK_K * stride_kk
+    reach = (cols_in < tl.where(width > 0, N, 0)[:, None])
+    col_bad = cols >= N
+    if HAS_VALID:
+        col_bad = col_bad | (tl.load(valid_ptr + cols_in, mask=reach, other=0) == 0)
+    aid = tl.load(aid_ptr + rows_in)
+    masked = (aid[:, None] == tl.load(kid_ptr + cols_in, mask=reach, other=0)) | col_bad
+    cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0 = _load_params(params_ptr)
+    p = tl.load(pos_ptr + rows_in).to(tl.float32)
+    w = _weights(s, p[:, None], masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
+                 margin, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN)
+    hardest_col = tl.argmax(tl.where(masked, float("-inf"), s), axis=1, tie_break_left=True)
+
+    k1 = _word64(key1_lo, key1_hi)
+    k2 = _word64(key2_lo, key2_hi)
+    block_col = col_offset.to(tl.int64) + block.to(tl.int64) * SB
+    u = _uniform(_counter_bits(row_offset.to(tl.int64) + rows, block_col, k1, k2), 9)
+    cdf = tl.cumsum(w, axis=1)
+    first = tl.sum((cdf <= (u * tl.max(cdf, axis=1))[:, None]).to(tl.int32), axis=1)
+    last = tl.max(tl.where(w > 0, offs[None, :], -1), axis=1)
+    pick = tl.where(first < SB, first, last)
+    pick = tl.where(pick >= 0, pick, hardest_col)  # only if recomputing lost every weight of the block
+    fallback = needs_fallback & (MODE != 2)
+    index = tl.where(drawn, block_col + pick, tl.where(fallback, block_col + hardest_col, NONE))
+    tl.store(index_ptr + rows, index.to(tl.int64), mask=row_ok)
+    tl.store(fallback_ptr + rows, fallback.to(tl.uint8), mask=row_ok)
+    tl.store(survivors_ptr + rows, survivors.to(tl.int64), mask=row_ok)
+    tl.store(weight_sum_ptr + rows, weight_sum, mask=row_ok)
+    tl.store(race_key_ptr + rows, best_key, mask=row_ok)
+    tl.store(fallback_score_ptr + rows, hardest, mask=row_ok)
+    tl.store(fallback_index_ptr + rows, tl.where(needs_fallback, block_col + hardest_col, NONE).to(tl.int64),
+             mask=row_ok)
 
 
 def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device) -> torch.Tensor:
-    """[ready, global cut-down threshold, mu+, 1/(2 var+), 0.5 log(2 pi var+), mu-, 1/(2 var-), 0.5 log(2 pi var-)]
-    in fp32 on `device`, by device ops only (no host sync); fp32 rounding as in fne_weights.  The threshold is
-    mu+ - margin where fne_weights applies the global cut-down (official: once a positive was counted; bayes: once
-    the stats are ready) and -inf before (no candidate is cut)."""
+    """[global cut-down threshold, mu+, cp, r+, mu-, cn, r-, c0] in fp32 on `device` (see the module docstring), by
+    device ops only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down
+    (official, hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.
+    Until the stats are ready the posterior terms are 0 and c0 = -inf, so logit2 = -inf and w = h."""
     mean_pos, var_pos, mean_neg, var_neg = (t.to(device=device, dtype=torch.float32) for t in stats.moments())
-    ready = stats.ready(cfg.min_count).to(device=device, dtype=torch.float32)
-    counted = stats.count_pos.to(device) > 0 if cfg.mode == "official" else ready > 0
+    ready = stats.ready(cfg.min_count).to(device)
+    counted = stats.count_pos.to(device) > 0 if cfg.mode in ("official", "hardness") else ready
+    lognorm_pos, lognorm_neg = 0.5 * torch.log(2 * math.pi * var_pos), 0.5 * torch.log(2 * math.pi * var_neg)
+    off = lambda value, idle: torch.where(ready, value, idle)  # noqa: E731
     return torch.stack([
-        ready, torch.where(counted, mean_pos - cfg.margin, float("-inf")),
-        mean_pos, 1.0 / (2 * var_pos), 0.5 * torch.log(2 * math.pi * var_pos),
-        mean_neg, 1.0 / (2 * var_neg), 0.5 * torch.log(2 * math.pi * var_neg),
-    ])
+        torch.where(counted, mean_pos - cfg.margin, float("-inf")),
+        off(mean_pos, 0.0), off(LOG2E / (2 * var_pos), 0.0), off((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos, math.inf),
+        off(mean_neg, 0.0), off(LOG2E / (2 * var_neg), 0.0), off((-LOG_UNDERFLOW - lognorm_neg) * 2 * var_neg, math.inf),
+        off(LOG2E * (lognorm_neg - lognorm_pos - math.log(cfg.prior_ratio - 1)), -math.inf),
+    ]).float()
 
 
 @functools.lru_cache(maxsize=None)
@@ -234,22 +323,34 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int | None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+def fit_k(d: int) -> int:
+    """The smallest K chunk (a power of two >= 16, tl.dot's minimum) that covers width d."""
+    return max(16, triton.next_power_of_2(d))
 
-    On the GPU, `GPU_BLOCKS`: the largest tiles whose fp32 epilogue (similarity, weight, race key, fallback
-    score, hash bits) compiled for sm_90 without register spills (`python -m fne_kernels.compile_check`);
-    untimed starting points, to be tuned with `fne-bench sampler --tile-size`.  fp32 operands go through the
-    CUDA cores (input_precision="ieee", as torch's default fp32 matmul), hence smaller tiles.  In the
-    interpreter, where every program step costs Python overhead, blocks as large as the shapes allow.
-    """
-    if tile_size is not None and (tile_size < 16 or tile_size & (tile_size - 1)):
-        raise ValueError(f"triton_sample tile_size={tile_size}: the kernel's candidate tile must be a power of two >= 16")
+
+def _config(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int | None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): `GPU_CONFIGS` on the GPU (BLOCK_M capped by the batch),
+    one config in the interpreter, where every program step costs Python overhead: blocks as large as the shapes
+    allow.  `tile_size` overrides BLOCK_N (a power of two >= SAMPLE_BLOCK)."""
+    if tile_size is not None and (tile_size < SAMPLE_BLOCK or tile_size & (tile_size - 1)):
+        raise ValueError(f"triton_sample tile_size={tile_size}: the kernel's candidate tile must be a power of two "
+                         f">= SAMPLE_BLOCK={SAMPLE_BLOCK}")
     fit_m = max(16, triton.next_power_of_2(b))
     if compiled:
-        block_m, block_n, block_k, num_warps, num_stages = GPU_BLOCKS[dtype == torch.float32]
-        return min(block_m, fit_m), tile_size or block_n, block_k, num_warps, num_stages
-    return min(128, fit_m), tile_size or 256, min(256, max(16, triton.next_power_of_2(d))), 4, 1
+        block_m, block_n, block_k, num_warps, num_stages = GPU_CONFIGS[dtype.itemsize]
+        return min(block_m, fit_m), tile_size or block_n, min(block_k, fit_k(d)), num_warps, num_stages
+    return min(128, fit_m), tile_size or 256, min(256, fit_k(d)), 4, 1
+
+
+def _int32_halves(word: int) -> tuple[int, int]:
+    """(low, high) 32-bit halves of a 64-bit word, each as a signed int32 value."""
+    return tuple(((word >> shift) & 0xFFFFFFFF) - ((word >> shift) & 0x80000000) * 2 for shift in (0, 32))
+
+
+def _dot_dtype(anchors: torch.Tensor, keys: torch.Tensor) -> torch.dtype:
+    """The narrower of the two dtypes (the keys' on a tie): the anchors ([B, D], small) are cast to it on the host,
+    the keys tile by tile on load, so mixed dtypes never copy the candidates."""
+    return anchors.dtype if anchors.element_size() < keys.element_size() else keys.dtype
 
 
 def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
@@ -257,14 +358,11 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
                   splits: int | None = None) -> SampleResult:
     """The fused sampler: same arguments and result as `fne_dist.sampler.streaming_sample`.
 
-    anchors [B, D] and keys [N, D] in bf16, fp16 or fp32 (other strides allowed; different dtypes are
-    promoted to a common one by a copy), valid [N] bool or None.  `tile_size` is the kernel's candidate tile
-    (a power of two); `splits` the number of programs along the candidates (default: enough programs for
-    about PROGRAMS_PER_SM waves of the GPU).  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    anchors [B, D] and keys [N, D] in bf16, fp16 or fp32 (any strides; with different dtypes the product runs in
+    the narrower one, see `_dot_dtype`), valid [N] bool or None.  `tile_size` is the kernel's candidate tile (a
+    power of two >= SAMPLE_BLOCK); `splits` the number of programs along the candidates (default: about
+    PROGRAMS_PER_SM waves of the GPU).  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
-    if col_offset or cfg.mode not in MODE_CODES:
-        raise NotImplementedError("triton_sample: col_offset and the eliminate / hardness modes come with the "
-                                  "two-level kernel; use impl='torch'")
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if not (anchors.is_cuda or interpreting):
         raise RuntimeError("triton_sample needs CUDA tensors; on the CPU use impl='torch', or set TRITON_INTERPRET=1 "
@@ -277,25 +375,25 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
         raise ValueError("triton_sample: keys is empty; sampling needs at least one candidate")
     if valid is not None and tuple(valid.shape) != (n,):
         raise ValueError(f"triton_sample: valid must be a [N]={n} bool mask over the candidates, got {tuple(valid.shape)}")
+    for name, x in (("anchors", anchors), ("keys", keys)):
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"triton_sample: {name} must be bf16, fp16 or fp32, got {x.dtype}")
     device = anchors.device
-    index, survivors = (torch.empty(b, dtype=torch.long, device=device) for _ in range(2))
+    long_out = [torch.empty(b, dtype=torch.long, device=device) for _ in range(3)]  # index, survivors, fallback_index
     fallback = torch.empty(b, dtype=torch.uint8, device=device)
-    weight_sum = torch.empty(b, dtype=torch.float32, device=device)
-    result = SampleResult(index, fallback.view(torch.bool), survivors, weight_sum)
+    float_out = [torch.empty(b, dtype=torch.float32, device=device) for _ in range(3)]  # weight_sum, race_key, score
+    result = SampleResult(long_out[0], fallback.view(torch.bool), long_out[1], float_out[0], float_out[1],
+                          float_out[2], long_out[2])
     if b == 0:
         return result
-    if anchors.dtype != keys.dtype:
-        common = torch.promote_types(anchors.dtype, keys.dtype)
-        anchors, keys = anchors.to(common), keys.to(common)
-    if anchors.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"triton_sample: features must be bf16, fp16 or fp32, got {anchors.dtype}")
+    anchors = anchors.to(_dot_dtype(anchors, keys))
 
     compiled = anchors.is_cuda and not interpreting
-    block_m, block_n, block_k, num_warps, num_stages = _blocks(b, d, anchors.dtype, compiled, tile_size)
+    block_m, block_n, block_k, num_warps, num_stages = _config(b, d, anchors.dtype, compiled, tile_size)
     m_blocks, n_tiles = triton.cdiv(b, block_m), triton.cdiv(n, block_n)
     if splits is None:
         programs = PROGRAMS_PER_SM * _sm_count(device.index or 0) if compiled else INTERPRETER_PROGRAMS
-        splits = triton.cdiv(programs, m_blocks)
+        splits = max(1, programs // m_blocks)
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(splits, n_tiles, MAX_GRID_Y)))
     splits = triton.cdiv(n_tiles, tiles_per_split)
 
@@ -303,19 +401,21 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
             for dt in (torch.float32, torch.int32, torch.float32, torch.int32, torch.int32, torch.float32)]
     params = _scalar_params(stats, cfg, device)
     valid_arg = params if valid is None else valid.to(device=device, dtype=torch.uint8).contiguous()  # params: unused
-    stream32 = stream - (1 << 32) if stream >= 1 << 31 else stream  # the same 32 bits as a signed int32 argument
-    _fne_partial_kernel[(m_blocks, splits)](
-        anchors, keys, pos_sims.contiguous(), anchor_ids.long().contiguous(), key_ids.long().contiguous(), valid_arg, params,
-        *part,
-        b, n, d, anchors.stride(0), anchors.stride(1), keys.stride(0), keys.stride(1), tiles_per_split,
-        stream32, row_offset, cfg.margin, -cfg.tau, math.log(cfg.prior_ratio - 1),
-        math.log((1 - cfg.false_margin) / cfg.false_margin),
-        MODE=MODE_CODES[cfg.mode], CUTDOWN=CUTDOWN_CODES[cfg.cutdown], HAS_VALID=valid is not None,
+    keys_words = [half for word in rng.stream_words(stream) for half in _int32_halves(word)]
+    inputs = (anchors, keys, pos_sims.float().contiguous(), anchor_ids.long().contiguous(), key_ids.long().contiguous(),
+              valid_arg, params)
+    shape = (b, n, d, anchors.stride(0), anchors.stride(1), keys.stride(0), keys.stride(1))
+    rule = (*keys_words, row_offset, col_offset, cfg.margin, -cfg.tau * LOG2E,
+            math.log2((1 - cfg.false_margin) / cfg.false_margin), 1 - cfg.f_max)
+    flags = dict(MODE=MODE_CODES[cfg.mode], CUTDOWN=CUTDOWN_CODES[cfg.cutdown], HAS_VALID=valid is not None)
+    _fne_blocks_kernel[(m_blocks, splits)](
+        *inputs, *part, *shape, tiles_per_split, *rule, **flags, EVEN_K=d % block_k == 0,
         INPUT_PRECISION="ieee" if anchors.dtype == torch.float32 else "tf32",  # only read for fp32 operands
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
-    combine_block = min(1024, triton.next_power_of_2(b))
-    _fne_combine_kernel[(triton.cdiv(b, combine_block),)](
-        *part, index, fallback, survivors, weight_sum, b, splits, BLOCK=combine_block,
+    pick_r, pick_k = PICK_BLOCKS if compiled else (min(64, triton.next_power_of_2(b)), min(64, fit_k(d)))
+    _fne_pick_kernel[(triton.cdiv(b, pick_r),)](
+        *inputs, *part, long_out[0], fallback, long_out[1], *float_out, long_out[2], *shape, splits, *rule, **flags,
+        BLOCK_R=pick_r, BLOCK_K=min(pick_k, fit_k(d)), num_warps=4,
     )
     return result

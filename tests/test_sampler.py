@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from fne_dist import rng
-from fne_dist.fne import NO_NEGATIVE, FNEConfig, SimilarityStats, fne_weights, merge_samples, sample_negatives
+from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SimilarityStats, fne_weights, merge_samples, sample_negatives
 from fne_dist.weights import fallback_scores
 
 IMPLS = ["dense", "torch"]
@@ -106,7 +106,7 @@ def test_chi_square_rejects_a_sampler_drawing_proportional_to_w_squared():
     anchors, keys, pos_sims = law_problem()
     cfg = FNEConfig(cutdown="off")
     w = fne_weights(anchors @ keys.T, pos_sims, torch.zeros(len(anchors), len(keys), dtype=torch.bool), STATS, cfg)
-    u = rng.uniform(rng.stream_key(11), torch.arange(len(anchors)), torch.arange(len(keys)))
+    u = rng.block_uniforms(rng.stream_key(11), torch.arange(len(anchors)), torch.arange(len(keys)))[0]
     wrong = (-torch.log(u) / w**2).argmin(1)
     with pytest.raises(AssertionError, match="do not follow"):
         assert_law(wrong, w[0])
@@ -143,16 +143,26 @@ def test_streaming_draw_does_not_depend_on_how_anchors_are_split_across_ranks():
 
 
 def test_rng_matches_python_reference_and_is_uniform():
-    rows, cols = torch.tensor([0, 1, 12345, 2**31 - 1]), torch.tensor([0, 7, 2**20, 2**32 - 1])
+    rows, cols = torch.tensor([0, 1, 12345, 2**31 - 1, 2**32 - 1]), torch.tensor([0, 128, 2**20, 2**31, 2**32 - 128])
     stream = rng.stream_key(123, 4, 1)
-    got = rng.uniform(stream, rows, cols)
+    key1, key2 = stream, rng.mix64_int(stream ^ rng.GOLDEN64)
+    race, pick = rng.block_uniforms(stream, rows, cols)
     for i, r in enumerate(rows.tolist()):
-        rh = rng.fmix32_int((r * rng.GOLDEN + stream) & rng.MASK32)
         for j, c in enumerate(cols.tolist()):
-            bits = rng.fmix32_int(rh ^ rng.fmix32_int((c & rng.MASK32) ^ stream))
-            assert got[i, j].item() == ((bits >> 9) + 0.5) / 2**23
-    u = rng.uniform(stream, torch.arange(300), torch.arange(300)).flatten()
-    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+            bits = rng.mix64_int(rng.mix64_int(((r << 32) | c) ^ key1) ^ key2)
+            assert race[i, j].item() == ((bits >> 41) + 0.5) / 2**23
+            assert pick[i, j].item() == (((bits >> 9) & (2**23 - 1)) + 0.5) / 2**23
+    race, pick = rng.block_uniforms(stream, torch.arange(300), torch.arange(0, 300 * 128, 128))
+    for u in (race.flatten(), pick.flatten()):
+        assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005
+    assert abs(torch.corrcoef(torch.stack([race.flatten(), pick.flatten()]))[0, 1].item()) < 0.01
+
+
+def test_streams_of_one_seed_never_collide():
+    """stream_key is injective in (step, direction) for a seed: 64-bit streams, no birthday bound within a run."""
+    streams = {rng.stream_key(7, step, direction) for step in range(20000) for direction in (0, 1)}
+    assert len(streams) == 40000
+    assert rng.stream_key(7, 10**7, 1) != rng.stream_key(7, 10**7, 0) != rng.stream_key(8, 10**7, 0)
 
 
 def test_rejects_unknown_impl_and_width_mismatch():
@@ -166,14 +176,19 @@ def test_rejects_unknown_impl_and_width_mismatch():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["official", "eliminate"])
 def test_parts_merged_give_the_draw_of_the_whole_candidate_set(impl, mode):
-    """[batch ; queue] as separate calls at their global column offsets, merged, is the one-call draw."""
-    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    check_parts_merged(impl, mode, problem())
+
+
+def check_parts_merged(impl, mode, args):
+    """[batch ; queue] as separate calls at their global column offsets, merged, is the one-call draw (parts cut at
+    multiples of SAMPLE_BLOCK, so that every sampling block lies in one part)."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = args
     cfg = FNEConfig(mode=mode, prior_ratio=10.0)
     run = lambda lo, hi: sample_negatives(anchors, keys[lo:hi], pos_sims, anchor_ids, key_ids[lo:hi], STATS, cfg,  # noqa: E731
                                           seed=4, valid=valid[lo:hi], impl=impl, col_offset=lo)
     whole = run(0, len(keys))
-    merged = merge_samples([run(256, 700), run(0, 256), run(700, len(keys))], cfg)
-    for name in ("index", "fallback", "survivors", "race_key", "fallback_score"):
+    merged = merge_samples([run(256, 640), run(0, 256), run(640, len(keys))], cfg)  # cuts at multiples of 128
+    for name in ("index", "fallback", "survivors", "race_key", "fallback_score", "fallback_index"):
         assert torch.equal(getattr(whole, name), getattr(merged, name)), name
     assert torch.allclose(whole.weight_sum, merged.weight_sum, rtol=1e-5)
 
@@ -206,3 +221,75 @@ def test_eliminate_never_falls_back(impl):
     high = torch.full_like(pos_sims, 5.0)  # every weight is cut: official would fall back, eliminate gives none
     res = sample_negatives(anchors, keys, high, anchor_ids, key_ids, STATS, cfg, valid=valid, impl=impl)
     assert (res.index == NO_NEGATIVE).all() and not res.fallback.any()
+
+
+def block_law_problem(b=3000, n_blocks=10, d=16, seed=0):
+    """One anchor repeated b times (each row has its own random numbers) against n_blocks * SAMPLE_BLOCK candidates
+    pulled towards it by amounts that vary from block to block, so the block weights W_b differ."""
+    g = torch.Generator().manual_seed(seed)
+    anchor = F.normalize(torch.randn(1, d, generator=g), dim=1)
+    n = n_blocks * SAMPLE_BLOCK
+    pull = torch.linspace(0.2, 3.0, n_blocks).repeat_interleave(SAMPLE_BLOCK)[:, None]
+    keys = F.normalize(torch.randn(n, d, generator=g) / d**0.5 + pull * anchor, dim=1)
+    pos_sims = torch.full((b,), (anchor @ keys.T).max().item() + 0.05)
+    return anchor.expand(b, d).contiguous(), keys, pos_sims, torch.full((b,), -7), torch.arange(n)
+
+
+def check_block_law(impl, device="cpu", **kw):
+    """Two-level law: the drawn block follows W_b / W over many blocks, and a row whose weight sits in one block
+    (every other block invalid) draws its columns with w_j / W_b."""
+    anchors, keys, pos_sims, ids_a, ids_k = block_law_problem(**kw)
+    cfg = FNEConfig(cutdown="off")
+    w = fne_weights(anchors[:1] @ keys.T, pos_sims[:1], torch.zeros(1, len(keys), dtype=torch.bool), STATS, cfg)[0]
+    valid = torch.zeros(len(keys), dtype=torch.bool)
+    valid[3 * SAMPLE_BLOCK:4 * SAMPLE_BLOCK] = True
+    anchors, keys, pos_sims, ids_a, ids_k, valid = (x.to(device) for x in (anchors, keys, pos_sims, ids_a, ids_k, valid))
+    res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=21, impl=impl)
+    assert_law(res.index.cpu() // SAMPLE_BLOCK, w.view(-1, SAMPLE_BLOCK).sum(1))
+    res = sample_negatives(anchors, keys, pos_sims, ids_a, ids_k, STATS, cfg, seed=22, impl=impl, valid=valid)
+    assert_law(res.index.cpu() - 3 * SAMPLE_BLOCK, w[valid.cpu()])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_law_over_many_blocks_and_inside_one_block(impl):
+    check_block_law(impl)
+
+
+def check_one_fallback_row_among_drawn_rows(impl, device="cpu", b=300):
+    """A row without weight (its anchor cut-down removes every candidate) between rows that draw: it takes its
+    hardest valid negative, the others draw as they do without it."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=b, n=700)
+    pos_sims = torch.zeros_like(pos_sims)  # cut s <= -0.2: every other row keeps candidates
+    pos_sims[b // 2] = 5.0
+    cfg = FNEConfig(cutdown="anchor")
+    w, scores = dense_weights(anchors, keys, pos_sims, anchor_ids, key_ids, valid, cfg)
+    args = (x.to(device) for x in (anchors, keys, pos_sims, anchor_ids, key_ids))
+    res = sample_negatives(*args, STATS, cfg, seed=8, valid=valid.to(device), impl=impl)
+    res = type(res)(*(x.cpu() for x in vars(res).values()))
+    assert res.fallback.nonzero().flatten().tolist() == [b // 2]
+    assert res.index[b // 2] == scores[b // 2].argmax() == res.fallback_index[b // 2]
+    drawn = torch.arange(b) != b // 2
+    assert (w[drawn, res.index[drawn]] > 0).all() and (res.fallback_index[drawn] == NO_NEGATIVE).all()
+    assert torch.isinf(res.race_key[b // 2]) and torch.isfinite(res.race_key[drawn]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_fallback_row_among_drawn_rows(impl):
+    check_one_fallback_row_among_drawn_rows(impl)
+
+
+def test_compiled_tile_step_draws_what_the_eager_one_draws(monkeypatch):
+    """Large CPU tiles run the torch.compile'd tile step (one fused loop): same indices, fallbacks and survivors as
+    the eager rule, weight sums to float rounding."""
+    from fne_dist import sampler
+
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=64, n=1500)
+    run = lambda: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), seed=6,  # noqa: E731
+                                   valid=valid, impl="torch", tile_size=512)
+    eager = run()
+    monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
+    compiled = run()
+    assert sampler._COMPILED["tile_stats"] is not None, "compiling failed: the eager step ran instead"
+    for name in ("index", "fallback", "survivors", "fallback_index"):
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+    torch.testing.assert_close(compiled.weight_sum, eager.weight_sum, rtol=1e-5, atol=1e-6)

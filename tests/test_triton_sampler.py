@@ -13,11 +13,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from test_sampler import check_block_law, check_one_fallback_row_among_drawn_rows, check_parts_merged
 
 from fne_dist import rng
-from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives
+from fne_dist.fne import NO_NEGATIVE, FNEConfig, SimilarityStats, fne_weights, sample_negatives
 from fne_dist.sampler import dense_sample, streaming_sample
 from fne_dist.weights import fallback_scores
+from fne_kernels import fne_sampler as fs
 from fne_kernels import triton_sample
 
 CUDA = torch.cuda.is_available()
@@ -108,7 +112,7 @@ def test_odd_width_over_several_k_chunks_and_strided_inputs():
 
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
-@pytest.mark.parametrize("tile_size", [64, 256])
+@pytest.mark.parametrize("tile_size", [128, 256, 512])
 def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
     ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
@@ -189,8 +193,8 @@ def test_rejects_bad_arguments():
 
 @needs_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["official", "bayes"])
+@pytest.mark.parametrize("dtype, mode", [(torch.bfloat16, mode) for mode in ("official", "bayes", "eliminate", "hardness")]
+                         + [(torch.float16, "official"), (torch.float32, "bayes")])  # each variant compiles: few
 @pytest.mark.parametrize("cutdown", ["global", "anchor"])
 def test_gpu_large_shapes_agree_with_torch(dtype, mode, cutdown):
     args = problem(b=300, n=70001, d=200, dtype=dtype, n_ids=5000)
@@ -216,6 +220,25 @@ def test_gpu_fallback_is_exact_and_small_batches_fill_the_splits():
     assert (scores[rows, tri.index] >= scores.max(1).values - 1e-5).all()
 
 
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_bf16_anchors_against_an_fp32_queue_many_fallbacks():
+    """bf16 anchors against fp32 keys (cast tile by tile, never copied), most rows without weight: every fallback
+    row takes its hardest candidate up to the bf16 dot's rounding, the others a positive weight."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=1000, n=200003, d=256, n_ids=50000)
+    pos_sims = torch.where(torch.arange(1000, device=DEVICE) % 10 == 0, pos_sims, torch.full_like(pos_sims, 3.0))
+    cfg = FNEConfig(cutdown="anchor")
+    tri = triton_sample(anchors.bfloat16(), keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=4, valid=valid)
+    sims = anchors.bfloat16().float() @ keys.bfloat16().float().T
+    scores = fallback_scores(sims, anchor_ids[:, None] == key_ids[None, :], valid)
+    w = fne_weights(sims, pos_sims, anchor_ids[:, None] == key_ids[None, :], STATS, cfg, valid)
+    rows = torch.arange(len(scores), device=DEVICE)
+    assert tri.fallback.float().mean() > 0.85 and valid[tri.index].all()
+    fb = tri.fallback
+    assert (scores[rows[fb], tri.index[fb]] >= scores.max(1).values[fb] - 1e-5).all()
+    assert (w[rows[~fb], tri.index[~fb]] > 0).float().mean() >= 0.995
+
+
 def test_kernels_compile_for_hopper(tmp_path):
     """The compiled path (not the interpreter): Triton compiles for sm_90 with its bundled ptxas, no GPU needed.
     Register spills are reported by the tool, not failed on: they cost speed, not correctness."""
@@ -224,5 +247,79 @@ def test_kernels_compile_for_hopper(tmp_path):
                           "--mode", "official", "bayes", "--cutdown", "global"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "5 kernels compiled for sm_90" in out.stdout, out.stdout
+    assert "8 kernels compiled for sm_90" in out.stdout, out.stdout  # 4 variants x (main loop, pick)
     assert "wgmma" in out.stdout  # bf16 on Hopper's tensor cores
+
+
+@pytest.mark.parametrize("mode", ["eliminate", "hardness"])
+@pytest.mark.parametrize("cutdown", ["global", "anchor"])
+def test_eliminate_and_hardness_modes_agree_with_torch(mode, cutdown):
+    tri, ref = both(problem(), FNEConfig(mode=mode, cutdown=cutdown, prior_ratio=20.0), row_offset=3)
+    assert_same(tri, ref)
+    assert torch.equal(tri.fallback_index, ref.fallback_index)
+    if mode == "eliminate":  # rows 0-2 lose every candidate to the anchor cut-down: no negative, no fallback
+        assert not tri.fallback.any() and (tri.index[:3] == NO_NEGATIVE).all() == (cutdown == "anchor")
+
+
+@pytest.mark.parametrize("mode", ["official", "eliminate"])
+def test_parts_merged_give_the_draw_of_the_whole_candidate_set(mode):
+    check_parts_merged("triton", mode, problem())
+
+
+def test_global_columns_and_rows_match_torch():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    common = dict(stream=rng.stream_key(5, 123456789, 1), row_offset=2**20, col_offset=3 * 2**30, valid=valid)
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **common)
+    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **common)
+    assert_same(tri, ref)
+    assert (tri.index[tri.has_negative] >= 3 * 2**30).all()
+
+
+def test_block_law_over_many_blocks_and_inside_one_block():
+    check_block_law("triton", device=DEVICE)
+
+
+def test_one_fallback_row_among_drawn_rows():
+    check_one_fallback_row_among_drawn_rows("triton", device=DEVICE)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_batch_not_a_multiple_of_the_anchor_block_with_splits(splits):
+    """150 anchors = one full 128-row block and a partial one, candidates split across programs."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=150, n=1100)
+    kw = dict(stream=rng.stream_key(2), row_offset=7, valid=valid)
+    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **kw)
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), tile_size=128, splits=splits,
+                        **kw)
+    assert_same(tri, ref)
+    torch.testing.assert_close(tri.race_key, ref.race_key, rtol=1e-5, atol=0)
+    torch.testing.assert_close(tri.fallback_score, ref.fallback_score, rtol=1e-5, atol=1e-6)  # another dot order
+
+
+def test_mixed_dtypes_cast_the_keys_tile_by_tile():
+    """fp32 anchors against fp16 keys: the product runs in fp16 (the narrower dtype), without an fp32 copy of keys."""
+    anchors, keys, *rest = problem()
+    tri, ref = both((anchors, keys.half(), *rest), FNEConfig())
+    ref = both((anchors.half(), keys.half(), *rest), FNEConfig())[1]
+    assert_same(tri, ref)
+
+
+@triton.jit
+def _hash_probe(out_race, out_pick, rows_ptr, cols_ptr, k1_lo, k1_hi, k2_lo, k2_hi, R: tl.constexpr, C: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, R))
+    cols = tl.load(cols_ptr + tl.arange(0, C))
+    bits = fs._counter_bits(rows[:, None], cols[None, :], fs._word64(k1_lo, k1_hi), fs._word64(k2_lo, k2_hi))
+    at = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(out_race + at, fs._uniform(bits, 41))
+    tl.store(out_pick + at, fs._uniform(bits, 9))
+
+
+def test_kernel_hash_is_bit_identical_to_rng():
+    rows = torch.tensor([0, 1, 77, 2**31 - 1], device=DEVICE)
+    cols = torch.tensor([0, 128, 2**20, 2**31, 2**32 - 128, 5 * 2**30, 256, 384], device=DEVICE)
+    for stream in (0, 0xDEADBEEF, rng.stream_key(123, 10**7, 1)):
+        race, pick = (torch.empty(len(rows), len(cols), device=DEVICE) for _ in range(2))
+        halves = [h for word in rng.stream_words(stream) for h in fs._int32_halves(word)]
+        _hash_probe[(1,)](race, pick, rows, cols, *halves, R=len(rows), C=len(cols))
+        want_race, want_pick = rng.block_uniforms(stream, rows, cols)
+        assert torch.equal(race, want_race) and torch.equal(pick, want_pick)

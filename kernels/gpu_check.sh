@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The sampler's GPU check in one run (< 6 minutes): the sampler tests with the gpu-marked ones, then
+# `fne-bench sampler` at the scale target (bf16, b=4096, N=2^20, D=512: matmul, triton, torch streaming, dense --
+# dense may run out of memory, the table then says OOM), the kernel's candidate tile, the many-fallback regime, bayes
+# mode, and N=2^16.  Needs only torch, triton, numpy, scipy, pytest, matplotlib (no deepspeed, open_clip, webdataset,
+# omegaconf, submitit): the repository is put on PYTHONPATH and `fne_kernels` is a symlink to kernels/.
+#
+#   bash kernels/gpu_check.sh                                    # on the GPU machine, from the repository root
+#   GPU_CHECK_TINY=1 OUT=/tmp/gpu_check bash kernels/gpu_check.sh   # dry run on the CPU (interpreter, tiny shapes)
+#
+# Writes into $OUT (default runs/gpu_check): sampler-<device>-<date>-results.csv, -time.png, -ratio.png and -log.txt
+# (every stage's output).  Each stage has its own time limit; a failed stage is reported and the others still run.
+set -u -o pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/runs/gpu_check}
+TINY=${GPU_CHECK_TINY:-0}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+ln -s "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package
+export PYTHONPATH="$WORK:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1
+
+DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+SLUG=$(echo "${DEVICE:-unknown}" | tr 'A-Z' 'a-z' | sed -e 's/nvidia//' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')
+PREFIX="sampler-${SLUG}-$(date -u +%F)-"
+LOG="$OUT/${PREFIX}log.txt"
+: > "$LOG"
+
+if [ "$TINY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  BENCH=(--device cpu --dtype fp32 --d 32 --repeats 1)
+  BIG=(--b 32 --n 2048)
+  SMALL=(--b 32 --n 512)
+  TESTS=(-k "block_law or parts_merged or hash or fallback_row")
+  LIMIT=600  # the interpreter is slow: generous limits for the dry run
+else
+  BENCH=(--device cuda --dtype bf16 --d 512 --repeats 10 --warmup 2)
+  BIG=(--b 4096 --n 1048576)
+  SMALL=(--b 4096 --n 65536)
+  TESTS=()
+  LIMIT=
+fi
+
+FAILED=()
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log everything, never stop the script
+  local name=$1 seconds=$2
+  shift 2
+  [ -n "$LIMIT" ] && seconds=$LIMIT
+  echo "=== $name ($(date -u +%T), limit ${seconds}s)" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout "$seconds" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+  [ $rc = 0 ] || FAILED+=("$name (exit $rc)")
+}
+
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'device', '$DEVICE')" | tee -a "$LOG"
+[ "$TINY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
+
+stage tests 140 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
+  tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
+bench() {  # bench STAGE SECONDS ARGS...: one fne-bench sampler run into its own folder
+  local name=$1 seconds=$2
+  shift 2
+  stage "$name" "$seconds" $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/$name" "$@"
+}
+bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
+bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
+bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
+bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
+bench small 25 "${SMALL[@]}" --impl matmul triton torch dense
+
+$PY - "$WORK" "$OUT" "$PREFIX" <<'EOF' 2>&1 | tee -a "$LOG"
+"""Gather every stage's results.csv into one CSV and two plots, and print the table."""
+import csv, sys
+from pathlib import Path
+from fne_kernels.bench_sampler import plot, print_table, write_csv
+work, out, prefix = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+rows = []
+for path in sorted(work.glob("*/results.csv")):
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            r.update({k: int(r[k]) for k in ("b", "n", "d")})
+            r.update({k: (None if r[k] in ("", "None") else float(r[k])) for k in ("time_ms", "peak_mib", "x_matmul")})
+            rows.append(r)
+floor = {(r["dtype"], r["b"], r["n"], r["d"]): r["time_ms"] for r in rows
+         if r["impl"] == "matmul" and r["regime"] == "typical" and r["time_ms"]}
+for r in rows:  # stages without their own matmul row: against the typical-regime matmul of the same shape
+    base = floor.get((r["dtype"], r["b"], r["n"], r["d"]))
+    if r["x_matmul"] is None and r["time_ms"] and base:
+        r["x_matmul"] = r["time_ms"] / base
+if rows:
+    write_csv(rows, out / f"{prefix}results.csv")
+    plot(rows, out, prefix)
+    print()
+    print_table(rows)
+else:
+    print("no benchmark results")
+EOF
+
+rm -rf "$WORK"
+echo
+if [ ${#FAILED[@]} = 0 ]; then
+  echo "gpu_check: all stages passed; files in $OUT:" | tee -a "$LOG"
+else
+  echo "gpu_check: FAILED stages: ${FAILED[*]} (see $LOG); files in $OUT:" | tee -a "$LOG"
+fi
+ls -1 "$OUT" | grep "^$PREFIX" | tee -a "$LOG"
+[ ${#FAILED[@]} = 0 ]
