@@ -32,3 +32,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def all_to_all(t: torch.Tensor) -> torch.Tensor:
+    """Exchange equal chunks along dim 0: chunk s of every rank goes to rank s, and the result holds, in rank
+    order, the chunks every rank sent here (t itself in one process)."""
+    if not is_distributed():
+        return t
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t.contiguous())
+    return out
