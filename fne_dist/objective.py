@@ -2,8 +2,8 @@
 
 `Objective` owns the per-rank FNE state (the negative buffer, similarity statistics, the sampling rule) and turns
 online features `ia, ta` (with gradient) and momentum keys `ik, tk` into the loss.  It knows nothing about
-DeepSpeed, data or towers, so the trainer and `fne-bench step` share it: the caller runs the towers, calls
-`loss`, does backward and the optimizer step, then `enqueue`s the keys it got back.
+DeepSpeed, data or towers.  `loss` changes no state: it returns this step's keys and statistics, and the caller
+`commit`s them (enqueue, new statistics) only once the step is known to be finite, after the optimizer step.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled
 class StepLoss:
     loss: torch.Tensor  # 0-dim, with gradient into ia and ta
     keys: GlobalKeys  # this step's global momentum keys, to enqueue after the optimizer step
+    stats: SimilarityStats  # the statistics with this step's moments (sampled with), to keep after the step
     diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's sampled negatives (both directions)
     index: torch.Tensor | None = None  # [2, b] the drawn global columns per direction (NO_NEGATIVE where none)
 
@@ -48,8 +49,8 @@ class Objective:
         ia, ta = ia.float(), ta.float()
         if warmup:
             loss = vsepp_loss(ia, ta, ids, self.rule.margin)
-            return StepLoss(loss, keys, self._hardest_diagnostics(ia, ta, ids, labels))
-        self.stats.update(ia, ta, ids)
+            return StepLoss(loss, keys, self.stats, self._hardest_diagnostics(ia, ta, ids, labels))
+        stats = self.stats.updated(ia, ta, ids)
         loss = ia.new_zeros(())
         diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
         index = []
@@ -57,7 +58,7 @@ class Objective:
         for direction, (anchors, sampled_anchors, pos_keys) in enumerate(((ia, ia_in, tk), (ta, ta_in, ik))):
             pos_keys = pos_keys.float()  # row rank*b + i of the gathered keys is this rank's row i
             pos_sims = (anchors.detach() * pos_keys).sum(1)
-            neg = self.buffer.draw(sampled_anchors.detach(), pos_sims, ids, keys, self.stats, self.rule,
+            neg = self.buffer.draw(sampled_anchors.detach(), pos_sims, ids, keys, stats, self.rule,
                                    row_offset=rank * len(ids), seed=self.seed, step=step, direction=direction,
                                    impl=self.cfg.impl)
             has = neg.sample.has_negative
@@ -65,10 +66,12 @@ class Objective:
                                            weight=has.to(anchors.dtype))
             diagnostics += _negative_diagnostics(ids, labels, neg.ids, neg.labels, has, sampled=neg.sample)
             index.append(neg.sample.index)
-        return StepLoss(loss, keys, diagnostics, torch.stack(index))
+        return StepLoss(loss, keys, stats, diagnostics, torch.stack(index))
 
-    def enqueue(self, keys: GlobalKeys) -> None:
-        self.buffer.enqueue(keys)
+    def commit(self, out: StepLoss) -> None:
+        """Keep a finished step's statistics and enqueue its keys (FNE_SPEC step 10)."""
+        self.stats = out.stats
+        self.buffer.enqueue(out.keys)
 
     @staticmethod
     @torch.no_grad()

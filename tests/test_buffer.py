@@ -3,7 +3,6 @@ holds the same queue as the replicated one over steps that wrap the ring; a shar
 `Objective.loss` on several ranks equals one process on the concatenated batch (a wrong row offset fails it)."""
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +39,7 @@ def run(cfg: FNESection, rank: int, world: int, steps: range, objective: Objecti
     for step in steps:
         ia, ta, ik, tk, ids, labels = batch(step, slice(rank * b, (rank + 1) * b))
         out = objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=rank, warmup=False)
-        objective.enqueue(out.keys)
+        objective.commit(out)
         losses.append(out.loss)
         indices.append(out.index)
     return objective, torch.stack(losses), torch.stack(indices)
