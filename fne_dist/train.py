@@ -142,7 +142,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime):
+    def __init__(self, cfg: Config, rt: Runtime, batches_per_epoch: int | None = None):
+        """batches_per_epoch: None reads it from the training data; given, the data is never opened (`fne-bench
+        step` drives `train_step` with its own batches)."""
         import deepspeed
 
         self.cfg, self.rt = cfg, rt
@@ -154,7 +156,7 @@ class Trainer:
         model = self.towers.model
         freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)
-        self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
+        self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
