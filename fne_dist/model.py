@@ -5,8 +5,8 @@ parameters, and one builder serves both the FNE trainer (which freezes the scale
 temperature) and the CLIP-loss baseline of `fne-bench step` (which trains it).
 
 The momentum towers (FNE_SPEC step 2) are a plain fp32 copy outside the DeepSpeed engine, never trained by the
-optimizer: `momentum_update` moves them towards the online weights after each optimizer step, which is where
-FNE_SPEC's "before the next step's keys" lands.  Under ZeRO-3 the engine's parameters are partitioned across ranks,
+optimizer: `momentum_update` moves them towards the online weights once per optimizer step, before the next
+step's keys are computed.  Under ZeRO-3 the engine's parameters are partitioned across ranks,
 so the update reads them inside `deepspeed.zero.GatheredParameters`, which gathers them for the duration of the
 update; the momentum towers themselves are a full fp32 copy on every rank (not sharded: README, open items).
 """

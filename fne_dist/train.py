@@ -171,6 +171,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
         self.stop = StopRequest(rt.device)
         self.stop_agreed = False  # some rank was asked to stop, as all ranks agreed in the last step
+        self.ema_due = True  # an optimizer step (or the start, or a resume after one) awaits its EMA
         self.window, self.epoch_tally = Tally(rt.device), Tally(rt.device)  # since the last log / in this epoch
         self.bad_in_a_row = 0
         self.last_saved = -1
@@ -195,14 +196,21 @@ class Trainer:
     def train_step(self, batch, step: int, warmup: bool) -> bool:
         """FNE_SPEC steps 1-10 for one batch; True if the optimizer stepped (with gradient accumulation, only at the
         end of an accumulation).  Order, so that a non-finite step touches nothing on any rank:
+          0. the EMA of the momentum towers for the last optimizer step, once per optimizer step, before this step's
+             keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
+             step, not to this one, and it runs here rather than right after that step's optimizer step because
+             under ZeRO-3 it gathers the online weights, which DeepSpeed's parameter trace expects before a forward
+             (after `engine.step()` the next backward failed with a "tracing error");
           1. keys from the momentum towers, features from the online towers, the loss (`Objective.loss` changes no
              state: it returns the step's keys and statistics);
           2. one all-reduce and one host sync: are the loss (which every feature and key enters) and the keys
              finite on every rank, and was a stop asked for anywhere (kept for `_checkpoint_or_stop`);
-          3. a bad step ends here; else backward and the optimizer step, then the EMA (once per optimizer step,
-             after it: the next step's keys see the moved towers, as FNE_SPEC's EMA-first order gives; under ZeRO-3
-             it gathers the weights outside any forward/backward), then the statistics and the enqueue.
+          3. a bad step ends here; else backward, the optimizer step (which makes the next EMA due), the statistics
+             and the enqueue.
         """
+        if self.ema_due:
+            momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
+            self.ema_due = False
         out = self.forward_loss(batch, step, warmup)
         bad, self.stop_agreed = self.stop.agree(~_finite(out.loss, out.keys.image, out.keys.text))
         if bad:
@@ -227,8 +235,7 @@ class Trainer:
         optimizer_steps = self.engine.global_steps
         self.engine.step()
         stepped = self.engine.global_steps != optimizer_steps
-        if stepped:
-            momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
+        self.ema_due |= stepped
         self.objective.commit(out)
         for tally in (self.window, self.epoch_tally):
             tally.add_step(out.loss, out.diagnostics)
