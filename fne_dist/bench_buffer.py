@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
+from fne_dist.train import _free_port
 
 FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms")
 
@@ -53,12 +53,6 @@ class Case:
     dim: int
     batch: int
     steps: int
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, case: Case, port: int, out: str) -> None:
@@ -90,7 +84,7 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
 
 def measure(case: Case) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(case, _port(), out), nprocs=case.world)
+        mp.spawn(_worker, args=(case, _free_port(), out), nprocs=case.world)
         ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
     return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
             "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),

@@ -45,20 +45,19 @@ class Objective:
     def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool) -> StepLoss:
         """The FNE loss (or, in warm-up, VSE++ hardest negatives in-batch) of this rank's b anchors."""
         keys = GlobalKeys.gather(ik, tk, ids, labels)
-        ia_in, ta_in = ia, ta  # to the sampler in the compute dtype; the loss in fp32
-        ia, ta = ia.float(), ta.float()
         if warmup:
-            loss = vsepp_loss(ia, ta, ids, self.rule.margin)
-            return StepLoss(loss, keys, self.stats, self._hardest_diagnostics(ia, ta, ids, labels))
+            loss = vsepp_loss(ia.float(), ta.float(), ids, self.rule.margin)
+            return StepLoss(loss, keys, self.stats, self._hardest_diagnostics(ia.float(), ta.float(), ids, labels))
         stats = self.stats.updated(ia, ta, ids)
-        loss = ia.new_zeros(())
+        loss = ia.new_zeros((), dtype=torch.float32)
         diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
         index = []
         # direction 0: image anchors against text candidates; 1: text anchors against image candidates
-        for direction, (anchors, sampled_anchors, pos_keys) in enumerate(((ia, ia_in, tk), (ta, ta_in, ik))):
+        for direction, (features, pos_keys) in enumerate(((ia, tk), (ta, ik))):
+            anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
             pos_keys = pos_keys.float()  # row rank*b + i of the gathered keys is this rank's row i
             pos_sims = (anchors.detach() * pos_keys).sum(1)
-            neg = self.buffer.draw(sampled_anchors.detach(), pos_sims, ids, keys, stats, self.rule,
+            neg = self.buffer.draw(features.detach(), pos_sims, ids, keys, stats, self.rule,
                                    row_offset=rank * len(ids), seed=self.seed, step=step, direction=direction,
                                    impl=self.cfg.impl)
             has = neg.sample.has_negative
