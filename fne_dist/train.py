@@ -220,7 +220,7 @@ class Trainer:
         return self.apply(out)
 
     def forward_loss(self, batch, step: int, warmup: bool):
-        """Step 1 of `train_step` (shared with `fne-bench step`)."""
+        """Step 1 of `train_step`: the step's loss, keys and statistics, nothing changed yet."""
         device = self.rt.device
         images = batch.images.to(device, non_blocking=True)
         tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
@@ -230,7 +230,7 @@ class Trainer:
         return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup)
 
     def apply(self, out) -> bool:
-        """Step 3 of `train_step` for a finite step (shared with `fne-bench step`)."""
+        """Step 3 of `train_step`, for a step found finite on every rank."""
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
