@@ -22,6 +22,7 @@ setup(
         "open_clip_torch>=3.3,<3.4",
         "submitit>=1.5,<1.6",
         "omegaconf>=2.3,<2.5",
+        "PyYAML",  # its syntax errors, with line and column, for one-line config errors
         "tensorboard",
         "tqdm",
         "matplotlib",

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: fne-bench {sampler,step,buffer} [options]  (fne-bench sampler --help for the options)"
+from fne_dist.cli import ArgumentParser
+
+COMMANDS = {"sampler": "the sampler kernels against a matmul and the dense recipe (fne-bench sampler --help)",
+            "step": "the trainer's FNE step against a CLIP step (fne-bench step --help)",
+            "buffer": "buffer memory and step time against world and buffer size (fne-bench buffer --help)"}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("sampler", "step", "buffer"):
-        raise SystemExit(USAGE)
+    if not argv or argv[0] not in COMMANDS:
+        parser = ArgumentParser(prog="fne-bench", description=__doc__.splitlines()[0],
+                                epilog="  ".join(f"{name}: {what}." for name, what in COMMANDS.items()))
+        parser.add_argument("command", choices=tuple(COMMANDS))
+        parser.parse_args(argv)  # --help (exit 0) or a usage error (exit 2)
     if argv[0] == "sampler":
         from fne_kernels.bench_sampler import main as run
     elif argv[0] == "step":

@@ -25,7 +25,9 @@ from fne_dist.data import Batch
 from fne_dist.model import build_towers, param_groups
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
-from fne_dist.train import Trainer, init_distributed
+from fne_dist.distributed import init_distributed
+from fne_dist.train import Trainer
+from fne_dist.weights import IMPLS
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ("device", "model", "dtype", "batch", "queue", "buffer", "mode", "impl", "clip_ms", "fne_ms", "ratio")
@@ -39,7 +41,7 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--queue", type=int, default=8192)
     parser.add_argument("--mode", choices=("official", "bayes"), default="official")
-    parser.add_argument("--impl", choices=("auto", "dense", "torch", "triton"), default="auto", help="sampler")
+    parser.add_argument("--impl", choices=IMPLS, default="auto", help="sampler (default: triton on CUDA, else torch)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")

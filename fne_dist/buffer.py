@@ -25,19 +25,8 @@ import torch
 
 from fne_dist.distributed import all_gather_cat, all_to_all
 from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
-from fne_dist.queue import GlobalKeys, MomentumQueue
+from fne_dist.queue import GlobalKeys, MomentumQueue, resolve_layout
 from fne_dist.stats import SimilarityStats
-
-LAYOUTS = ("auto", "replicated", "sharded")  # auto: sharded when the world has more than one rank
-
-
-def resolve_layout(layout: str, world: int) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"fne.buffer={layout!r} is unknown: use one of {LAYOUTS}")
-    if layout == "auto":
-        return "sharded" if world > 1 else "replicated"
-    return layout
-
 
 def block_range(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rank's share [lo, hi) of n columns: whole SAMPLE_BLOCKs (the last one may be short), contiguous, in rank

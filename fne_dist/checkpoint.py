@@ -15,11 +15,18 @@ Every rank calls `save`.  Our files go into the tag folder first; DeepSpeed then
 `save_latest=False`, because DeepSpeed writes `latest` from rank 0 without waiting for the other ranks and not
 atomically.  Only after a barrier that follows every rank's writes does rank 0 replace `latest` (temporary
 file + rename), so a crash at any point leaves `latest` naming a complete checkpoint.
+
+Before writing, every rank checks that the disk has room for another checkpoint as large as the last one; a write
+that fails anyway (disk full) removes the partial tag folder and says so.  After `latest` moved, rank 0 deletes
+the tags older than the newest `keep` ones, except the one `latest` names and any holding a file named `pinned`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,24 +35,52 @@ import torch
 import torch.distributed as dist
 
 from fne_dist.config import differing_keys
-from fne_dist.distributed import is_distributed, rank, world_size
+from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
 
 LATEST = "latest"
 STATE = "fne_state.pt"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+PINNED = "pinned"  # a file of this name in a tag folder keeps it from retention
+TAG = re.compile(r"step(\d{9})")
+RUN_FILES = ("metrics.jsonl", "tensorboard", "summary.json", "config.yaml")  # what a run writes beside checkpoints/
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, truncated or corrupt files."""
+
+
+class CheckpointMismatch(CheckpointError):
     """The checkpoint was written by a run whose state does not fit this one."""
+
+
+class OutputDirError(ValueError):
+    """train.output_dir cannot take this run: not writable, or holding another run's checkpoints."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, ...); the partial tag folder was removed."""
+
+    rank_specific = True  # may happen on one rank only: that rank reports it
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+class NoRoomForCheckpoint(CheckpointWriteError):
+    """The disk cannot take another checkpoint as large as the last one; nothing was written."""
+
+    rank_specific = False  # every rank agreed on it
 
 
 @dataclass
 class Progress:
-    """Where training stands: steps done, the epoch in progress and the batches of it already trained on."""
+    """Where training stands: steps done, the epoch in progress and the batches of it already trained on, and the
+    bad shard members all ranks skipped so far (in finished epochs and in this one's batches)."""
 
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    data_skipped: int = 0
 
 
 def tag_name(step: int) -> str:
@@ -85,30 +120,147 @@ def _buffer_file(objective) -> str:
 
 
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
-         momentum: torch.nn.Module, objective) -> Path:
-    """Write a checkpoint of this step (collective: every rank calls it) and move `latest` to it."""
+         momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None, metrics_bytes: int = 0,
+         keep: int = 0) -> Path:
+    """Write a checkpoint of this step (collective: every rank calls it), move `latest` to it, then keep the newest
+    `keep` tags (0: all).  `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
-    if rank() == 0:
-        tag_dir.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    if rank() == 0:
-        torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
-                    "progress": asdict(progress), "momentum": momentum.state_dict(),
-                    "stats": objective.stats.state_dict()},
-                   tag_dir / STATE)
-    if objective.buffer.sharded or rank() == 0:
-        torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
-    torch.save(rng_state(), tag_dir / _rng_file(rank()))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
+    _check_space(ckpt_dir, tag_dir)
+    try:
+        if rank() == 0:
+            tag_dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        if rank() == 0:
+            torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
+                        "progress": asdict(progress), "batches_per_epoch": batches_per_epoch,
+                        "metrics_bytes": metrics_bytes, "momentum": momentum.state_dict(),
+                        "stats": objective.stats.state_dict()},
+                       tag_dir / STATE)
+        if objective.buffer.sharded or rank() == 0:
+            torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
+        torch.save(rng_state(), tag_dir / _rng_file(rank()))
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        raise _write_failed(err, ckpt_dir, tag_dir) from err
     _barrier()
     if rank() == 0:
         tmp = ckpt_dir / f".{LATEST}.partial"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
+        if keep:
+            prune(ckpt_dir, keep)
     _barrier()
     return tag_dir
+
+
+def _latest(ckpt_dir: Path) -> Path | None:
+    return ckpt_dir / (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _check_space(ckpt_dir: Path, tag_dir: Path) -> None:
+    """Refuse (on every rank alike) to start a checkpoint that the disk has no room for: the last one's size."""
+    last = _latest(ckpt_dir)
+    needed = _size(last) if last is not None and last.is_dir() and last != tag_dir else 0
+    free = _free_bytes(ckpt_dir)
+    if any_rank(free < needed):
+        last_name = last.name if last is not None else "the previous checkpoint"
+        raise NoRoomForCheckpoint(
+            errno.ENOSPC, f"no space left for checkpoint {tag_dir}: the last one ({last_name}) took "
+            f"{needed / 2**20:.0f} MiB and {free / 2**20:.0f} MiB are free in {ckpt_dir} (on this or another rank). "
+            f"Nothing was written; `latest` still names {last_name}. Free space there (train.keep_checkpoints "
+            "bounds how many checkpoints stay) and resume with --resume latest")
+
+
+def _write_failed(err: BaseException, ckpt_dir: Path, tag_dir: Path) -> CheckpointWriteError:
+    """Remove the partial tag folder (unless `latest` names it) and say what happened."""
+    last = _latest(ckpt_dir)
+    if last is None or last.resolve() != tag_dir.resolve():
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    disk_full = getattr(err, "errno", None) == errno.ENOSPC or _free_bytes(ckpt_dir) < 2**20
+    what = "no space left on device" if disk_full else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    previous = f"`latest` still names {last.name}" if last is not None else "there is no earlier checkpoint"
+    return CheckpointWriteError(
+        errno.ENOSPC if disk_full else errno.EIO,
+        f"rank {rank()}: writing checkpoint {tag_dir} failed: {what}. The partial folder was removed and {previous}; "
+        f"free space in {ckpt_dir} (train.keep_checkpoints bounds how many checkpoints stay) and resume with "
+        "--resume latest")
+
+
+def tag_step(path: Path) -> int | None:
+    """The step of a tag folder's name (step000000200 -> 200), None for other names."""
+    match = TAG.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def prune(ckpt_dir: str | Path, keep: int) -> list[Path]:
+    """Delete tags older than the newest `keep` up to the one `latest` names, except pinned ones; returns them.
+
+    Tags newer than `latest` (left by a crash before a resume from an older checkpoint) are not touched: the run
+    writes them again when it gets there.  A tag is renamed before it is deleted, so a crash never leaves a
+    half-deleted folder under a tag's name.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    latest = _latest(ckpt_dir)
+    if latest is None:
+        return []
+    newest = tag_step(latest)
+    tags = sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p) is not None
+                   and tag_step(p) <= newest), key=tag_step)
+    deleted = []
+    for old in tags[:-keep]:
+        if old.name == latest.name or (old / PINNED).exists():
+            continue
+        trash = old.with_name(f".deleting-{old.name}")
+        os.replace(old, trash)
+        shutil.rmtree(trash)
+        deleted.append(old)
+    return deleted
+
+
+def prepare_output_dir(out_dir: str | Path, *, resume: str | None, overwrite: bool) -> None:
+    """Before anything is built (every rank): the folder is writable, and a fresh run does not write over an
+    earlier run's checkpoints unless told to (`overwrite`: rank 0 deletes them, its metrics and summary)."""
+    out_dir = Path(out_dir)
+    probe = out_dir / f".write-test-rank{rank_from_env():05d}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"train.output_dir={out_dir} is not writable ({err.strerror}): choose a folder this "
+                             "job can write, e.g. train.output_dir=runs/NAME") from None
+    ckpt_dir = out_dir / "checkpoints"
+    if resume in ("latest", "auto") or (overwrite and rank_from_env() != 0):
+        return
+    held = ckpt_dir.is_dir() and any(p.name == LATEST or tag_step(p) is not None for p in ckpt_dir.iterdir())
+    if not held or (resume is not None and _inside(locate(resume), ckpt_dir)):
+        return
+    if not overwrite:
+        raise OutputDirError(
+            f"train.output_dir={out_dir} holds the checkpoints of an earlier run ({ckpt_dir}): continue it with "
+            "--resume latest, start fresh elsewhere with train.output_dir=OTHER, or delete them with --overwrite")
+    if rank_from_env() == 0:
+        shutil.rmtree(ckpt_dir)
+        for name in RUN_FILES:
+            path = out_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return folder.resolve() in path.resolve().parents
 
 
 def find(resume: str, ckpt_dir: str | Path) -> Path | None:
@@ -141,7 +293,20 @@ def read_state(tag_dir: str | Path) -> dict:
     path = Path(tag_dir) / STATE
     if not path.is_file():
         raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint: {STATE} is missing")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_file(path, weights_only=True)
+
+
+def load_file(path: Path, weights_only: bool) -> dict:
+    """torch.load of one checkpoint file; an empty, truncated or corrupt file is an error that names it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch reports a damaged file as RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(f"{path} is empty, truncated or corrupt ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}): this checkpoint was not "
+                              "completely written; use another one (an older tag in the same checkpoints folder)") \
+            from None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -151,14 +316,30 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: Path) -> None:
+def architecture_diffs(saved: dict, current: dict) -> list[str]:
+    saved, current = _flatten(saved), _flatten(current)
+    return [f"model architecture {k}: {saved.get(k)!r} -> {current.get(k)!r}"
+            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+
+
+def check_architecture(state: dict, architecture: dict, tag_dir: Path) -> None:
+    """Refuse to load a checkpoint's towers into another architecture (fne-eval), naming what differs."""
+    diffs = architecture_diffs(state["architecture"], architecture)
+    if diffs:
+        raise CheckpointMismatch(f"the towers in {tag_dir} do not fit this model config: " + "; ".join(diffs)
+                                 + ". Leave --config out to use the checkpoint's own config, or pass the one it "
+                                   "was trained with.")
+
+
+def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: Path,
+                     batches_per_epoch: int | None = None) -> None:
     """Refuse, naming every differing setting, a checkpoint whose state cannot continue under this config."""
-    diffs = differing_keys(state["config"], config)
-    saved_arch, arch = _flatten(state["architecture"]), _flatten(architecture)
-    diffs += [f"model architecture {k}: {saved_arch.get(k)!r} -> {arch.get(k)!r}"
-              for k in sorted(saved_arch.keys() | arch.keys()) if saved_arch.get(k) != arch.get(k)]
+    diffs = differing_keys(state["config"], config) + architecture_diffs(state["architecture"], architecture)
     if state["world_size"] != world_size():
         diffs.append(f"world size: {state['world_size']} -> {world_size()}")
+    saved_epoch = state.get("batches_per_epoch")
+    if None not in (saved_epoch, batches_per_epoch) and saved_epoch != batches_per_epoch:
+        diffs.append(f"batches per epoch (from the shards' manifest): {saved_epoch} -> {batches_per_epoch}")
     if diffs:
         raise CheckpointMismatch(
             f"cannot resume from {tag_dir}: this run differs in " + "; ".join(diffs)
@@ -176,7 +357,7 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module,
     momentum.load_state_dict(state["momentum"])
     objective.buffer.load_state_dict(torch.load(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])
-    set_rng_state(torch.load(tag_dir / _rng_file(rank()), weights_only=False))
+    set_rng_state(load_file(tag_dir / _rng_file(rank()), weights_only=False))
     return Progress(**state["progress"])
 
 
@@ -191,5 +372,15 @@ def online_state_dict(tag_dir: str | Path) -> dict:
     if stage == 3:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return torch.load(tag_dir / DS_MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"the ZeRO-3 partitions in {tag_dir} cannot be read ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0]}): this checkpoint was not completely written; use "
+                                  "another one") from None
+    path = tag_dir / DS_MODEL_STATES
+    if not path.is_file():
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint: {DS_MODEL_STATES} is missing")
+    return load_file(path, weights_only=False)["module"]

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Dict, Optional, get_type_hints
 
 import torch
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.buffer import LAYOUTS
-from fne_dist.fne import IMPLS
+from fne_dist.queue import LAYOUTS, check_queue_size
 from fne_dist.stats import RESET_POLICIES
-from fne_dist.weights import CUTDOWNS, MODES, FNEConfig
+from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
 
@@ -87,8 +87,10 @@ class TrainSection:
     log_every: int = 10
     eval_every: int = 1  # epochs between evaluations on data.val; 0: never
     checkpoint_every: int = 1000  # steps (at the next optimizer step); 0: only at the end and on a stop request
+    keep_checkpoints: int = 2  # the newest k checkpoints stay (and any holding a `pinned` file); 0: keep all
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     resume: Optional[str] = None  # "latest" (must exist), "auto" (if one exists), or a checkpoint directory
+    overwrite: bool = False  # start fresh in an output_dir that holds an earlier run's checkpoints, deleting them
 
 
 @dataclass
@@ -145,6 +147,17 @@ def _parse_overrides(overrides: list[str]):
     return OmegaConf.from_dotlist(list(overrides))
 
 
+def _load_yaml(path: Path):
+    try:
+        return OmegaConf.load(path)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {str(err).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Schema <- base (a stored config) <- YAML file <- overrides, checked; returns plain dataclasses."""
     cfg = OmegaConf.structured(Config)
@@ -154,7 +167,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist: pass --config with a YAML file (see configs/)")
-        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+        cfg = _merge(cfg, _load_yaml(path), str(path))
     cfg = _merge(cfg, _parse_overrides(overrides), "the command-line overrides")
     return from_dict(OmegaConf.to_container(cfg))
 
@@ -211,8 +224,13 @@ def validate(cfg: Config) -> None:
                             ("train.epochs", t.epochs, 1), ("train.steps_per_epoch", t.steps_per_epoch, 1),
                             ("train.steps", t.steps, 1), ("train.log_every", t.log_every, 1),
                             ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
-                            ("train.max_bad_steps", t.max_bad_steps, 1), ("model.embed_dim", cfg.model.embed_dim, 1)):
+                            ("train.max_bad_steps", t.max_bad_steps, 1),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 0),
+                            ("model.embed_dim", cfg.model.embed_dim, 1)):
         _positive(key, value, low)
+    if t.overwrite and t.resume in ("latest", "auto"):
+        raise ConfigError(f"train.overwrite=true deletes the checkpoints that train.resume={t.resume} would resume "
+                          "from: give only one of them")
     if t.steps_per_epoch is not None and d.epoch_pairs is not None:
         raise ConfigError("train.steps_per_epoch and data.epoch_pairs both set the epoch length: give only one")
     gas = cfg.deepspeed.get("gradient_accumulation_steps", 1)
@@ -225,11 +243,11 @@ def validate(cfg: Config) -> None:
 def check_world(cfg: Config, world_size: int) -> int:
     """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
     global_batch = world_size * cfg.data.batch_size
-    if cfg.fne.queue_size < global_batch:
-        raise ConfigError(
-            f"fne.queue_size={cfg.fne.queue_size} is smaller than the global batch {global_batch} "
-            f"({world_size} ranks x data.batch_size={cfg.data.batch_size}): set fne.queue_size >= {global_batch} "
-            "or lower data.batch_size")
+    try:
+        check_queue_size(cfg.fne.queue_size, global_batch,
+                         f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return global_batch
 
 
@@ -249,10 +267,19 @@ def epoch_pairs(cfg: Config, global_batch: int) -> int | None:
     return cfg.data.epoch_pairs
 
 
-# Settings a checkpoint cannot be resumed under when they change (the model architecture is compared separately).
-STATE_SHAPING_KEYS = ("model.embed_dim", "data.batch_size", "fne.mode", "fne.cutdown", "fne.queue_size",
-                      "fne.queue_dtype", "fne.stats_reset", "deepspeed.zero_optimization.stage",
-                      "deepspeed.bf16.enabled")
+# Settings a checkpoint cannot be resumed under when they change (the model architecture is compared separately):
+# what the saved state means (the rule, the momentum, the queue, the statistics), which pairs a resumed run reads
+# and skips (shards, batch, readers, shuffling, epoch length, seed), and how DeepSpeed laid out its state.  Every
+# fne field is one, new ones included, except those in RESUMABLE_FNE_KEYS.
+RESUMABLE_FNE_KEYS = ("impl",)  # every impl draws from the same law; only the exact floats may differ
+STATE_SHAPING_KEYS = (
+    "model.embed_dim",
+    "data.train", "data.batch_size", "data.workers", "data.shuffle_buffer", "data.resampled", "data.epoch_pairs",
+    "data.augment", "train.steps_per_epoch", "train.seed",
+    *(f"fne.{f.name}" for f in fields(FNESection) if f.name not in RESUMABLE_FNE_KEYS),
+    "deepspeed.zero_optimization.stage", "deepspeed.bf16.enabled", "deepspeed.fp16.enabled",
+    "deepspeed.gradient_accumulation_steps",
+)
 
 
 def lookup(data: dict, dotted: str):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from fne_dist import checkpoint, metrics_log
 from fne_dist.config import from_dict, load_config
 from fne_dist.data import load_eval_set
 from fne_dist.demo_data import build_demo_shards
+from fne_dist.distributed import free_port
 from fne_dist.evaluate import embed
 from fne_dist.model import build_towers
 
@@ -46,15 +46,10 @@ def variants(epochs: int) -> list[tuple[str, str, list[str]]]:
             ("FNE bayes", "fne-bayes", ["fne.mode=bayes"])]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_variant(out_dir: Path, overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "fne_dist.train", "--config", str(CONFIG), f"train.output_dir={out_dir}", *overrides]
+    """Train one variant from scratch (each `make demo` replaces the previous demo's runs)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "fne_dist.train", "--config", str(CONFIG), f"train.output_dir={out_dir}", "--overwrite", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 

@@ -1,8 +1,16 @@
-"""torch.distributed helpers that work unchanged with one process (no process group)."""
+"""torch.distributed helpers that work unchanged with one process (no process group), and the process group's
+setup from the environment that every launch path shares (torchrun, the deepspeed launcher, srun, submitit)."""
 from __future__ import annotations
 
+import os
+import socket
+from dataclasses import dataclass
+
+import submitit
 import torch
 import torch.distributed as dist
+
+ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def is_distributed() -> bool:
@@ -43,3 +51,76 @@ def all_to_all(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     dist.all_to_all_single(out, t.contiguous())
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank (one all-reduce: call it on every rank)."""
+    device = "cuda" if is_distributed() and dist.get_backend() == "nccl" else "cpu"
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), op=dist.ReduceOp.MAX).item())
+
+
+def rank_from_env() -> int:
+    """This process's global rank before the process group exists (torchrun, srun, submitit), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group of one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_distributed_env() -> bool:
+    """Set torch's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) where no launcher did.
+
+    torchrun and the deepspeed launcher set them; inside a submitit job or a plain `srun` step, submitit's
+    `TorchDistributedEnvironment` derives them from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the first host of
+    SLURM_JOB_NODELIST (the port is drawn from the job id, so every task picks the same one).  A plain srun step is
+    told apart from the batch script by SLURM_STEP_ID: the batch script runs one process whatever SLURM_NTASKS says.
+    CUDA_VISIBLE_DEVICES is left alone: every task sees the node's GPUs and uses the one at LOCAL_RANK.
+    Returns True when it exported, False when there was nothing to do (a launcher did it, or a single process).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    if "SLURM_STEP_ID" in os.environ:
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # how submitit recognises a SLURM task
+    try:
+        env = submitit.helpers.TorchDistributedEnvironment()
+    except RuntimeError:  # neither a submitit job nor an srun step
+        return False
+    env.export(set_cuda_visible_devices=False)
+    return True
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool  # this process created the process group and destroys it at the end
+
+
+def init_distributed() -> Runtime:
+    """Join (or, alone, create) the process group described by the environment."""
+    import deepspeed  # here: importing DeepSpeed probes for accelerators, which launchers need not
+
+    export_distributed_env()  # inside a submitit job or an srun step: from SLURM's variables
+    present = [v for v in ENV_VARS if v in os.environ]
+    if not present:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    elif len(present) < len(ENV_VARS):
+        missing = [v for v in ENV_VARS if v not in os.environ]
+        raise RuntimeError(f"{', '.join(present)} set but {', '.join(missing)} not: start the ranks with torchrun, "
+                           "the deepspeed launcher or fne-launch, or set all of " + ", ".join(ENV_VARS))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    owns = not is_distributed()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)

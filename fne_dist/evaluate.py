@@ -6,7 +6,6 @@ needs) and ends with the full embeddings; the metrics are then the same on every
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -15,7 +14,9 @@ from pathlib import Path
 import torch
 
 from fne_dist import checkpoint
-from fne_dist.config import load_config
+from fne_dist.cli import ArgumentParser
+from fne_dist.cli import run as run_cli
+from fne_dist.config import ConfigError, load_config
 from fne_dist.data import load_eval_set
 from fne_dist.distributed import all_gather_cat, rank, world_size
 from fne_dist.model import build_towers
@@ -58,22 +59,28 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """fne-eval --checkpoint DIR [--config FILE] [--protocol P] [--json OUT] [key=value ...]"""
-    parser = argparse.ArgumentParser(prog="fne-eval", description="Retrieval recall of a trained checkpoint.")
+    """fne-eval --checkpoint DIR [--config FILE] [--protocol P] [--json OUT] [key=value ...]; bad input is one
+    `fne-eval: error:` line and exit status 2."""
+    return run_cli("fne-eval", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = ArgumentParser(prog="fne-eval", description="Retrieval recall of a trained checkpoint.")
     parser.add_argument("--checkpoint", required=True,
                         help="a tag folder, a checkpoints folder (its latest) or a run's output_dir")
     parser.add_argument("--config", help="YAML config to use instead of the one stored in the checkpoint")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="full")
     parser.add_argument("--json", help="also write the metrics to this JSON file")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. data.val=/data/test-{000..004}.tar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     tag_dir = checkpoint.locate(args.checkpoint)
     state = checkpoint.read_state(tag_dir)
     cfg = load_config(args.config, args.overrides, base=None if args.config else state["config"])
     if cfg.data.val is None:
-        raise SystemExit("fne-eval: the config names no evaluation shards: pass data.val=PATTERN")
+        raise ConfigError("the config names no evaluation shards: pass data.val=PATTERN")
     towers = build_towers(cfg.model)
+    checkpoint.check_architecture(state, towers.architecture, tag_dir)  # as a resume does
     towers.model.load_state_dict(checkpoint.online_state_dict(tag_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     towers.model.float().to(device)

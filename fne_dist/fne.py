@@ -6,9 +6,7 @@ import torch
 from fne_dist import rng
 from fne_dist.sampler import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult, dense_sample, merge_samples, streaming_sample
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, fne_weights, true_negative_prob
-
-IMPLS = ("auto", "dense", "torch", "triton")
+from fne_dist.weights import IMPLS, FNEConfig, fne_weights, true_negative_prob
 
 __all__ = ["FNEConfig", "SimilarityStats", "SampleResult", "fne_weights", "true_negative_prob", "sample_negatives",
            "merge_samples", "NO_NEGATIVE", "SAMPLE_BLOCK"]

@@ -1,4 +1,4 @@
-"""What runs on every task of a job that fne-launch submitted, and the distributed setup every launcher shares.
+"""What runs on every task of a job that fne-launch submitted.
 
 `TrainJob` is the callable submitit pickles and runs once per task.  It is `submitit.helpers.Checkpointable`, so
 submitit can requeue it, but it does not let submitit's signal handler do the work: that handler runs on global
@@ -27,6 +27,7 @@ import submitit
 from submitit.core.job_environment import JobEnvironment
 
 from fne_dist.config import Config, from_dict
+from fne_dist.distributed import export_distributed_env
 from fne_dist.preemption import StopRequest
 
 TrainFn = Callable[[Config], dict]
@@ -34,28 +35,6 @@ TrainFn = Callable[[Config], dict]
 
 class RequeueLimitReached(RuntimeError):
     """A stopped job saved its checkpoint but has used up its requeues."""
-
-
-def export_distributed_env() -> bool:
-    """Set torch's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) where no launcher did.
-
-    torchrun and the deepspeed launcher set them; inside a submitit job or a plain `srun` step, submitit's
-    `TorchDistributedEnvironment` derives them from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and the first host of
-    SLURM_JOB_NODELIST (the port is drawn from the job id, so every task picks the same one).  A plain srun step is
-    told apart from the batch script by SLURM_STEP_ID: the batch script runs one process whatever SLURM_NTASKS says.
-    CUDA_VISIBLE_DEVICES is left alone: every task sees the node's GPUs and uses the one at LOCAL_RANK.
-    Returns True when it exported, False when there was nothing to do (a launcher did it, or a single process).
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return False
-    if "SLURM_STEP_ID" in os.environ:
-        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # how submitit recognises a SLURM task
-    try:
-        env = submitit.helpers.TorchDistributedEnvironment()
-    except RuntimeError:  # neither a submitit job nor an srun step
-        return False
-    env.export(set_cuda_visible_devices=False)
-    return True
 
 
 def preemption_signal() -> signal.Signals:
@@ -87,7 +66,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         submitit_handler = signal.getsignal(preemption_signal())  # installed by submitit before this call
         cfg = from_dict(self.config)
         if self.restarted():
-            cfg.train.resume = "auto"
+            cfg.train.resume, cfg.train.overwrite = "auto", False
         summary = self.train_fn(cfg)
         if summary.get("preempted") and callable(submitit_handler):
             self._leave_after_stop(submitit_handler)

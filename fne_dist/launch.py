@@ -20,6 +20,7 @@ from typing import Optional
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
+from fne_dist.checkpoint import OutputDirError, prepare_output_dir
 from fne_dist.config import ConfigError, check_world, load_config, to_dict
 from fne_dist.job import TrainFn, TrainJob
 
@@ -119,6 +120,8 @@ def submit(args: argparse.Namespace, train_fn: Optional[TrainFn] = None):
     """Check the config against the requested tasks, then queue the job; returns submitit's Job."""
     cfg = load_config(args.config, args.overrides)
     check_world(cfg, args.nodes * args.tasks_per_node)
+    if not cfg.train.overwrite:  # the job deletes with overwrite; here only what would make it fail at once
+        prepare_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=False)
     log_dir = (args.log_dir or Path(cfg.train.output_dir) / "submitit").resolve()
     job_name = args.job_name or f"fne-{Path(args.config).stem}"
     executor = make_executor(args, log_dir, job_name)
@@ -194,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parse_args(argv)
         job = submit(args)
-    except (LaunchError, ConfigError) as err:
+    except (LaunchError, ConfigError, OutputDirError) as err:
         print(f"fne-launch: error: {err}", file=sys.stderr)
         return 2
     print(describe(job, args), flush=True)

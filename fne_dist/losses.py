@@ -18,6 +18,17 @@ def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: to
     return (hinge if weight is None else hinge * weight.detach()).mean()
 
 
+def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):
+    """Each row's and each column's hardest in-batch negative in sims [b, b] (row i and column i are pair i):
+    `(values, indices)` of the row maxima and of the column maxima over the pairs of another id (ids None: another
+    index).  -inf where a row or column has no such pair.  The one home of the same-id mask that VSE++, the
+    statistics and the warm-up diagnostics share."""
+    n = sims.shape[0]
+    same = ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=sims.device)
+    masked = sims.masked_fill(same, float("-inf"))
+    return masked.max(1), masked.max(0)
+
+
 def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float) -> torch.Tensor:
     """VSE++ max-violation loss on the in-batch matrix, both directions, pairs sharing an id masked.
 
@@ -26,7 +37,5 @@ def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: 
     """
     s = img @ txt.T
     pos = s.diagonal()
-    same = ids[:, None] == ids[None, :]
-    cost_i2t = (margin + s - pos[:, None]).clamp_min(0).masked_fill(same, 0)
-    cost_t2i = (margin + s - pos[None, :]).clamp_min(0).masked_fill(same, 0)
-    return (cost_i2t.max(1).values + cost_t2i.max(0).values).mean()
+    i2t, t2i = hardest_in_batch(s, ids)
+    return ((margin + i2t.values - pos).clamp_min(0) + (margin + t2i.values - pos).clamp_min(0)).mean()

@@ -2,21 +2,41 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 class MetricsLog:
-    """Append-only: a resumed run adds to the same files, so one run's curves survive preemptions."""
+    """Append-only: a resumed run adds to the same files, so one run's curves survive preemptions.  A resume first
+    `rewind`s them to the checkpoint, so that the steps trained again after a crash are not logged twice."""
 
     def __init__(self, output_dir: str | Path, enabled: bool):
         self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
         self._jsonl = self._tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(Path(output_dir) / "metrics.jsonl", "a", buffering=1)
-            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            self._open(purge_step=None)
+
+    def _open(self, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._jsonl = open(self.path, "a", buffering=1)
+        self._tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=purge_step)
+
+    def size(self) -> int:
+        """Bytes written to metrics.jsonl so far (0 where disabled): a checkpoint stores it for `rewind`."""
+        return self._jsonl.tell() if self.enabled else 0
+
+    def rewind(self, size: int | None, step: int) -> None:
+        """Drop what was logged after a checkpoint: metrics.jsonl past `size` bytes (None: keep all), TensorBoard
+        events past `step`."""
+        if not self.enabled:
+            return
+        self.close()
+        if size is not None and self.path.stat().st_size > size:
+            os.truncate(self.path, size)
+        self._open(purge_step=step + 1)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         """One record: `kind` is "train" or "eval"; numbers also go to TensorBoard as `kind/name`."""

@@ -15,7 +15,7 @@ from fne_dist.buffer import NegativeBuffer
 from fne_dist.config import FNESection, queue_dtype
 from fne_dist.distributed import rank as this_rank
 from fne_dist.distributed import world_size
-from fne_dist.losses import fne_triplet_loss, vsepp_loss
+from fne_dist.losses import fne_triplet_loss, hardest_in_batch, vsepp_loss
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
 
@@ -76,9 +76,9 @@ class Objective:
     @torch.no_grad()
     def _hardest_diagnostics(ia, ta, ids, labels) -> torch.Tensor:
         """What VSE++ picks, both directions: each anchor's most similar in-batch item of another id."""
-        sims = (ia @ ta.T).masked_fill(ids[:, None] == ids[None, :], float("-inf"))
         has = torch.ones_like(ids, dtype=torch.bool)
-        return sum(_negative_diagnostics(ids, labels, ids[j], labels[j], has) for j in (sims.argmax(1), sims.argmax(0)))
+        return sum(_negative_diagnostics(ids, labels, ids[hardest.indices], labels[hardest.indices], has)
+                   for hardest in hardest_in_batch(ia @ ta.T, ids))
 
 
 def _negative_diagnostics(ids, labels, neg_ids, neg_labels, has, sampled=None) -> torch.Tensor:

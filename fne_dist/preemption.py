@@ -31,6 +31,7 @@ class StopRequest:
         self.requested = False
         self.signals: list[str] = []  # names of the signals received, in order
         self.device = device
+        self._previous: dict = {}  # the handlers that `install` replaced
 
     def request(self, signum: int | None = None, frame=None) -> None:
         """Ask every rank to stop at the next step boundary (usable as a signal handler)."""
@@ -46,8 +47,16 @@ class StopRequest:
     def install(self, signals=STOP_SIGNALS) -> None:
         """Make these signals (SIGTERM and SIGUSR2 by default) set this request, replacing earlier handlers."""
         for sig in signals:
-            signal.signal(sig, self.request)
+            self._previous[sig] = signal.signal(sig, self.request)
         StopRequest._installed = self
+
+    def restore(self) -> None:
+        """Put back the handlers that `install` replaced (training is over: a signal now acts at once again,
+        so a launcher that stops the other ranks after one exits is not kept waiting).  `installed()` still
+        finds this request and the signals it received."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     @classmethod
     def installed(cls) -> Optional["StopRequest"]:

@@ -9,6 +9,24 @@ import torch
 from fne_dist.distributed import all_gather_cat
 
 
+LAYOUTS = ("auto", "replicated", "sharded")  # of the buffer (fne_dist.buffer); auto: sharded when world > 1
+
+
+def resolve_layout(layout: str, world: int) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"fne.buffer={layout!r} is unknown: use one of {LAYOUTS}")
+    if layout == "auto":
+        return "sharded" if world > 1 else "replicated"
+    return layout
+
+
+def check_queue_size(size: int, global_batch: int, why: str = "world size x per-rank batch") -> None:
+    """The queue must hold a whole global batch, which every step enqueues (the one home of this rule)."""
+    if global_batch > size:
+        raise ValueError(f"fne.queue_size={size} is smaller than the global batch {global_batch} ({why}): set "
+                         f"fne.queue_size to at least {global_batch}, or lower data.batch_size")
+
+
 @dataclass
 class GlobalKeys:
     """Momentum keys of the global batch, all-gathered in rank order: image [G, D], text [G, D], ids [G],
@@ -58,10 +76,7 @@ class MomentumQueue:
         return self.hi - self.lo
 
     def check_global_batch(self, global_batch: int) -> None:
-        if global_batch > self.size:
-            raise ValueError(
-                f"queue size {self.size} is smaller than the global batch {global_batch} (world size x per-rank "
-                f"batch): set the queue size to at least {global_batch}, or lower the batch size")
+        check_queue_size(self.size, global_batch)
 
     @torch.no_grad()
     def enqueue(self, keys: GlobalKeys) -> None:

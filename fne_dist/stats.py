@@ -6,6 +6,7 @@ import copy
 import torch
 
 from fne_dist.distributed import all_reduce
+from fne_dist.losses import hardest_in_batch
 
 RESET_POLICIES = ("epoch", "never", "ema")
 MIN_VAR = 1e-8
@@ -74,14 +75,10 @@ class SimilarityStats:
         """
         with torch.no_grad():
             s = (img.float() @ txt.float().T).double()
-            n = s.shape[0]
-            eye = torch.eye(n, dtype=torch.bool, device=s.device)
-            same = eye if ids is None else ids[:, None] == ids[None, :]
-            rows = torch.arange(n, device=s.device)
+            rows = torch.arange(s.shape[0], device=s.device)
             mutual = (s.argmax(1) == rows) & (s.argmax(0) == rows)
             pos = s.diagonal()
-            neg_masked = s.masked_fill(same, float("-inf"))
-            neg_i2t, neg_t2i = neg_masked.max(1).values, neg_masked.max(0).values
+            neg_i2t, neg_t2i = (hardest.values for hardest in hardest_in_batch(s, ids))
             pos_w = mutual.double()
             negs = torch.stack([neg_i2t, neg_t2i])
             neg_w = pos_w * torch.isfinite(negs)
@@ -112,8 +109,9 @@ class SimilarityStats:
         return {"moments": self.moments_vec.cpu().clone(), "reset": self.reset, "ema_decay": self.ema_decay}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["reset"] != self.reset:
-            raise ValueError(f"SimilarityStats: checkpoint reset={state['reset']!r}, this run reset={self.reset!r}; "
-                             "resume with the checkpoint's setting")
-        self.ema_decay = state["ema_decay"]
+        """Restore moments saved under the same reset policy and decay (refused otherwise, naming both)."""
+        for name in ("reset", "ema_decay"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"SimilarityStats: checkpoint {name}={state[name]!r}, this run {name}="
+                                 f"{getattr(self, name)!r}; resume with the checkpoint's setting")
         self.moments_vec = state["moments"].to(device=self.moments_vec.device, dtype=torch.float64)

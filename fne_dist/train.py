@@ -1,28 +1,27 @@
 """`fne-train --config FILE [--resume latest|auto|PATH] [key=value ...]`: distributed FNE training with DeepSpeed.
 
 One process per rank.  The process group comes from the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.job derives from SLURM's variables
-inside a submitit job or an srun step; a lone process without any of them runs as a world of one.  gloo on CPU,
-NCCL on GPU.
+MASTER_PORT), which torchrun and the deepspeed launcher set, and which fne_dist.distributed derives from SLURM's
+variables inside a submitit job or an srun step; a lone process without any of them runs as a world of one.  gloo
+on CPU, NCCL on GPU.
 
 `train(cfg)` is the entry point for code (fne-launch calls it inside a submitit job) and returns a summary dict;
 `main` is the console script.  A stop request (SIGTERM / SIGUSR2 on any rank, agreed on by all ranks at a step
 boundary) makes every rank save a checkpoint and return `{"preempted": True, "step": ...}`; `main` then exits
-with EXIT_PREEMPTED so that a job script can tell "requeue me" from success and failure.
+with EXIT_PREEMPTED on every rank so that a job script can tell "requeue me" from success and failure (srun and the
+deepspeed launcher pass 75 on; torchrun exits 1 for any non-zero worker status and lists `exitcode : 75` per rank,
+so under torchrun read `"preempted"` in <output_dir>/summary.json, which a run deletes when it starts).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import logging
 import os
 import random
-import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +32,18 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fne_dist import checkpoint
 from fne_dist.checkpoint import Progress
+from fne_dist.cli import ArgumentParser
+from fne_dist.cli import run as run_cli
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, to_dict, to_yaml
 from fne_dist.data import load_eval_set, make_train_loader
-from fne_dist.distributed import all_reduce, is_distributed, world_size
+from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
-from fne_dist.job import export_distributed_env
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
 from fne_dist.objective import DIAGNOSTICS, Objective, summarise
 from fne_dist.preemption import StopRequest
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run again with --resume auto
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 TALLY = ("loss", "steps", "bad_steps", *DIAGNOSTICS)  # bad steps are counted on every rank
 log = logging.getLogger("fne_dist.train")
 
@@ -75,45 +74,6 @@ class BadStepsError(RuntimeError):
     """Too many consecutive steps with non-finite values."""
 
 
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool  # this process created the process group and destroys it at the end
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> Runtime:
-    """Join (or, alone, create) the process group described by the environment."""
-    import deepspeed  # here and in Trainer: importing DeepSpeed probes for accelerators, which launchers need not
-
-    export_distributed_env()  # inside a submitit job or an srun step: from SLURM's variables
-    present = [v for v in ENV_VARS if v in os.environ]
-    if not present:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    elif len(present) < len(ENV_VARS):
-        missing = [v for v in ENV_VARS if v not in os.environ]
-        raise RuntimeError(f"{', '.join(present)} set but {', '.join(missing)} not: start the ranks with torchrun, "
-                           "the deepspeed launcher or fne-launch, or set all of " + ", ".join(ENV_VARS))
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    owns = not is_distributed()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
-
-
 def deepspeed_config(cfg: Config, total_optimizer_steps: int) -> dict:
     """The deepspeed section with what the run decides: the micro batch, and the cosine schedule's length."""
     ds = copy.deepcopy(cfg.deepspeed)
@@ -135,7 +95,9 @@ def compute_dtype(ds: dict) -> torch.dtype:
 
 
 def seed_everything(seed: int) -> None:
-    """The same seed on every rank: the towers start identical (DeepSpeed also broadcasts rank 0's weights)."""
+    """Seed python, numpy and torch: with the run's seed on every rank while the towers are built (they start
+    identical), then with seed + rank (as open_clip does), so that dropout, drop-path and augmentations differ
+    across ranks.  A resume restores every rank's generators from the checkpoint."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -162,6 +124,7 @@ class Trainer:
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
         self.dtype = compute_dtype(ds)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
+        seed_everything(cfg.train.seed + rt.rank)
         self.zero3 = self.engine.zero_optimization_stage() == 3
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
         self.eval_set = None
@@ -176,7 +139,8 @@ class Trainer:
         self.bad_in_a_row = 0
         self.last_saved = -1
         self.epoch_records: list[dict] = []
-        self.data_skipped = 0  # bad shard members skipped by this rank in finished epochs
+        self.data_skipped = 0  # bad shard members skipped by this rank in finished epochs (rank 0: + before a resume)
+        self.loader = None  # of the epoch in progress
 
     def _loader(self, epoch: int, skip: int):
         cfg = self.cfg
@@ -259,7 +223,7 @@ class Trainer:
     def _log(self, progress: Progress, loader, seconds: float, steps: int, bar) -> None:
         """One training record (collective): means over the window and the ranks, the Gaussians, the lr."""
         record = self.window.read()
-        skipped = all_reduce(torch.tensor([float(self.data_skipped + loader.skipped)], device=self.rt.device))
+        skipped = self._data_skipped()
         record |= {"epoch": progress.epoch, "lr": float(self.engine.get_lr()[0]),
                    "samples_per_s": steps * self.global_batch / max(seconds, 1e-9), "data_skipped": int(skipped),
                    "warmup": progress.epoch < self.cfg.fne.warmup_epochs}
@@ -272,10 +236,16 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
 
     # ---- epochs, checkpoints ----------------------------------------------------------------------------------
+    def _data_skipped(self) -> int:
+        """Bad shard members all ranks skipped so far (collective)."""
+        mine = self.data_skipped + (self.loader.skipped if self.loader is not None else 0)
+        return int(all_reduce(torch.tensor([float(mine)], device=self.rt.device)).item())
+
     def _end_epoch(self, progress: Progress, loader) -> None:
         """Statistics reset policy, evaluation, and this epoch's record (collective)."""
         self.objective.stats.new_epoch()
         self.data_skipped += loader.skipped
+        self.loader = None
         record = {"epoch": progress.epoch, "step": progress.step,
                   "warmup": progress.epoch < self.cfg.fne.warmup_epochs, **self.epoch_tally.read()}
         every = self.cfg.train.eval_every
@@ -287,9 +257,11 @@ class Trainer:
         self.epoch_records.append(record)
 
     def _save(self, progress: Progress) -> Path:
+        progress.data_skipped = self._data_skipped()
         path = checkpoint.save(self.engine, self.ckpt_dir, progress=progress, config=to_dict(self.cfg),
                                architecture=self.towers.architecture, momentum=self.momentum,
-                               objective=self.objective)
+                               objective=self.objective, batches_per_epoch=self.batches_per_epoch,
+                               metrics_bytes=self.metrics.size(), keep=self.cfg.train.keep_checkpoints)
         self.last_saved = progress.step
         return path
 
@@ -317,10 +289,14 @@ class Trainer:
             return Progress()
         state = checkpoint.read_state(tag_dir)
         checkpoint.check_compatible(state, config=to_dict(self.cfg), architecture=self.towers.architecture,
-                                    tag_dir=tag_dir)
+                                    tag_dir=tag_dir, batches_per_epoch=self.batches_per_epoch)
         progress = checkpoint.load(self.engine, tag_dir, state=state, momentum=self.momentum,
                                    objective=self.objective)
-        self.last_saved = progress.step if tag_dir.parent.resolve() == self.ckpt_dir.resolve() else -1
+        if self.rt.rank == 0:
+            self.data_skipped = progress.data_skipped  # the sum over ranks counts it once
+        if tag_dir.parent.resolve() == self.ckpt_dir.resolve():  # this run's own: drop what it logged after it
+            self.last_saved = progress.step
+            self.metrics.rewind(state.get("metrics_bytes"), progress.step)
         if self.rt.rank == 0:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", tag_dir, progress.step, progress.epoch,
                      progress.batch)
@@ -340,13 +316,14 @@ class Trainer:
         progress = self._resume()
         self.stop.install()
         if self.rt.rank == 0:
+            (self.out_dir / "summary.json").unlink(missing_ok=True)  # a crash must not leave an earlier verdict
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         bar = None
         if self.rt.rank == 0:
             bar = tqdm(total=self.total_steps, initial=progress.step, unit="step", dynamic_ncols=True)
         try:
             while progress.epoch < cfg.train.epochs and progress.step < self.total_steps:
-                loader = self._loader(progress.epoch, progress.batch)
+                self.loader = loader = self._loader(progress.epoch, progress.batch)
                 warmup = progress.epoch < cfg.fne.warmup_epochs
                 tick, ticks = time.perf_counter(), 0
                 for batch in loader:
@@ -371,6 +348,7 @@ class Trainer:
                 self._save(progress)
             return self._summary(progress, preempted=False)
         finally:
+            self.stop.restore()
             if bar is not None:
                 bar.close()
             self.metrics.close()
@@ -385,6 +363,7 @@ def train(cfg: Config) -> dict:
     """Train under this process's rank (see the module docstring); returns the run's summary."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    checkpoint.prepare_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
     rt = init_distributed()
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
@@ -397,18 +376,36 @@ def train(cfg: Config) -> dict:
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(prog="fne-train", description="Distributed FNE training (see configs/).")
+    parser = ArgumentParser(prog="fne-train", description="Distributed FNE training (see configs/).")
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
     parser.add_argument("--resume", help="latest | auto | a checkpoint folder (sets train.resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start fresh in an output_dir that holds an earlier run's checkpoints, deleting them "
+                             "and its metrics (sets train.overwrite)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 fne.mode=bayes")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides += ["train.overwrite=true"] if args.overwrite else []
+    summary = train(load_config(args.config, overrides))
+    return EXIT_PREEMPTED if summary["preempted"] else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    summary = train(load_config(args.config, overrides))
-    return EXIT_PREEMPTED if summary["preempted"] else 0
+    """The console script: bad input is one `fne-train: error:` line (rank 0) and exit status 2.  After a stop
+    request every rank has saved and passed a last barrier; each then leaves at once with EXIT_PREEMPTED, so that
+    launchers which stop the other ranks when one exits (torchrun, srun --kill-on-bad-exit, the deepspeed
+    launcher) see 75 from every rank rather than a rank they killed in its interpreter shutdown."""
+    status = run_cli("fne-train", _main, argv)
+    if status == EXIT_PREEMPTED:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

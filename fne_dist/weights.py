@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 MODES = ("official", "bayes", "eliminate", "hardness")
 CUTDOWNS = ("global", "anchor", "off")
+IMPLS = ("auto", "dense", "torch", "triton")  # the samplers of this rule (fne.sample_negatives)
 
 
 @dataclass(frozen=True)

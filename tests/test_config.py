@@ -77,3 +77,35 @@ def test_differing_keys_names_state_shaping_settings():
     a = to_dict(load_config(ROOT / "configs/demo.yaml"))
     b = to_dict(load_config(ROOT / "configs/demo.yaml", ["fne.queue_size=8192", "fne.mode=bayes", "train.steps=7"]))
     assert differing_keys(a, b) == ["fne.mode: 'official' -> 'bayes'", "fne.queue_size: 4096 -> 8192"]
+
+
+@pytest.mark.parametrize("override", [
+    "fne.margin=0.3", "fne.tau=2.0", "fne.prior_ratio=100", "fne.false_margin=0.99", "fne.min_count=10",
+    "fne.momentum=0.9", "fne.ema_decay=0.5", "fne.warmup_epochs=3", "data.workers=2", "data.train=other-{0..3}.tar",
+    "data.shuffle_buffer=10", "train.steps_per_epoch=7", "train.seed=5", "deepspeed.gradient_accumulation_steps=2",
+])
+def test_every_setting_that_shapes_a_resumed_run_is_compared(override):
+    a = to_dict(load_config(ROOT / "configs/demo.yaml"))
+    b = to_dict(load_config(ROOT / "configs/demo.yaml", [override]))
+    assert [d.split(":")[0] for d in differing_keys(a, b)] == [override.split("=")[0]]
+
+
+def test_settings_that_do_not_shape_the_state_may_change_on_resume():
+    a = to_dict(load_config(ROOT / "configs/demo.yaml"))
+    b = to_dict(load_config(ROOT / "configs/demo.yaml", ["fne.impl=dense", "train.epochs=20", "train.steps=9",
+                                                         "train.log_every=1", "train.output_dir=elsewhere"]))
+    assert differing_keys(a, b) == []
+
+
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  train: x.tar\n  batch_size: [8\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith(f"{path}:4:") and "YAML syntax error" in message
+
+
+def test_overwrite_and_resume_from_the_same_folder_are_exclusive():
+    with pytest.raises(ConfigError, match=r"train\.overwrite=true .* train\.resume=latest"):
+        load_config(ROOT / "configs/demo.yaml", ["train.overwrite=true", "train.resume=latest"])

@@ -44,3 +44,27 @@ def test_embeddings_keep_order_across_batches(monkeypatch):
     monkeypatch.setattr(ev, "EVAL_BATCH", 2)
     images, texts = ev.embed(TableModel(), eval_set(), torch.device("cpu"))
     assert torch.equal(images, IMAGES) and torch.equal(texts, TEXTS)
+
+
+def test_ties_count_against_the_positive():
+    """A collapsed model (every image and every caption the same vector) is at or below chance, never perfect."""
+    from fne_dist.retrieval import retrieval_metrics
+
+    images = F.normalize(torch.ones(100, 8), dim=1)
+    texts = F.normalize(torch.ones(500, 8), dim=1)
+    metrics = retrieval_metrics(images, texts, torch.arange(500) // 5)
+    chance = {"i2t_R@1": 1.0, "i2t_R@5": 5.0, "i2t_R@10": 10.0, "t2i_R@1": 1.0, "t2i_R@5": 5.0, "t2i_R@10": 10.0}
+    assert all(metrics[k] <= chance[k] for k in chance), metrics
+    assert metrics["rsum"] == 0.0  # pessimistic: every tied item ranks ahead of the positive
+
+
+def test_a_tie_with_one_other_item_costs_one_rank():
+    from fne_dist.retrieval import retrieval_metrics
+
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # two identical images
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # caption 0 -> image 0, caption 1 -> image 1
+    metrics = retrieval_metrics(images, texts, torch.tensor([0, 1]))
+    # t0 ties between images 0 and 1: rank 1 (pessimistic), so R@1 misses it and R@5 holds it
+    assert metrics["t2i_R@1"] == 0.0 and metrics["t2i_R@5"] == 100.0
+    # image 0: its caption t0 scores 1, alone at the top -> hit; image 1: t0 (not its own) scores above t1 -> miss
+    assert metrics["i2t_R@1"] == 50.0

@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 from fne_dist import job as job_module
 from fne_dist import launch
+from fne_dist.config import load_config, to_dict
+from fne_dist.distributed import export_distributed_env
 from slurm_fixtures import DEMO, TESTS, agree_on_stop, demo_overrides, demo_shards, read_metrics, toy_train  # noqa: F401
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -35,6 +37,13 @@ def test_a_bad_config_never_reaches_the_queue(argv, message, nothing_submitted, 
     assert launch.main(["--config", str(DEMO), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fne-launch: error:") and message in err
+
+
+def test_a_folder_with_another_runs_checkpoints_never_reaches_the_queue(tmp_path, nothing_submitted, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step000000010")
+    assert launch.main(["--config", str(DEMO), f"train.output_dir={tmp_path}"]) == 2
+    assert "holds the checkpoints of an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,15 +118,22 @@ def test_the_requeue_limit_ends_the_job_with_its_checkpoint(tmp_path, monkeypatc
 ])
 def test_distributed_environment_of_a_plain_srun_step(env, expected):
     with mock.patch.dict(os.environ, env, clear=True):
-        job_module.export_distributed_env()
+        export_distributed_env()
         got = {k: os.environ[k] for k in DIST_VARS if k in os.environ}
         port = got.pop("MASTER_PORT", None)
     assert got == expected
     if "MASTER_ADDR" in expected:
         with mock.patch.dict(os.environ, env, clear=True):
-            job_module.export_distributed_env()
+            export_distributed_env()
             assert os.environ["MASTER_PORT"] == port  # every task of the job draws the same port
 
 
 def test_preemption_signal_is_submitits():
     assert job_module.preemption_signal() == signal.SIGUSR2
+
+
+def test_a_requeued_job_resumes_and_never_overwrites(tmp_path):
+    seen = []
+    cfg = load_config(DEMO, [f"train.output_dir={tmp_path}", "train.overwrite=true"])
+    job_module.TrainJob(to_dict(cfg), requeues=1, train_fn=lambda c: seen.append(c) or {"preempted": False})()
+    assert (seen[0].train.resume, seen[0].train.overwrite) == ("auto", False)

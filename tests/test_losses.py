@@ -45,3 +45,15 @@ def test_vsepp_hand_case_with_same_id_masking():
     masked_i2t = [max(0.0, 0.2 + s[i, 2].item() - s[i, i].item()) if i < 2 else max(i2t[4:6]) for i in range(3)]
     masked_t2i = [max(0.0, 0.2 + s[2, i].item() - s[i, i].item()) if i < 2 else max(t2i[4:6]) for i in range(3)]
     assert torch.isclose(vsepp_loss(img, txt, same, 0.2), torch.tensor((sum(masked_i2t) + sum(masked_t2i)) / 3))
+
+
+def test_hardest_in_batch_skips_pairs_sharing_an_id():
+    from fne_dist.losses import hardest_in_batch
+
+    sims = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.9, 0.6], [0.5, 0.2, 0.9]])
+    rows, cols = hardest_in_batch(sims, torch.tensor([0, 0, 1]))  # pairs 0 and 1 show the same image
+    assert rows.indices.tolist() == [2, 2, 0] and cols.indices.tolist() == [2, 2, 1]
+    rows, _ = hardest_in_batch(sims, torch.tensor([4, 4, 4]))
+    assert torch.isinf(rows.values).all()  # no negative at all: -inf
+    rows, _ = hardest_in_batch(sims)  # ids None: only the diagonal is masked
+    assert rows.indices.tolist() == [1, 0, 0]

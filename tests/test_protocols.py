@@ -10,7 +10,8 @@ from fne_dist.protocols import evaluate_protocol, format_table
 def five_folds():
     """5 folds of 1000 one-hot images (local index j -> e_j, the same in every fold), 2 captions each.
 
-    In fold f the first m = 100 (f + 1) images are "bad": their captions equal the next bad image's embedding.
+    In fold f the first m = 100 (f + 1) images are "bad": their captions point at the next bad image, e_{j+1} + e_j / 2
+    (no ties: ties count against the positive).
     Inside a fold a bad caption ranks its image 2nd (R@1 miss, R@5 hit) and a bad image finds its captions behind
     the 2 captions that point at it (R@1 miss, R@5 hit): R@1 = 90, 80, 70, 60, 50 per fold, 70 on average.
     """
@@ -21,9 +22,10 @@ def five_folds():
         images.append(eye)
         for j in range(1000):
             target = (j + 1) % m if j < m else j
-            texts += [eye[target], eye[target]]
+            caption = eye[target] + 0.5 * eye[j] if j < m else eye[j]
+            texts += [caption, caption]
             owner += [f * 1000 + j] * 2
-    return torch.cat(images), torch.stack(texts), torch.tensor(owner)
+    return torch.cat(images), torch.nn.functional.normalize(torch.stack(texts), dim=1), torch.tensor(owner)
 
 
 def test_coco1k_five_fold_known_recall():

@@ -50,3 +50,10 @@ def test_bad_settings_and_mismatched_state_are_refused():
         SimilarityStats(reset="daily")
     with pytest.raises(ValueError, match="checkpoint's setting"):
         SimilarityStats(reset="never").load_state_dict(SimilarityStats(reset="epoch").state_dict())
+
+
+def test_a_checkpoint_of_another_ema_decay_is_refused_not_taken():
+    stats = SimilarityStats(reset="ema", ema_decay=0.9)
+    with pytest.raises(ValueError, match=r"checkpoint ema_decay=0\.5, this run ema_decay=0\.9"):
+        stats.load_state_dict(SimilarityStats(reset="ema", ema_decay=0.5).state_dict())
+    assert stats.ema_decay == 0.9

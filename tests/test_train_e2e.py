@@ -3,11 +3,13 @@ never interrupted; a corrupt shard member is skipped and counted; an incompatibl
 fne-eval reads the checkpoint.
 
 Three launches of a tiny model (a few seconds of training each):
-  P  two ranks started by hand; SIGTERM to rank 1 only once training runs -> every rank saves at the same step k
-     and exits with EXIT_PREEMPTED;
+  P  torchrun; SIGTERM to rank 1 only once training runs -> every rank saves at the same step k and exits with
+     EXIT_PREEMPTED, which torchrun's report shows for every rank;
   A  torchrun, from scratch, for k + 2 steps without interruption;
-  C  torchrun, resumed from P's checkpoint, for k + 2 steps.
-A's losses equal P's up to step k and C's after it, bitwise (the same floats in the JSON log).
+  C  torchrun, `--resume latest` in P's folder for k + 2 steps, after records of steps past k were appended to P's
+     metrics.jsonl (what a crash after step k leaves).
+A's losses equal P's up to step k and C's after it, bitwise (the same floats in the JSON log), and the log holds
+each step once.
 """
 import json
 import os
@@ -17,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from fne_dist import checkpoint, metrics_log
 from fne_dist.config import load_config, to_dict
 from fne_dist.demo_data import build_demo_shards, render
+from fne_dist.distributed import free_port
 from fne_dist.evaluate import main as fne_eval
 from fne_dist.shards import ShardSample, write_shard
 from fne_dist.train import EXIT_PREEMPTED
@@ -60,22 +64,17 @@ deepspeed:
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def torchrun_cmd(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+            str(free_port()), "-m", "fne_dist.train", "--config", str(config), *args]
+
+
 def torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-           str(free_port()), "-m", "fne_dist.train", "--config", str(config), *args]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(torchrun_cmd(config, *args), env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -105,51 +104,60 @@ def runs(tmp_path_factory):
     config.write_text(CONFIG.format(root=ROOT, shards=shards))
 
     # P: preempted by a signal to one rank
-    port = free_port()
-    cmd = [sys.executable, "-m", "fne_dist.train", "--config", str(config), f"train.output_dir={base / 'P'}"]
-    procs = [subprocess.Popen(cmd, env={**env(), "RANK": str(r), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(r),
-                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(WORLD)]
+    launcher = subprocess.Popen(torchrun_cmd(config, f"train.output_dir={base / 'P'}"), env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = base / "P" / "metrics.jsonl"
     deadline = time.time() + TIMEOUT
     while not (log.exists() and len(metrics_log.read(log, "train")) >= 5):  # past the warm-up epoch
-        assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].communicate()[0][-5000:]
+        assert time.time() < deadline and launcher.poll() is None, launcher.communicate()[0][-5000:]
         time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * WORLD, outputs[0][-3000:] + outputs[1][-3000:]
+    [rank1] = [p for p in psutil.Process(launcher.pid).children() if p.environ().get("RANK") == "1"]
+    rank1.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=TIMEOUT)[0]
     preempted = json.loads((base / "P" / "summary.json").read_text())
     k = preempted["step"]
+    tag = base / "P" / "checkpoints" / checkpoint.tag_name(k)
+    facts = {"returncode": launcher.returncode, "output": output, "latest": checkpoint.find("latest", tag.parent),
+             "rng": [torch.load(tag / f"rng_rank{r:05d}.pt", weights_only=False)["torch"] for r in range(WORLD)]}
 
     torchrun(config, f"train.output_dir={base / 'A'}", f"train.steps={k + 2}")
-    torchrun(config, f"train.output_dir={base / 'C'}", f"train.steps={k + 2}", "--resume", str(base / "P"))
-    return {"base": base, "k": k, "preempted": preempted, "outputs": outputs, "config": config}
+    with log.open("a") as crashed:  # records a run wrote after its last checkpoint, before it died
+        crashed.writelines(json.dumps({"kind": "train", "step": s, "loss": -1.0}) + "\n" for s in range(k + 1, k + 4))
+    resumed = torchrun(config, f"train.output_dir={base / 'P'}", f"train.steps={k + 2}", "--resume", "latest")
+    return {"base": base, "k": k, "preempted": preempted, "P": facts, "config": config,
+            "outputs": [output, resumed.stdout + resumed.stderr]}
 
 
-def test_stop_request_on_one_rank_saves_on_all_ranks(runs):
-    base, k = runs["base"], runs["k"]
+def test_stop_request_on_one_rank_saves_on_all_ranks_and_every_rank_exits_75(runs):
+    k, P = runs["k"], runs["P"]
     assert runs["preempted"]["preempted"] is True and k >= 5
-    tag = base / "P" / "checkpoints" / checkpoint.tag_name(k)
-    assert (base / "P" / "checkpoints" / "latest").read_text() == tag.name
-    assert sorted(p.name for p in tag.glob("rng_rank*.pt")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
-    assert "stop requested (SIGTERM)" in runs["outputs"][0] + runs["outputs"][1]
+    assert P["latest"].name == checkpoint.tag_name(k)
+    assert sorted(p.name for p in P["latest"].glob("rng_rank*.pt")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
+    assert "stop requested (SIGTERM)" in P["output"]
+    # torchrun turns any non-zero worker status into its own 1; its report names each rank's: 75, none killed
+    exits = P["output"].count(f"exitcode  : {EXIT_PREEMPTED} (pid")
+    assert P["returncode"] == 1 and exits == WORLD, P["output"][-3000:]
 
 
-def test_resumed_run_continues_exactly(runs):
+def test_ranks_draw_different_random_numbers(runs):
+    assert not torch.equal(*runs["P"]["rng"])  # seeded with seed + rank once the towers are built
+
+
+def test_resumed_run_continues_exactly_and_logs_each_step_once(runs):
     base, k = runs["base"], runs["k"]
-    uninterrupted, preempted, resumed = losses(base / "A"), losses(base / "P"), losses(base / "C")
+    uninterrupted = losses(base / "A")
+    records = metrics_log.read(base / "P" / "metrics.jsonl", "train")
+    assert [r["step"] for r in records] == list(range(1, k + 3))  # the crashed run's extra records are gone
     assert sorted(uninterrupted) == list(range(1, k + 3))
-    assert {s: uninterrupted[s] for s in preempted} == preempted  # same trajectory up to the preemption
-    assert sorted(resumed) == [k + 1, k + 2]
-    assert {s: uninterrupted[s] for s in resumed} == resumed  # bitwise: the same floats
-    fne_steps = [r for r in metrics_log.read(base / "C" / "metrics.jsonl", "train") if not r["warmup"]]
-    assert fne_steps and all("mean_survivors" in r for r in fne_steps)
+    assert {r["step"]: r["loss"] for r in records} == uninterrupted  # bitwise: the same floats, before and after k
+    assert [r for r in records if not r["warmup"] and r["step"] > k and "mean_survivors" in r]
 
 
-def test_corrupt_member_is_skipped_and_counted(runs):
-    records = metrics_log.read(runs["base"] / "A" / "metrics.jsonl", "train")
-    assert records[-1]["data_skipped"] >= 1
+def test_corrupt_member_is_skipped_and_counted_across_a_resume(runs):
+    uninterrupted = metrics_log.read(runs["base"] / "A" / "metrics.jsonl", "train")
+    resumed = metrics_log.read(runs["base"] / "P" / "metrics.jsonl", "train")
+    assert uninterrupted[-1]["data_skipped"] >= 1
+    assert resumed[-1]["data_skipped"] == uninterrupted[-1]["data_skipped"]  # kept in the checkpoint
     assert "bad999" in "".join(runs["outputs"])  # the log names the member it skipped
 
 
@@ -173,30 +181,3 @@ def test_incompatible_resume_is_refused(runs):
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"model architecture embed_dim: 64 -> 32"):
         checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag)
     assert torch.equal(torch.load(tag / "buffer_rank00000.pt")["valid"], torch.ones(64, dtype=torch.bool))
-
-
-class FakeEngine:
-    """Stands in for a DeepSpeed engine: writes one file into the tag, then optionally dies (a crash mid-save)."""
-
-    def __init__(self, crash: bool):
-        self.crash = crash
-
-    def save_checkpoint(self, save_dir, tag, save_latest):
-        assert save_latest is False  # `latest` is ours to move, after every file is written
-        (Path(save_dir) / tag / checkpoint.DS_MODEL_STATES).write_bytes(b"engine state")
-        if self.crash:
-            raise OSError("No space left on device")
-
-
-def test_a_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path):
-    from fne_dist.config import FNESection
-    from fne_dist.objective import Objective
-
-    objective = Objective(FNESection(queue_size=8), dim=4, device=torch.device("cpu"), seed=0)
-    kwargs = dict(config={}, architecture={}, momentum=torch.nn.Linear(4, 4), objective=objective)
-    first = checkpoint.save(FakeEngine(crash=False), tmp_path, progress=checkpoint.Progress(step=10), **kwargs)
-    with pytest.raises(OSError):
-        checkpoint.save(FakeEngine(crash=True), tmp_path, progress=checkpoint.Progress(step=20), **kwargs)
-    assert (tmp_path / checkpoint.tag_name(20) / checkpoint.STATE).is_file()  # a partial tag exists ...
-    assert checkpoint.find("latest", tmp_path) == first  # ... but latest still names the complete one
-    assert checkpoint.read_state(first)["progress"] == {"step": 10, "epoch": 0, "batch": 0}

@@ -1,0 +1,40 @@
+"""What every console script shares: bad input is one `prog: error: ...` line on stderr and exit status 2, never a
+traceback.  Under a launcher every rank parses the same arguments and reads the same config, so only rank 0 says
+it; an error that can strike one rank alone (a checkpoint write) is said by the rank it struck."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from fne_dist.checkpoint import CheckpointError, CheckpointWriteError, OutputDirError
+from fne_dist.config import ConfigError
+from fne_dist.distributed import rank_from_env
+
+EXIT_USAGE = 2
+# Problems of the input or the environment that the message explains and the user fixes.
+USER_ERRORS = (ConfigError, CheckpointError, OutputDirError, CheckpointWriteError, FileNotFoundError)
+
+
+def say_error(prog: str, message: str, every_rank: bool = False) -> None:
+    if every_rank or rank_from_env() == 0:
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are said by rank 0 only (exit status 2, as argparse's own)."""
+
+    def error(self, message: str):
+        if rank_from_env() == 0:
+            self.print_usage(sys.stderr)
+        say_error(self.prog, message)
+        sys.exit(EXIT_USAGE)
+
+
+def run(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """main(argv), with USER_ERRORS turned into one error line and exit status 2."""
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        say_error(prog, str(err), every_rank=getattr(err, "rank_specific", False))
+        return EXIT_USAGE
