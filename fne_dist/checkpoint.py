@@ -355,7 +355,7 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module,
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {tag_dir}")
     momentum.load_state_dict(state["momentum"])
-    objective.buffer.load_state_dict(torch.load(tag_dir / _buffer_file(objective), weights_only=True))
+    objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])
     set_rng_state(load_file(tag_dir / _rng_file(rank()), weights_only=False))
     return Progress(**state["progress"])
