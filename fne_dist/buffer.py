@@ -10,8 +10,9 @@ SAMPLE_BLOCK from each segment's start (so every sampling block lies in one shar
 one, bit for bit); the shares differ by at most one block.  Per direction and step:
   1. all-gather the anchors and their positive similarities (G x D);
   2. draw all G anchors against this rank's segments: per-anchor partials over its candidates;
-  3. one all-to-all sends each anchor's partials (race key, weight sum, fallback score, index, survivors, fallback
-     index), with the key, id and label of this rank's choice, to the anchor's rank;
+  3. an all-to-all exchange (three calls: floats, integers, keys) sends each anchor's partials (race key, weight sum,
+     fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
+     anchor's rank;
   4. the anchor's rank merges the world partials (`merge_samples`) and keeps the key of the part whose choice won.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
 (G x (D + 8) numbers) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
@@ -102,7 +103,8 @@ class NegativeBuffer:
     def draw(self, anchors: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor, batch: GlobalKeys,
              stats: SimilarityStats, rule: FNEConfig, *, row_offset: int, **sampling) -> Negatives:
         """One negative from the whole buffer for each of this rank's anchors [b, D] (global rows row_offset + i;
-        sharded: rows rank * b + i of `batch`, whose ids are the anchors' ids in rank order).  `sampling`: seed, step, direction, impl (see `sample_negatives`).  Collective when sharded."""
+        sharded: rows rank * b + i of `batch`, whose ids are the anchors' ids in rank order).  `sampling`: seed,
+        step, direction, impl (see `sample_negatives`).  Collective when sharded."""
         segments = self.segments(batch)
         if not self.sharded:
             return _draw(segments, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset, **sampling)
