@@ -7,6 +7,8 @@
 # they come from the wheels in the ignored folder .whl/ of the checkout (make them with the pip download / pip
 # wheel commands given there), installed into /tmp/site without the network.
 # FNE_TINY=1: a dry run on the CPU at tiny sizes (the demo's tiny ViT, batch 8, buffers 256 / 512 / 1024).
+# FNE_IMPL: the sampler (default auto: the Triton kernel on a GPU, which needs col_offset support, issue 12; torch
+# is the streaming fallback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,6 +28,7 @@ else
 fi
 for buffer in $buffers; do
     "$PYTHON" -m fne_dist.bench step --model "$model" --batch "$batch" --queue "$buffer" --mode bayes \
+        --impl "${FNE_IMPL:-auto}" \
         "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
 done
 cat "$OUT/step.csv"
