@@ -1,4 +1,5 @@
-"""`fne-bench sampler ...` (the sampler kernels), `fne-bench step ...` (an FNE step against a CLIP step) and
+"""`fne-bench sampler ...` (the sampler kernels), `fne-bench step ...` (the trainer's FNE step against a CLIP step),
+`fne-bench buffer ...` (the negative buffer's memory and step time against world and buffer size) and
 `fne-bench data ...` (the loader's samples/s per worker)."""
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from fne_dist.cli import ArgumentParser
 
 COMMANDS = {"sampler": "the sampler kernels against a matmul and the dense recipe (fne-bench sampler --help)",
-            "step": "an FNE training step against a CLIP step (fne-bench step --help)",
+            "step": "the trainer's FNE step against a CLIP step (fne-bench step --help)",
+            "buffer": "buffer memory and step time against world and buffer size (fne-bench buffer --help)",
             "data": "the loader's samples/s per worker and in total (fne-bench data --help)"}
 
 
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
         from fne_kernels.bench_sampler import main as run
     elif argv[0] == "step":
         from fne_dist.bench_step import main as run
+    elif argv[0] == "buffer":
+        from fne_dist.bench_buffer import main as run
     else:
         from fne_dist.bench_data import main as run
     run(argv[1:])

@@ -5,7 +5,9 @@ Layout of `<output_dir>/checkpoints/`:
 latest                      the tag of the newest complete checkpoint (replaced atomically, written last)
 step000000200/              one tag per saved step
     fne_state.pt            rank 0: config, model architecture, world size, progress, momentum towers,
-                            momentum queue (keys, ids, labels, pointer, validity), similarity statistics
+                            similarity statistics
+    buffer_rank00000.pt     the negative buffer (keys, ids, labels, pointer, validity): every rank its shard
+                            (fne.buffer=sharded), or rank 0 the whole queue (replicated)
     rng_rank00000.pt        every rank: its python / numpy / torch (/ cuda) generator states
     mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed: online towers, optimizer, scheduler
 ```
@@ -112,6 +114,11 @@ def _rng_file(r: int) -> str:
     return f"rng_rank{r:05d}.pt"
 
 
+def _buffer_file(objective) -> str:
+    """The file of this rank's part of the buffer: its own shard, or (replicated) rank 0's whole queue."""
+    return f"buffer_rank{rank() if objective.buffer.sharded else 0:05d}.pt"
+
+
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
          momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None, metrics_bytes: int = 0,
          keep: int = 0) -> Path:
@@ -129,8 +136,10 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
             torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
                         "progress": asdict(progress), "batches_per_epoch": batches_per_epoch,
                         "metrics_bytes": metrics_bytes, "momentum": momentum.state_dict(),
-                        "queue": objective.queue.state_dict(), "stats": objective.stats.state_dict()},
+                        "stats": objective.stats.state_dict()},
                        tag_dir / STATE)
+        if objective.buffer.sharded or rank() == 0:
+            torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
         torch.save(rng_state(), tag_dir / _rng_file(rank()))
         engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
@@ -346,7 +355,7 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module,
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {tag_dir}")
     momentum.load_state_dict(state["momentum"])
-    objective.queue.load_state_dict(state["queue"])
+    objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])
     set_rng_state(load_file(tag_dir / _rng_file(rank()), weights_only=False))
     return Progress(**state["progress"])

@@ -12,15 +12,16 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, get_type_hints
 
+import torch
 import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.queue import check_queue_size
+from fne_dist.queue import LAYOUTS, check_queue_size
 from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
-QUEUE_DTYPES = ("float32", "bfloat16", "float16")
+QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
 
 
 class ConfigError(ValueError):
@@ -67,8 +68,9 @@ class FNESection:
     impl: str = "auto"
     stats_reset: str = "epoch"
     ema_decay: float = 0.99  # only with stats_reset=ema
-    queue_size: int = 8192
-    queue_dtype: str = "float32"
+    queue_size: int = 8192  # the global buffer: the queue over all ranks
+    queue_dtype: str = "auto"
+    buffer: str = "auto"  # replicated | sharded (each rank holds 1/world of the queue); auto: sharded if world > 1
     momentum: float = 0.995
     warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
 
@@ -209,6 +211,7 @@ def validate(cfg: Config) -> None:
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
     _choice("fne.queue_dtype", f.queue_dtype, QUEUE_DTYPES)
+    _choice("fne.buffer", f.buffer, LAYOUTS)
     try:
         f.rule()
     except ValueError as err:
@@ -252,6 +255,15 @@ def check_world(cfg: Config, world_size: int) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return global_batch
+
+
+def queue_dtype(f: FNESection, device) -> torch.dtype:
+    """fne.queue_dtype on this device: auto is bfloat16 on GPUs (half the memory and reads; the keys are unit
+    vectors, see README "The negative buffer" for the error of a similarity) and float32 on CPUs."""
+    name = f.queue_dtype
+    if name == "auto":
+        name = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, name)
 
 
 def epoch_pairs(cfg: Config, global_batch: int) -> int | None:

@@ -42,6 +42,17 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def all_to_all(t: torch.Tensor) -> torch.Tensor:
+    """Exchange equal chunks along dim 0: chunk s of every rank goes to rank s, and the result holds, in rank
+    order, the chunks every rank sent here (t itself in one process)."""
+    if not is_distributed():
+        return t
+    out = torch.empty_like(t)
+    dist.all_to_all_single(out, t.contiguous())
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (one all-reduce: call it on every rank)."""
     device = "cuda" if is_distributed() and dist.get_backend() == "nccl" else "cpu"

@@ -5,9 +5,10 @@ parameters, and one builder serves both the FNE trainer (which freezes the scale
 temperature) and the CLIP-loss baseline of `fne-bench step` (which trains it).
 
 The momentum towers (FNE_SPEC step 2) are a plain fp32 copy outside the DeepSpeed engine, never trained by the
-optimizer: `momentum_update` moves them towards the online weights before each step's keys are computed.  Under
-ZeRO-3 the engine's parameters are partitioned across ranks, so the update reads them inside
-`deepspeed.zero.GatheredParameters`, which gathers them for the duration of the update.
+optimizer: `momentum_update` moves them towards the online weights once per optimizer step, before the next
+step's keys are computed.  Under ZeRO-3 the engine's parameters are partitioned across ranks,
+so the update reads them inside `deepspeed.zero.GatheredParameters`, which gathers them for the duration of the
+update; the momentum towers themselves are a full fp32 copy on every rank (not sharded: README, open items).
 """
 from __future__ import annotations
 
@@ -105,6 +106,9 @@ def momentum_copy(model: nn.Module) -> nn.Module:
 def momentum_update(online: nn.Module, momentum: nn.Module, m: float, zero3: bool = False) -> None:
     """theta_m = m * theta_m + (1 - m) * theta for every parameter; buffers (e.g. BatchNorm statistics) are copied.
 
+    The momentum towers stay fp32 (a 0.5% step is below bf16's resolution) and read the online weights in their own
+    dtype: no fp32 copy of the model per step.  Parameters of the same dtype move in one multi-tensor lerp; bf16
+    online weights are added into the fp32 targets tensor by tensor (torch promotes inside the add).
     zero3: the online parameters are ZeRO-3 partitions; they are gathered (on every rank: call it on all) first.
     """
     params = list(online.parameters())
@@ -112,9 +116,14 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float, zero3: boo
     if len(targets) != len(params):
         raise ValueError(f"momentum towers have {len(targets)} parameters, the online towers {len(params)}")
     with _gathered(params) if zero3 else nullcontext():
-        # one multi-tensor call per operation instead of two kernels per parameter
-        torch._foreach_mul_(targets, m)
-        torch._foreach_add_(targets, [p.detach().to(t.dtype) for p, t in zip(params, targets)], alpha=1 - m)
+        same = [(t, p.detach()) for t, p in zip(targets, params) if t.dtype == p.dtype]
+        mixed = [(t, p.detach()) for t, p in zip(targets, params) if t.dtype != p.dtype]
+        if same:
+            torch._foreach_lerp_(*map(list, zip(*same)), 1 - m)
+        if mixed:
+            mixed_targets, mixed_sources = map(list, zip(*mixed))
+            torch._foreach_mul_(mixed_targets, m)
+            torch._foreach_add_(mixed_targets, mixed_sources, alpha=1 - m)
     for b_m, b in zip(momentum.buffers(), online.buffers(), strict=True):
         b_m.copy_(b)
 

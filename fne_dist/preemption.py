@@ -3,8 +3,8 @@
 SLURM and submitit deliver preemption and time-limit signals to some ranks only (submitit's handler acts on global
 rank 0 only), while a DeepSpeed checkpoint needs every rank.  So a signal handler here does nothing but set a local
 flag (saving inside a handler would interrupt the main loop in the middle of a step, possibly inside a collective);
-`should_stop()` all-reduces the flag (max) once per step, so all ranks see the same answer at the same step, save
-together in the main loop, and leave.
+`agree()` all-reduces the flag (max) once per step together with the step's non-finite check (`should_stop()` alone
+where there is none), so all ranks see the same answer at the same step, save together in the main loop, and leave.
 
 The request remembers which signals arrived, because the right exit depends on them (see fne_dist/job.py): after
 SIGUSR2 (submitit's time-limit / preemption notice) the job requeues itself, after SIGTERM SLURM is already ending or
@@ -65,5 +65,11 @@ class StopRequest:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank was asked to stop (one tiny all-reduce; call it on every rank, every step)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        return bool(all_reduce(flag, op=dist.ReduceOp.MAX).item())
+        return self.agree(torch.zeros((), device=self.device))[1]
+
+    def agree(self, bad: torch.Tensor) -> tuple[bool, bool]:
+        """(any rank's `bad` is true, any rank was asked to stop): both from one all-reduce and one host sync, so a
+        training step that must check its values anyway pays nothing more for the stop request."""
+        flag = torch.stack([bad.float().reshape(()), torch.zeros((), device=bad.device).fill_(float(self.requested))])
+        bad_anywhere, stop = all_reduce(flag, op=dist.ReduceOp.MAX).tolist()
+        return bool(bad_anywhere), bool(stop)

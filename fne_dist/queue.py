@@ -1,4 +1,5 @@
-"""The replicated momentum queue that, with the global batch, forms the buffer of candidate negatives."""
+"""The momentum queue (whole, or one rank's shard of it) that, with the global batch, forms the buffer of
+candidate negatives (fne_dist.buffer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from fne_dist.distributed import all_gather_cat
+
+
+LAYOUTS = ("auto", "replicated", "sharded")  # of the buffer (fne_dist.buffer); auto: sharded when world > 1
+
+
+def resolve_layout(layout: str, world: int) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"fne.buffer={layout!r} is unknown: use one of {LAYOUTS}")
+    if layout == "auto":
+        return "sharded" if world > 1 else "replicated"
+    return layout
 
 
 def check_queue_size(size: int, global_batch: int, why: str = "world size x per-rank batch") -> None:
@@ -33,72 +45,70 @@ class GlobalKeys:
         return cls(*(all_gather_cat(t.detach()) for t in (image, text, ids, labels)))
 
 
-@dataclass
-class Candidates:
-    """[global batch ; queue]: image [N, D], text [N, D], ids [N], labels [N], valid [N]."""
-
-    image: torch.Tensor
-    text: torch.Tensor
-    ids: torch.Tensor
-    labels: torch.Tensor
-    valid: torch.Tensor
-
-
 class MomentumQueue:
-    """Ring buffer of image keys, text keys and ids with an explicit validity mask.
+    """Ring buffer of image keys, text keys, ids and labels with an explicit validity mask: the whole ring of
+    `size` slots, or the contiguous range `slots = (lo, hi)` of it that this rank owns (the sharded buffer).
 
-    Every rank enqueues the same all-gathered global batch, so all copies stay identical without any
-    further communication.  Slots never written are invalid and are never sampled.
+    The pointer walks the whole ring on every rank; `enqueue` gets the same all-gathered global batch everywhere
+    and writes only the slots this queue holds, so replicated copies stay identical and shards stay disjoint
+    without further communication.  Slots never written are invalid and are never sampled.
     """
 
     BUFFERS = ("image", "text", "ids", "labels", "valid")
 
-    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 slots: tuple[int, int] | None = None):
         if size < 1:
             raise ValueError(f"MomentumQueue size={size} must be >= 1")
         self.size = size
-        self.image = torch.zeros(size, dim, dtype=dtype, device=device)
-        self.text = torch.zeros(size, dim, dtype=dtype, device=device)
-        self.ids = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
-        self.valid = torch.zeros(size, dtype=torch.bool, device=device)
+        self.lo, self.hi = slots or (0, size)
+        if not 0 <= self.lo <= self.hi <= size:
+            raise ValueError(f"MomentumQueue slots={slots} must lie within [0, {size}]")
+        n = self.hi - self.lo
+        self.image = torch.zeros(n, dim, dtype=dtype, device=device)
+        self.text = torch.zeros(n, dim, dtype=dtype, device=device)
+        self.ids = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.labels = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.valid = torch.zeros(n, dtype=torch.bool, device=device)
         self.ptr = 0
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
 
     def check_global_batch(self, global_batch: int) -> None:
         check_queue_size(self.size, global_batch)
 
-    def candidates(self, keys: GlobalKeys) -> Candidates:
-        """Global batch keys first, then the queue as it is before this step's enqueue (FNE_SPEC step 3)."""
-        dtype = self.image.dtype
-        batch_valid = torch.ones(len(keys.ids), dtype=torch.bool, device=self.valid.device)
-        return Candidates(
-            torch.cat([keys.image.to(dtype), self.image]),
-            torch.cat([keys.text.to(dtype), self.text]),
-            torch.cat([keys.ids, self.ids]),
-            torch.cat([keys.labels, self.labels]),
-            torch.cat([batch_valid, self.valid]),
-        )
-
     @torch.no_grad()
     def enqueue(self, keys: GlobalKeys) -> None:
-        """Write the global batch at the pointer, wrapping around (FNE_SPEC step 10)."""
+        """Write the global batch at the pointer, wrapping around (FNE_SPEC step 10); rows whose ring slot lies
+        outside this queue's range are left to the shard that holds them.  Slice copies only (no host sync)."""
         g = len(keys.ids)
         self.check_global_batch(g)
-        slots = (self.ptr + torch.arange(g, device=self.ids.device)) % self.size
-        self.image[slots] = keys.image.to(self.image.dtype)
-        self.text[slots] = keys.text.to(self.text.dtype)
-        self.ids[slots] = keys.ids
-        self.labels[slots] = keys.labels
-        self.valid[slots] = True
-        self.ptr = (self.ptr + g) % self.size
+        start, self.ptr = self.ptr, (self.ptr + g) % self.size
+        # the batch covers ring slots [start, start + g) mod size: at most two linear runs; batch row = slot - base
+        for base, lo, hi in ((start, start, min(start + g, self.size)), (start - self.size, 0, start + g - self.size)):
+            lo, hi = max(lo, self.lo), min(hi, self.hi)
+            if lo >= hi:
+                continue
+            rows = slice(lo - base, hi - base)
+            here = slice(lo - self.lo, hi - self.lo)
+            self.image[here] = keys.image[rows].to(self.image.dtype)
+            self.text[here] = keys.text[rows].to(self.text.dtype)
+            self.ids[here] = keys.ids[rows]
+            self.labels[here] = keys.labels[rows]
+            self.valid[here] = True
 
     def state_dict(self) -> dict:
-        return {name: getattr(self, name).cpu() for name in self.BUFFERS} | {"ptr": self.ptr}
+        return {name: getattr(self, name).cpu() for name in self.BUFFERS} | {
+            "ptr": self.ptr, "size": self.size, "slots": (self.lo, self.hi)}
 
     def load_state_dict(self, state: dict) -> None:
-        if tuple(state["image"].shape) != tuple(self.image.shape):
-            raise ValueError(f"queue in the checkpoint is {tuple(state['image'].shape)}, this run's is "
-                             f"{tuple(self.image.shape)}: resume with the checkpoint's queue size and embedding width")
+        saved = (state.get("size", len(state["ids"])), tuple(state.get("slots", (0, len(state["ids"])))))
+        if saved != (self.size, (self.lo, self.hi)) or state["image"].shape[1:] != self.image.shape[1:]:
+            raise ValueError(
+                f"the queue in the checkpoint holds slots {saved[1]} of {saved[0]} x {state['image'].shape[1]}, "
+                f"this run's slots {(self.lo, self.hi)} of {self.size} x {self.image.shape[1]}: resume with the "
+                "checkpoint's queue size, embedding width, buffer layout and world size")
         for name in self.BUFFERS:
             getattr(self, name).copy_(state[name])
         self.ptr = int(state["ptr"])

@@ -1,6 +1,8 @@
 """Gaussian statistics of positive and negative similarity (FNE_SPEC step 6), exact and rank-merged."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fne_dist.distributed import all_reduce
@@ -86,12 +88,17 @@ class SimilarityStats:
                 neg_w.sum(), (neg_w * negs).sum(), (neg_w * negs**2).sum(),
             ])
 
-    def update(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """Add this step's moments, summed over all ranks with one all-reduce when distributed."""
+    def updated(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None = None) -> "SimilarityStats":
+        """A copy with this step's moments added (summed over all ranks with one all-reduce); self is unchanged, so
+        a step can sample with them and keep them only once its loss is known to be finite."""
         batch = all_reduce(self.batch_moments(img, txt, ids).to(self.moments_vec.device))
-        if self.reset == "ema":
-            self.moments_vec.mul_(self.ema_decay)
-        self.moments_vec.add_(batch)
+        new = copy.copy(self)
+        new.moments_vec = (self.moments_vec * self.ema_decay if self.reset == "ema" else self.moments_vec) + batch
+        return new
+
+    def update(self, img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Add this step's moments (see `updated`)."""
+        self.moments_vec = self.updated(img, txt, ids).moments_vec
 
     def new_epoch(self) -> None:
         """Apply the reset policy at an epoch boundary."""

@@ -104,7 +104,9 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, rt: Runtime):
+    def __init__(self, cfg: Config, rt: Runtime, batches_per_epoch: int | None = None):
+        """batches_per_epoch: None reads it from the training data; given, the data is never opened (`fne-bench
+        step` drives `train_step` with its own batches)."""
         import deepspeed
 
         self.cfg, self.rt = cfg, rt
@@ -116,7 +118,7 @@ class Trainer:
         model = self.towers.model
         freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)
-        self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
+        self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
@@ -132,6 +134,8 @@ class Trainer:
                                           retries=cfg.data.retries)
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
         self.stop = StopRequest(rt.device)
+        self.stop_agreed = False  # some rank was asked to stop, as all ranks agreed in the last step
+        self.ema_due = True  # an optimizer step (or the start, or a resume after one) awaits its EMA
         self.window, self.epoch_tally = Tally(rt.device), Tally(rt.device)  # since the last log / in this epoch
         self.bad_in_a_row = 0
         self.last_saved = -1
@@ -155,45 +159,64 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.rt.device.type, dtype=self.dtype)
 
-    def _all_ranks_finite(self, *tensors: torch.Tensor) -> bool:
-        flag = torch.stack([t.isfinite().all() for t in tensors]).all().float().reshape(1)
-        return bool(all_reduce(flag, op=dist.ReduceOp.MIN).item())
-
     def train_step(self, batch, step: int, warmup: bool) -> bool:
-        """FNE_SPEC steps 1-10 for one batch; skipped on every rank (no update) if any rank sees a non-finite value.
-        True if the optimizer stepped (with gradient accumulation, only at the end of an accumulation)."""
-        device = self.rt.device
-        images = batch.images.to(device, non_blocking=True)
-        tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
-        # EMA first: under ZeRO-3 it gathers and re-partitions the online weights, which must not happen
-        # between the online forward and its backward.  Both read the same (not yet updated) weights.
-        momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
-        with torch.no_grad(), self._autocast():
-            ik, tk = encode(self.momentum, images, tokens)
-        ia, ta = encode(self.engine, images.to(self.dtype), tokens)
-        if not self._all_ranks_finite(ia, ta, ik, tk):
+        """FNE_SPEC steps 1-10 for one batch; True if the optimizer stepped (with gradient accumulation, only at the
+        end of an accumulation).  Order, so that a non-finite step touches nothing on any rank:
+          0. the EMA of the momentum towers for the last optimizer step, once per optimizer step, before this step's
+             keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
+             step, not to this one, and it runs here rather than right after that step's optimizer step because
+             under ZeRO-3 it gathers the online weights, which DeepSpeed's parameter trace expects before a forward
+             (after `engine.step()` the next backward failed with a "tracing error");
+          1. keys from the momentum towers, features from the online towers, the loss (`Objective.loss` changes no
+             state: it returns the step's keys and statistics);
+          2. one all-reduce and one host sync: are the loss (which every feature and key enters) and the keys
+             finite on every rank, and was a stop asked for anywhere (kept for `_checkpoint_or_stop`);
+          3. a bad step ends here; else backward, the optimizer step (which makes the next EMA due), the statistics
+             and the enqueue.
+        """
+        if self.ema_due:
+            momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
+            self.ema_due = False
+        out = self.forward_loss(batch, step, warmup)
+        bad, self.stop_agreed = self.stop.agree(~_finite(out.loss, out.keys.image, out.keys.text))
+        if bad:
             self._bad_step(step)
             return False
         self.bad_in_a_row = 0
-        out = self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup)
+        return self.apply(out)
+
+    def forward_loss(self, batch, step: int, warmup: bool):
+        """Step 1 of `train_step`: the step's loss, keys and statistics, nothing changed yet."""
+        device = self.rt.device
+        images = batch.images.to(device, non_blocking=True)
+        tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
+        with torch.no_grad(), self._autocast():
+            ik, tk = encode(self.momentum, images, tokens)
+        ia, ta = encode(self.engine, images.to(self.dtype), tokens)
+        return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup)
+
+    def apply(self, out) -> bool:
+        """Step 3 of `train_step`, for a step found finite on every rank."""
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
-        self.objective.enqueue(out.keys)
+        stepped = self.engine.global_steps != optimizer_steps
+        self.ema_due |= stepped
+        self.objective.commit(out)
         for tally in (self.window, self.epoch_tally):
             tally.add_step(out.loss, out.diagnostics)
-        return self.engine.global_steps != optimizer_steps
+        return stepped
 
     def _bad_step(self, step: int) -> None:
         self.bad_in_a_row += 1
         for tally in (self.window, self.epoch_tally):
             tally.add_bad_step()
         if self.rt.rank == 0:
-            log.warning("step %d: non-finite features or keys on some rank; step skipped (%d in a row)",
+            log.warning("step %d: non-finite loss or keys on some rank; step skipped (%d in a row)",
                         step, self.bad_in_a_row)
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             raise BadStepsError(
-                f"{self.bad_in_a_row} consecutive steps (up to step {step}) had non-finite features or keys, so "
+                f"{self.bad_in_a_row} consecutive steps (up to step {step}) had a non-finite loss or keys, so "
                 f"training stopped (train.max_bad_steps={self.cfg.train.max_bad_steps}). Lower the learning rate, "
                 "enable gradient_clipping in the deepspeed section, or check the data; the last checkpoint "
                 f"in {self.ckpt_dir} is from before the divergence")
@@ -250,7 +273,7 @@ class Trainer:
         every = self.cfg.train.checkpoint_every
         if every and progress.step // every > max(self.last_saved, 0) // every:
             self._save(progress)
-        if not self.stop.should_stop():
+        if not self.stop_agreed:
             return False
         if self.stop.requested:
             log.warning("rank %d: stop requested (%s)", self.rt.rank, self.stop.signal_name)
@@ -331,6 +354,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.metrics.close()
+
+
+def _finite(*tensors: torch.Tensor) -> torch.Tensor:
+    """0-dim bool on the device: every value of every tensor is finite (no host sync)."""
+    return torch.stack([t.isfinite().all() for t in tensors]).all()
 
 
 def train(cfg: Config) -> dict:

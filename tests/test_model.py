@@ -1,5 +1,6 @@
 """The towers: open_clip models by name or JSON, what the optimizer sees, and the momentum (EMA) update,
 also under ZeRO-3 where the online parameters are partitioned."""
+import copy
 import os
 import subprocess
 import sys
@@ -68,6 +69,18 @@ def test_momentum_update_is_the_ema(towers):
     momentum_update(online, momentum, m=0.995)
     for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
         assert torch.allclose(new, 0.995 * old + 0.005 * theta, atol=1e-7, rtol=1e-6)
+
+
+def test_momentum_update_reads_bf16_online_weights_into_fp32_towers(towers):
+    online = copy.deepcopy(towers.model).bfloat16()
+    momentum = momentum_copy(towers.model)
+    for p in momentum.parameters():
+        p.data.normal_()
+    before = [p.clone() for p in momentum.parameters()]
+    momentum_update(online, momentum, m=0.995)
+    for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
+        assert new.dtype == torch.float32
+        assert torch.allclose(new, 0.995 * old + 0.005 * theta.float(), atol=1e-7, rtol=1e-6)
 
 
 ZERO3_EMA = textwrap.dedent("""

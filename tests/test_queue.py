@@ -1,4 +1,4 @@
-"""MomentumQueue: ring-buffer order for any G and Q, validity, candidates, refusal of Q < G, state."""
+"""MomentumQueue: ring-buffer order for any G and Q, validity, shards of the ring, refusal of Q < G, state."""
 import pytest
 import torch
 
@@ -28,13 +28,16 @@ def test_ring_buffer_holds_the_latest_keys_in_slot_order(q, g):
     assert queue.ptr == len(written) % q
 
 
-def test_candidates_put_the_global_batch_first_and_mark_empty_slots_invalid():
-    queue = MomentumQueue(5, 2)
-    queue.enqueue(keys(0, 2))
-    cand = queue.candidates(keys(50, 3))
-    assert cand.ids.tolist() == [50, 51, 52, 0, 1, -1, -1, -1]
-    assert cand.valid.tolist() == [True] * 5 + [False] * 3
-    assert cand.image.shape == (8, 2) and cand.labels.tolist()[:5] == [0, 1, 0, 0, 1]
+@pytest.mark.parametrize("q, g", [(10, 3), (9, 4), (5, 5)])
+def test_shards_of_the_ring_together_hold_the_whole_ring(q, g):
+    whole = MomentumQueue(q, 2)
+    shards = [MomentumQueue(q, 2, slots=s) for s in ((0, 3), (3, 3), (3, q))]
+    for step in range(5):
+        for queue in (whole, *shards):
+            queue.enqueue(keys(100 * step, g))
+    for name in MomentumQueue.BUFFERS:
+        assert torch.equal(torch.cat([getattr(s, name) for s in shards]), getattr(whole, name)), name
+    assert {s.ptr for s in shards} == {whole.ptr}
 
 
 def test_queue_smaller_than_global_batch_is_refused():

@@ -180,4 +180,4 @@ def test_incompatible_resume_is_refused(runs):
     wider = {**state["architecture"], "embed_dim": 32}
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"model architecture embed_dim: 64 -> 32"):
         checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag)
-    assert torch.equal(state["queue"]["valid"], torch.ones(64, dtype=torch.bool))
+    assert torch.equal(torch.load(tag / "buffer_rank00000.pt")["valid"], torch.ones(64, dtype=torch.bool))

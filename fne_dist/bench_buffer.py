@@ -1,0 +1,109 @@
+"""`fne-bench buffer`: per-rank memory and step time of the negative buffer against world size and buffer size.
+
+Spawns `world` CPU processes in a gloo group; each runs `Objective.loss` + `commit` (the trainer's FNE part of a
+step: key all-gather, statistics, the draw from the whole buffer in both directions, the loss, the enqueue) on
+random unit features against a full buffer, with the Bayes rule on.  Two sweeps: world sizes at a fixed global
+buffer, and buffer sizes at a fixed world.  Reported per run: the buffer bytes a rank holds (its ring slots) and
+the median step time of the slowest rank.  Prints a table and writes a CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from fne_dist.config import FNESection
+from fne_dist.objective import Objective
+from fne_dist.queue import GlobalKeys
+from fne_dist.stats import SimilarityStats
+from fne_dist.train import _free_port
+
+FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fne-bench buffer", description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=("sharded", "replicated"), default="sharded")
+    parser.add_argument("--worlds", default="1,2,4", help="world sizes of the first sweep")
+    parser.add_argument("--queue", type=int, default=65536, help="global buffer of the first sweep")
+    parser.add_argument("--queues", default="16384,65536,262144", help="buffer sizes of the second sweep")
+    parser.add_argument("--world", type=int, default=2, help="world size of the second sweep")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="anchors per rank")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed)")
+    parser.add_argument("--csv", default="runs/bench/buffer.csv")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Case:
+    layout: str
+    world: int
+    queue: int
+    dim: int
+    batch: int
+    steps: int
+
+
+def _worker(rank: int, case: Case, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=case.world)
+    cfg = FNESection(queue_size=case.queue, mode="bayes", buffer=case.layout, impl="torch")
+    objective = Objective(cfg, case.dim, torch.device("cpu"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    unit = lambda n: F.normalize(torch.randn(n, case.dim, generator=g), dim=1)  # noqa: E731 (same stream everywhere)
+    ids = torch.arange(case.queue) + 10**9
+    objective.buffer.enqueue(GlobalKeys(unit(case.queue), unit(case.queue), ids, torch.full_like(ids, -1)))
+    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
+                                                   var_neg=0.02, reset="never")
+    times = []
+    for step in range(case.steps + 1):
+        feats = [unit(case.batch) for _ in range(4)]
+        ids = torch.arange(case.batch) + case.batch * (case.world * step + rank)
+        dist.barrier()
+        start = time.perf_counter()
+        out_step = objective.loss(*feats, ids, torch.full_like(ids, -1), step=step, rank=rank, warmup=False)
+        objective.commit(out_step)
+        times.append(time.perf_counter() - start)
+    q = objective.buffer.queue
+    held = sum(getattr(q, name).nbytes for name in q.BUFFERS)
+    torch.save({"ms": 1000 * statistics.median(times[1:]), "bytes": held}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def measure(case: Case) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(case, _free_port(), out), nprocs=case.world)
+        ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
+    return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
+            "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
+            "step_ms": round(max(r["ms"] for r in ranks), 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cases = [Case(args.layout, int(w), args.queue, args.dim, args.batch, args.steps) for w in args.worlds.split(",")]
+    cases += [Case(args.layout, args.world, int(q), args.dim, args.batch, args.steps) for q in args.queues.split(",")]
+    rows = []
+    print("  ".join(FIELDS))
+    for case in cases:
+        rows.append(measure(case))
+        print("  ".join(str(rows[-1][k]) for k in FIELDS), flush=True)
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")

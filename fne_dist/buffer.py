@@ -1,0 +1,176 @@
+"""The global buffer of candidate negatives, [global batch ; queue before enqueue], replicated or sharded.
+
+Global columns (FNE_SPEC step 3): the step's all-gathered batch keys are columns [0, G), ring slot s of the queue
+is column G + s.  The buffer hands the sampler these candidates as `Segment`s, views at their global column offset
+(never a concatenation: no per-step copy of the queue), and `merge_samples` combines the segments' draws exactly.
+
+replicated: every rank holds the whole queue and draws its own b anchors against every segment.
+sharded: rank r holds a contiguous range of the batch columns and of the ring slots, cut at multiples of
+SAMPLE_BLOCK from each segment's start (so every sampling block lies in one shard and the draw is the replicated
+one, bit for bit); the shares differ by at most one block.  Per direction and step:
+  1. all-gather the anchors and their positive similarities (G x D);
+  2. draw all G anchors against this rank's segments: per-anchor partials over its candidates;
+  3. an all-to-all exchange (three calls: floats, integers, keys) sends each anchor's partials (race key, weight sum,
+     fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
+     anchor's rank;
+  4. the anchor's rank merges the world partials (`merge_samples`) and keeps the key of the part whose choice won.
+An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
+(G x (D + 8) numbers) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
+the buffer size; memory is the ring / world per rank plus the G batch keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fne_dist.distributed import all_gather_cat, all_to_all
+from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
+from fne_dist.queue import GlobalKeys, MomentumQueue, resolve_layout
+from fne_dist.stats import SimilarityStats
+
+def block_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank's share [lo, hi) of n columns: whole SAMPLE_BLOCKs (the last one may be short), contiguous, in rank
+    order; shares differ by at most one block, and a rank beyond the blocks gets an empty share."""
+    blocks = -(-n // SAMPLE_BLOCK)
+    per, extra = divmod(blocks, world)
+    first = rank * per + min(rank, extra)
+    last = first + per + (rank < extra)
+    return min(first * SAMPLE_BLOCK, n), min(last * SAMPLE_BLOCK, n)
+
+
+@dataclass
+class Segment:
+    """Candidates at global columns [col_offset, col_offset + len): image, text [n, D], ids, labels [n], valid [n]
+    (None: all valid).  The API for anything that reads the buffer (samplers, objectives over all candidates)."""
+
+    col_offset: int
+    image: torch.Tensor
+    text: torch.Tensor
+    ids: torch.Tensor
+    labels: torch.Tensor
+    valid: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def keys(self, direction: int) -> torch.Tensor:
+        """The candidates of a direction: 0 image anchors -> text keys, 1 text anchors -> image keys."""
+        return self.text if direction == 0 else self.image
+
+
+@dataclass
+class Negatives:
+    """One direction's draw for this rank's b anchors: the sample (global columns, NO_NEGATIVE where none) and the
+    chosen candidates' keys [b, D] (buffer dtype, zero where none), ids and labels [b] (-1 where none)."""
+
+    sample: SampleResult
+    keys: torch.Tensor
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class NegativeBuffer:
+    """This rank's part of the buffer (the queue or its shard) and the draw of negatives from the whole buffer."""
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype, device: torch.device | str, *,
+                 layout: str = "auto", rank: int = 0, world: int = 1):
+        self.layout = resolve_layout(layout, world)
+        self.sharded = self.layout == "sharded"
+        self.rank, self.world = rank, world
+        self.queue = MomentumQueue(size, dim, dtype, device, block_range(size, world, rank) if self.sharded else None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.queue.image.dtype
+
+    def segments(self, batch: GlobalKeys) -> list[Segment]:
+        """This rank's candidates, in global column order: its part of the batch (G x D, converted to the buffer's
+        dtype), then its ring slots (views)."""
+        g, q = len(batch.ids), self.queue
+        lo, hi = block_range(g, self.world, self.rank) if self.sharded else (0, g)
+        out = []
+        if hi > lo:
+            image, text = (t[lo:hi].to(self.dtype) for t in (batch.image, batch.text))
+            out.append(Segment(lo, image, text, batch.ids[lo:hi], batch.labels[lo:hi], None))
+        if len(q):
+            out.append(Segment(g + q.lo, q.image, q.text, q.ids, q.labels, q.valid))
+        return out
+
+    def enqueue(self, batch: GlobalKeys) -> None:
+        self.queue.enqueue(batch)
+
+    def draw(self, anchors: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor, batch: GlobalKeys,
+             stats: SimilarityStats, rule: FNEConfig, *, row_offset: int, **sampling) -> Negatives:
+        """One negative from the whole buffer for each of this rank's anchors [b, D] (global rows row_offset + i;
+        sharded: rows rank * b + i of `batch`, whose ids are the anchors' ids in rank order).  `sampling`: seed,
+        step, direction, impl (see `sample_negatives`).  Collective when sharded."""
+        segments = self.segments(batch)
+        if not self.sharded:
+            return _draw(segments, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset, **sampling)
+        everyone = _draw(segments, all_gather_cat(anchors), all_gather_cat(pos_sims), batch.ids, stats, rule,
+                         row_offset=0, **sampling)
+        return _merge_ranks(everyone, len(anchors), self.world, rule)
+
+    def state_dict(self) -> dict:
+        return self.queue.state_dict() | {"layout": self.layout}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("layout", "replicated") != self.layout:
+            raise ValueError(f"the checkpoint's buffer is {state.get('layout', 'replicated')}, this run's "
+                             f"{self.layout}: resume with fne.buffer={state.get('layout', 'replicated')}")
+        self.queue.load_state_dict(state)
+
+
+def _draw(segments: list[Segment], anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int, direction: int,
+          **sampling) -> Negatives:
+    """Each anchor's draw over these segments (one sampler call per segment, merged) and its choice's key."""
+    parts = [sample_negatives(anchors, seg.keys(direction), pos_sims, anchor_ids, seg.ids, stats, rule,
+                              direction=direction, row_offset=row_offset, col_offset=seg.col_offset, valid=seg.valid,
+                              **sampling) for seg in segments]
+    sample = merge_samples(parts, rule) if parts else _nothing(len(anchors), anchors.device)
+    return Negatives(sample, *_take(segments, sample.index, direction, len(anchors), anchors.shape[1]))
+
+
+def _nothing(b: int, device) -> SampleResult:
+    """The draw over no candidates (a rank whose shard is empty): no negative, and the neutral partials."""
+    none = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
+    inf = torch.full((b,), float("inf"), device=device)
+    return SampleResult(none, torch.zeros(b, dtype=torch.bool, device=device), torch.zeros_like(none),
+                        torch.zeros(b, device=device), inf, -inf, none)
+
+
+def _take(segments: list[Segment], index: torch.Tensor, direction: int, b: int, dim: int):
+    """Keys [b, D], ids and labels [b] of the chosen global columns, zero / -1 where no segment holds the column
+    (gathers and selects only: no host synchronisation)."""
+    device = index.device
+    dtype = segments[0].keys(direction).dtype if segments else torch.float32
+    keys = torch.zeros(b, dim, dtype=dtype, device=device)
+    ids = torch.full((b,), -1, dtype=torch.long, device=device)
+    labels = torch.full_like(ids, -1)
+    for seg in segments:
+        local = index - seg.col_offset
+        here = (local >= 0) & (local < len(seg))
+        at = local.clamp(0, len(seg) - 1)
+        keys = torch.where(here[:, None], seg.keys(direction)[at], keys)
+        ids = torch.where(here, seg.ids[at], ids)
+        labels = torch.where(here, seg.labels[at], labels)
+    return keys, ids, labels
+
+
+def _merge_ranks(everyone: Negatives, b: int, world: int, rule: FNEConfig) -> Negatives:
+    """Steps 3-4 of the module docstring: this rank's b rows from every rank's partials over the G anchors."""
+    s = everyone.sample
+    floats = torch.stack([s.race_key.float(), s.weight_sum.float(), s.fallback_score.float()], 1)
+    longs = torch.stack([s.index, s.survivors.long(), s.fallback_index, everyone.ids, everyone.labels], 1)
+    floats, longs, keys = (all_to_all(t).view(world, b, *t.shape[1:]) for t in (floats, longs, everyone.keys))
+    parts = [SampleResult(index=longs[r, :, 0], fallback=torch.zeros(b, dtype=torch.bool, device=longs.device),
+                          survivors=longs[r, :, 1], weight_sum=floats[r, :, 1], race_key=floats[r, :, 0],
+                          fallback_score=floats[r, :, 2], fallback_index=longs[r, :, 2]) for r in range(world)]
+    sample = merge_samples(parts, rule)
+    # the rank whose own choice is the merged one (columns are disjoint across ranks: at most one)
+    src = (longs[:, :, 0] == sample.index).int().argmax(0)
+    rows = torch.arange(b, device=longs.device)
+    has = sample.has_negative
+    return Negatives(sample, keys[src, rows].where(has[:, None], 0), longs[src, rows, 3].where(has, -1),
+                     longs[src, rows, 4].where(has, -1))
