@@ -6,7 +6,6 @@ import os
 import socket
 from dataclasses import dataclass
 
-import submitit
 import torch
 import torch.distributed as dist
 
@@ -86,6 +85,8 @@ def export_distributed_env() -> bool:
     if "SLURM_STEP_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # how submitit recognises a SLURM task
     try:
+        import submitit  # here: the sampler stack imports this module and must not need submitit (GPU image)
+
         env = submitit.helpers.TorchDistributedEnvironment()
     except RuntimeError:  # neither a submitit job nor an srun step
         return False

@@ -60,7 +60,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log everythin
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'device', '$DEVICE')" | tee -a "$LOG"
 [ "$TINY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
 
-stage tests 140 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
+stage tests 240 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
   tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
 bench() {  # bench STAGE SECONDS ARGS...: one fne-bench sampler run into its own folder
   local name=$1 seconds=$2
