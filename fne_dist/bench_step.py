@@ -111,10 +111,10 @@ def run(args) -> dict:
     def fne_step():
         nonlocal step
         with autocast:
-            ia, ta = encode(fne_model, images, tokens)
+            ia, ta, _ = encode(fne_model, images, tokens)
             momentum_update(fne_model, momentum, 0.995)
             with torch.no_grad():
-                ik, tk = encode(momentum, images, tokens)
+                ik, tk, _ = encode(momentum, images, tokens)
             out = objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=0, warmup=False)
         out.loss.backward()
         fne_opt.step()

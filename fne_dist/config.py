@@ -20,6 +20,9 @@ from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("float32", "bfloat16", "float16")
+OBJECTIVES = ("fne", "vsepp", "clip", "posterior_infonce")  # see fne_dist.objective
+RELEASED_PRIOR_RATIO = 10000.0  # the released code's, the default of mode official
+POSTERIOR_PRIOR_RATIO = 100.0  # the default wherever the posterior eliminates (issue 14's first measurement)
 
 
 class ConfigError(ValueError):
@@ -51,12 +54,15 @@ class DataSection:
 
 @dataclass
 class FNESection:
-    """FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue, momentum, stats)."""
+    """The objective, FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue,
+    momentum, stats)."""
 
+    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objective)
     mode: str = "official"
+    posterior_hinge: bool = False  # objective fne: multiply the sampled triplet's hinge by 1 - f of the drawn negative
     margin: float = 0.2
     tau: float = 0.5
-    prior_ratio: float = 10000.0
+    prior_ratio: Optional[float] = None  # None: 10^4 for objective fne in mode official, 100 otherwise
     false_margin: float = 0.999
     min_count: int = 200
     cutdown: str = "global"
@@ -69,8 +75,18 @@ class FNESection:
     warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
 
     def rule(self) -> FNEConfig:
-        """The sampling rule: this section's fields that FNEConfig has (validated there)."""
-        return FNEConfig(**{f.name: getattr(self, f.name) for f in fields(FNEConfig)})
+        """The sampling rule: this section's fields that FNEConfig has (validated there), the prior ratio resolved."""
+        values = {f.name: getattr(self, f.name) for f in fields(FNEConfig)}
+        values["prior_ratio"] = self.resolved_prior_ratio()
+        return FNEConfig(**values)
+
+    def resolved_prior_ratio(self) -> float:
+        """`prior_ratio`, or its default: the released 10^4 for the released rule, 100 wherever the posterior is
+        meant to eliminate (bayes, eliminate, the (1 - f) hinge weight, the posterior-weighted InfoNCE)."""
+        if self.prior_ratio is not None:
+            return self.prior_ratio
+        released = self.objective == "fne" and self.mode == "official"
+        return RELEASED_PRIOR_RATIO if released else POSTERIOR_PRIOR_RATIO
 
 
 @dataclass
@@ -187,7 +203,11 @@ def _positive(key: str, value, minimum=1) -> None:
 def validate(cfg: Config) -> None:
     """Rules that involve one value's range or several values; world size is checked in `check_world`."""
     f, t, d = cfg.fne, cfg.train, cfg.data
+    _choice("fne.objective", f.objective, OBJECTIVES)
     _choice("fne.mode", f.mode, MODES)
+    if f.posterior_hinge and f.objective != "fne":
+        raise ConfigError(f"fne.posterior_hinge weights the sampled triplet's hinge: it needs fne.objective=fne, "
+                          f"not {f.objective!r}")
     _choice("fne.cutdown", f.cutdown, CUTDOWNS)
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)

@@ -1,18 +1,37 @@
-"""Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and the VSE++ warm-up (step 9)."""
+"""Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and VSE++'s hardest in-batch negative (step 9)."""
 from __future__ import annotations
 
 import torch
 
 
-def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float) -> torch.Tensor:
-    """mean_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
-
-    anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
-    so image->text trains the image tower and text->image the text tower.
-    """
+def triplet_hinges(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float) -> torch.Tensor:
+    """max(0, margin + a_i . n_i - a_i . p_i) per row [b]; the keys are detached (momentum keys)."""
     pos = (anchors * pos_keys.detach()).sum(1)
     neg = (anchors * neg_keys.detach()).sum(1)
-    return (margin + neg - pos).clamp_min(0).mean()
+    return (margin + neg - pos).clamp_min(0)
+
+
+def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_i weight_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
+
+    anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
+    so image->text trains the image tower and text->image the text tower.  weight [b] (None: 1) multiplies each
+    row's hinge: 0 for a row without a negative, whose term is 0 while it still counts in the mean over b.
+    """
+    hinges = triplet_hinges(anchors, pos_keys, neg_keys, margin)
+    return (hinges if weight is None else hinges * weight).mean()
+
+
+def vsepp_hardest(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float):
+    """Per direction, each anchor's hardest in-batch violation (cost [b]) and its column (index [b]), pairs sharing
+    an id masked: ((cost_i2t, index_i2t), (cost_t2i, index_t2i))."""
+    s = img @ txt.T
+    pos = s.diagonal()
+    same = ids[:, None] == ids[None, :]
+    cost_i2t = (margin + s - pos[:, None]).clamp_min(0).masked_fill(same, 0)
+    cost_t2i = (margin + s - pos[None, :]).clamp_min(0).masked_fill(same, 0)
+    return cost_i2t.max(1), cost_t2i.max(0)
 
 
 def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float) -> torch.Tensor:
@@ -21,9 +40,5 @@ def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: 
     Returns mean_i [max_j cost(i->j) + max_j cost(j->i)] so that it has the scale of `fne_triplet_loss` summed
     over the two directions.
     """
-    s = img @ txt.T
-    pos = s.diagonal()
-    same = ids[:, None] == ids[None, :]
-    cost_i2t = (margin + s - pos[:, None]).clamp_min(0).masked_fill(same, 0)
-    cost_t2i = (margin + s - pos[None, :]).clamp_min(0).masked_fill(same, 0)
-    return (cost_i2t.max(1).values + cost_t2i.max(0).values).mean()
+    (i2t, _), (t2i, _) = vsepp_hardest(img, txt, ids, margin)
+    return (i2t + t2i).mean()

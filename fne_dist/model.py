@@ -1,8 +1,8 @@
 """The image and text towers (any open_clip model) and their momentum copy.
 
 The online towers are an open_clip CLIP built with a 1-element logit scale: DeepSpeed cannot flatten 0-dim
-parameters, and one builder serves both the FNE trainer (which freezes the scale: a triplet loss has no
-temperature) and the CLIP-loss baseline of `fne-bench step` (which trains it).
+parameters, and one builder serves the triplet objectives (which freeze the scale: a triplet loss has no
+temperature) and the InfoNCE ones and the CLIP-loss baseline of `fne-bench step` (which train it).
 
 The momentum towers (FNE_SPEC step 2) are a plain fp32 copy outside the DeepSpeed engine, never trained by the
 optimizer: `momentum_update` moves them towards the online weights before each step's keys are computed.  Under
@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +77,27 @@ def build_towers(cfg: ModelSection) -> Towers:
 
 
 def freeze_temperature(model: nn.Module) -> None:
-    """The triplet losses have no temperature: keep the logit scale (and bias) out of training."""
+    """The triplet losses have no temperature: keep the logit scale (and bias) out of training (the objectives
+    "clip" and "posterior_infonce" train it, as open_clip does)."""
     for name, param in model.named_parameters():
         if name in ("logit_scale", "logit_bias"):
             param.requires_grad_(False)
+
+
+MAX_LOGIT_SCALE = math.log(100)  # open_clip's training clamps the learned temperature at 1/100
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module, zero3: bool = False) -> None:
+    """After an optimizer step, as open_clip's training does: 0 <= logit_scale <= log(100)."""
+    param = model.logit_scale
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.clamp_(0, MAX_LOGIT_SCALE)
+    else:
+        param.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
@@ -125,8 +143,9 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text embeddings [b, D] through the model's forward (which a DeepSpeed engine
-    wraps: under ZeRO-3 its hooks gather the parameters)."""
-    image_features, text_features = model(images, tokens)[:2]
-    return image_features, text_features
+def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text embeddings [b, D] and the exp'd logit scale, through the model's forward
+    (which a DeepSpeed engine wraps: under ZeRO-3 its hooks gather the parameters)."""
+    image_features, text_features, logit_scale = model(images, tokens)[:3]
+    return image_features, text_features, logit_scale

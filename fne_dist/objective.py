@@ -2,29 +2,44 @@
 
 `Objective` owns the per-rank FNE state (momentum queue, similarity statistics, the sampling rule) and turns
 online features `ia, ta` (with gradient) and momentum keys `ik, tk` into the loss.  It knows nothing about
-DeepSpeed, data or towers, so the trainer and `fne-bench step` share it: the caller runs the towers, calls
-`loss`, does backward and the optimizer step, then `enqueue`s the keys it got back.
+DeepSpeed, data or towers, so the trainer, `fne-bench step` and the study share it: the caller runs the towers,
+calls `loss`, does backward and the optimizer step, then `enqueue`s the keys it got back.
+
+Objectives (`FNESection.objective`), all sharing the statistics, the buffer and the diagnostics:
+- "fne": one sampled negative per anchor from [global batch ; queue] by `FNESection.mode` (official, bayes,
+  hardness, eliminate), triplet hinge, optionally weighted by the drawn candidate's 1 - f (`posterior_hinge`);
+  VSE++ in-batch during the warm-up epochs;
+- "vsepp": VSE++'s hardest in-batch negative throughout;
+- "clip": open_clip's ClipLoss (in-batch InfoNCE, learnable temperature);
+- "posterior_infonce": InfoNCE over [global batch ; queue] with each negative's exp-logit weighted by 1 - f.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from open_clip.loss import ClipLoss
 
 from fne_dist.config import FNESection
+from fne_dist.distributed import rank as dist_rank
+from fne_dist.distributed import world_size
 from fne_dist.fne import sample_negatives
-from fne_dist.losses import fne_triplet_loss, vsepp_loss
+from fne_dist.infonce import CandidateSet, posterior_infonce
+from fne_dist.losses import triplet_hinges, vsepp_hardest
 from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
+from fne_dist.weights import true_negative_prob
 
-DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "labelled", "false_negatives")
+DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled", "false_negatives",
+               "loss_mass", "loss_false_negatives")
+SCALED_OBJECTIVES = ("clip", "posterior_infonce")  # the objectives with a temperature (the model's logit scale)
 
 
 @dataclass
 class StepLoss:
-    loss: torch.Tensor  # 0-dim, with gradient into ia and ta
+    loss: torch.Tensor  # 0-dim, with gradient into ia and ta (and the logit scale for SCALED_OBJECTIVES)
     keys: GlobalKeys  # this step's global momentum keys, to enqueue after the optimizer step
-    diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's sampled negatives (both directions)
+    diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's anchors (both directions)
 
 
 class Objective:
@@ -36,15 +51,33 @@ class Objective:
         self.seed = seed
         self.queue = MomentumQueue(cfg.queue_size, dim, getattr(torch, cfg.queue_dtype), device)
         self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device)
+        self.clip_loss = ClipLoss(rank=dist_rank(), world_size=world_size())
 
-    def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool) -> StepLoss:
-        """The FNE loss (or, in warm-up, VSE++ hardest negatives in-batch) of this rank's b anchors."""
+    def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool,
+             logit_scale: torch.Tensor | None = None) -> StepLoss:
+        """This rank's loss over its b anchors.  warmup: the "fne" objective uses VSE++ in-batch (FNE_SPEC step 9);
+        logit_scale: exp of the model's logit scale (with gradient), required by SCALED_OBJECTIVES."""
         keys = GlobalKeys.gather(ik, tk, ids, labels)
         ia, ta = ia.float(), ta.float()
-        if warmup:
-            loss = vsepp_loss(ia, ta, ids, self.rule.margin)
-            return StepLoss(loss, keys, self._hardest_diagnostics(ia, ta, ids, labels))
-        self.stats.update(ia, ta, ids)
+        objective = self.cfg.objective
+        if objective in SCALED_OBJECTIVES and logit_scale is None:
+            raise ValueError(f"objective {objective!r} needs the model's logit_scale (exp'd): pass logit_scale=")
+        if warmup and objective == "fne":
+            objective = "vsepp"
+        else:
+            self.stats.update(ia, ta, ids)
+        if objective == "vsepp":
+            loss, diagnostics = self._vsepp(ia, ta, ids, labels)
+        elif objective == "clip":
+            loss, diagnostics = self._clip(ia, ta, ids, labels, logit_scale)
+        elif objective == "posterior_infonce":
+            loss, diagnostics = self._posterior_infonce(ia, ta, ik, tk, ids, labels, keys, logit_scale)
+        else:
+            loss, diagnostics = self._fne(ia, ta, ik, tk, ids, labels, keys, step=step, rank=rank)
+        return StepLoss(loss, keys, diagnostics)
+
+    def _fne(self, ia, ta, ik, tk, ids, labels, keys, *, step, rank):
+        """One sampled negative per anchor and direction, triplet hinge (weighted by 1 - f with posterior_hinge)."""
         cand = self.queue.candidates(keys)
         offset = rank * len(ids)
         loss = ia.new_zeros(())
@@ -56,42 +89,95 @@ class Objective:
             res = sample_negatives(anchors.detach(), pool, pos_sims, ids, cand.ids, self.stats, self.rule,
                                    seed=self.seed, step=step, direction=direction, row_offset=offset,
                                    valid=cand.valid, impl=self.cfg.impl)
-            loss = loss + fne_triplet_loss(anchors, pos_keys, pool[res.index].float(), self.rule.margin)
-            diagnostics += _negative_diagnostics(ids, labels, cand.ids[res.index], cand.labels[res.index],
-                                                 sampled=(res.fallback, res.survivors))
-        return StepLoss(loss, keys, diagnostics)
+            has_neg = res.index >= 0  # eliminate mode: a row whose every candidate was eliminated has none
+            index = res.index.clamp_min(0)
+            neg_keys = pool[index].float()
+            weight = has_neg.float()
+            if self.cfg.posterior_hinge:
+                weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(1), self.stats, self.rule)
+            hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
+            loss = loss + hinges.mean()
+            diagnostics += _pick_diagnostics(ids, labels, cand.ids[index], cand.labels[index], has_neg,
+                                             hinges.detach(), sampled=(res.fallback, res.survivors))
+        return loss, diagnostics
+
+    def _vsepp(self, ia, ta, ids, labels):
+        """VSE++ (the warm-up and a baseline): each anchor's hardest in-batch negative, both directions."""
+        (cost_i2t, col_i2t), (cost_t2i, row_t2i) = vsepp_hardest(ia, ta, ids, self.rule.margin)
+        # a zero-cost row's argmax is arbitrary; what VSE++ pushes there is nothing, so only costed rows count as picks
+        diagnostics = sum(_pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, cost.detach())
+                          for cost, j in ((cost_i2t, col_i2t), (cost_t2i, row_t2i)))
+        return (cost_i2t + cost_t2i).mean(), diagnostics
+
+    def _clip(self, ia, ta, ids, labels, logit_scale):
+        """open_clip's ClipLoss (global batch when distributed); diagnostics on this rank's in-batch softmax."""
+        loss = self.clip_loss(ia, ta, logit_scale)
+        with torch.no_grad():
+            logits = logit_scale.float() * ia @ ta.T
+            false_neg = _false_negative_mask(ids, labels, ids, labels)
+            diagnostics = sum(_softmax_diagnostics(-lg.log_softmax(1).diagonal(), (lg.softmax(1) * false_neg).sum(1))
+                              for lg in (logits, logits.T))
+        return loss, diagnostics
+
+    def _posterior_infonce(self, ia, ta, ik, tk, ids, labels, keys, logit_scale):
+        """InfoNCE over [global batch ; queue] with (1 - f)-weighted negatives, mean of the two directions."""
+        cand = self.queue.candidates(keys)
+        loss = ia.new_zeros(())
+        diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
+        for anchors, pos_keys, pool in ((ia, tk, cand.text), (ta, ik, cand.image)):
+            rows, false_prob = posterior_infonce(
+                anchors, logit_scale, pos_keys, CandidateSet(pool, cand.ids, cand.labels, cand.valid, ids, labels),
+                self.stats, self.rule)
+            loss = loss + rows.mean() / 2
+            diagnostics += _softmax_diagnostics(rows.detach(), false_prob)
+        return loss, diagnostics
 
     def enqueue(self, keys: GlobalKeys) -> None:
         self.queue.enqueue(keys)
 
-    @staticmethod
-    @torch.no_grad()
-    def _hardest_diagnostics(ia, ta, ids, labels) -> torch.Tensor:
-        """What VSE++ picks, both directions: each anchor's most similar in-batch item of another id."""
-        sims = (ia @ ta.T).masked_fill(ids[:, None] == ids[None, :], float("-inf"))
-        return sum(_negative_diagnostics(ids, labels, ids[j], labels[j]) for j in (sims.argmax(1), sims.argmax(0)))
+
+def _false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
+    """True where the other item has the anchor's (known) label but another image id: a false negative."""
+    return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)
 
 
-def _negative_diagnostics(ids, labels, neg_ids, neg_labels, sampled=None) -> torch.Tensor:
-    """Sums for the log (DIAGNOSTICS): rows drawn by the FNE sampler with how many fell back and how many
-    candidates survived (`sampled` = (fallback, survivors) of a SampleResult), labelled negatives, and false
-    negatives: chosen negatives of the anchor's class label but another image id."""
-    labelled = (labels >= 0) & (neg_labels >= 0)
-    false_neg = labelled & (labels == neg_labels) & (ids != neg_ids)
+def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, hinges, sampled=None) -> torch.Tensor:
+    """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled` = (fallback,
+    survivors) of a SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks and
+    false negatives among them; the rows' (weighted) hinges, all and those of false negatives."""
+    labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
+    false_neg = has_neg & _false_negative_mask(ids, labels, neg_ids, neg_labels)
     out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
     if sampled is not None:
         fallback, survivors = sampled
-        out[0], out[1], out[2] = len(ids), fallback.sum(), survivors.sum()
-    out[3], out[4] = labelled.sum(), false_neg.sum()
+        out[0], out[1], out[2], out[3] = len(ids), fallback.sum(), survivors.sum(), (~has_neg).sum()
+    out[4], out[5] = labelled.sum(), false_neg.sum()
+    out[6], out[7] = hinges.sum(), hinges[false_neg].sum()
+    return out
+
+
+def _softmax_diagnostics(row_losses, false_prob) -> torch.Tensor:
+    """DIAGNOSTICS sums of a softmax loss: each row's negative mass 1 - P(positive) = 1 - exp(-loss) and the part
+    of it on false negatives (no picks)."""
+    out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=row_losses.device)
+    out[6], out[7] = (1 - (-row_losses).exp()).sum(), false_prob.sum()
     return out
 
 
 def summarise(sums: dict[str, float]) -> dict[str, float]:
-    """Shares and means from DIAGNOSTICS sums (summed over steps and ranks), where they are defined."""
+    """Shares and means from DIAGNOSTICS sums (summed over steps and ranks), where they are defined.
+
+    false_negative_share: picked negatives that are false negatives (of those with known labels);
+    false_negative_loss_share: the part of what pushes negatives away that pushes false negatives, measured as
+    hinge values for the triplet objectives and as softmax mass for the InfoNCE ones.
+    """
     out = {}
     if sums["sampled_rows"]:
         out["fallback_share"] = sums["fallback"] / sums["sampled_rows"]
         out["mean_survivors"] = sums["survivors"] / sums["sampled_rows"]
+        out["no_negative_share"] = sums["no_negative"] / sums["sampled_rows"]
     if sums["labelled"]:
         out["false_negative_share"] = sums["false_negatives"] / sums["labelled"]
+    if sums["loss_mass"]:
+        out["false_negative_loss_share"] = sums["loss_false_negatives"] / sums["loss_mass"]
     return out

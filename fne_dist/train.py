@@ -39,8 +39,8 @@ from fne_dist.distributed import all_reduce, is_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.job import export_distributed_env
 from fne_dist.metrics_log import MetricsLog
-from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
-from fne_dist.objective import DIAGNOSTICS, Objective, summarise
+from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
+from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run again with --resume auto
@@ -152,7 +152,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.towers = build_towers(cfg.model)
         model = self.towers.model
-        freeze_temperature(model)
+        if cfg.fne.objective not in SCALED_OBJECTIVES:
+            freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)
         self.batches_per_epoch = self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
@@ -203,16 +204,19 @@ class Trainer:
         # between the online forward and its backward.  Both read the same (not yet updated) weights.
         momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
         with torch.no_grad(), self._autocast():
-            ik, tk = encode(self.momentum, images, tokens)
-        ia, ta = encode(self.engine, images.to(self.dtype), tokens)
+            ik, tk, _ = encode(self.momentum, images, tokens)
+        ia, ta, logit_scale = encode(self.engine, images.to(self.dtype), tokens)
         if not self._all_ranks_finite(ia, ta, ik, tk):
             self._bad_step(step)
             return False
         self.bad_in_a_row = 0
-        out = self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup)
+        out = self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup,
+                                  logit_scale=logit_scale)
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
+        if self.cfg.fne.objective in SCALED_OBJECTIVES:
+            clamp_logit_scale(self.engine.module, self.zero3)
         self.objective.enqueue(out.keys)
         for tally in (self.window, self.epoch_tally):
             tally.add_step(out.loss, out.diagnostics)

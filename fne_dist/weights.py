@@ -51,6 +51,16 @@ def normal_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -
     return (s - mean).square_().div_(-2 * var).sub_(0.5 * torch.log(2 * math.pi * var))
 
 
+def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
+    """1 - f = sigmoid(log((rho-1) L-) - log L+) in fp32, finite for any s; 1 everywhere while the statistics
+    are not ready (fewer than cfg.min_count positives)."""
+    s = sims.float()
+    mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
+    log_odds = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
+    tnp = log_odds.add_(math.log(cfg.prior_ratio - 1)).sigmoid_()
+    return torch.where(stats.ready(cfg.min_count).to(s.device), tnp, torch.ones_like(tnp))
+
+
 def fne_weights(
     sims: torch.Tensor,
     pos_sims: torch.Tensor,
