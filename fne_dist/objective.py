@@ -114,7 +114,7 @@ class Objective:
         loss = self.clip_loss(ia, ta, logit_scale)
         with torch.no_grad():
             logits = logit_scale.float() * ia @ ta.T
-            false_neg = _false_negative_mask(ids, labels, ids, labels)
+            false_neg = _false_negative_mask(ids[:, None], labels[:, None], ids[None, :], labels[None, :])
             diagnostics = sum(_softmax_diagnostics(-lg.log_softmax(1).diagonal(), (lg.softmax(1) * false_neg).sum(1))
                               for lg in (logits, logits.T))
         return loss, diagnostics
