@@ -66,6 +66,7 @@ class FNESection:
     false_margin: float = 0.999
     min_count: int = 200
     cutdown: str = "global"
+    f_max: float = 0.5  # eliminate mode: candidates with false-negative probability f >= f_max are dropped
     impl: str = "auto"
     stats_reset: str = "epoch"
     ema_decay: float = 0.99  # only with stats_reset=ema

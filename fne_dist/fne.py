@@ -4,24 +4,27 @@ from __future__ import annotations
 import torch
 
 from fne_dist import rng
-from fne_dist.sampler import SampleResult, dense_sample, streaming_sample
+from fne_dist.sampler import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult, dense_sample, merge_samples, streaming_sample
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, fne_weights
+from fne_dist.weights import FNEConfig, fne_weights, true_negative_prob
 
 IMPLS = ("auto", "dense", "torch", "triton")
 
-__all__ = ["FNEConfig", "SimilarityStats", "SampleResult", "fne_weights", "sample_negatives"]
+__all__ = ["FNEConfig", "SimilarityStats", "SampleResult", "fne_weights", "true_negative_prob", "sample_negatives",
+           "merge_samples", "NO_NEGATIVE", "SAMPLE_BLOCK"]
 
 
 def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor,
                      key_ids: torch.Tensor, stats: SimilarityStats, cfg: FNEConfig, *, seed: int = 0, step: int = 0,
-                     direction: int = 0, row_offset: int = 0, valid: torch.Tensor | None = None,
+                     direction: int = 0, row_offset: int = 0, col_offset: int = 0, valid: torch.Tensor | None = None,
                      impl: str = "auto", tile_size: int | None = None) -> SampleResult:
     """One negative per anchor, drawn with probability w / sum(w) (FNE_SPEC step 7), no gradient.
 
     anchors [B, D], keys [N, D] (the candidates), pos_sims [B], anchor_ids [B], key_ids [N], valid [N] bool.
-    `row_offset` is this rank's first global anchor row; (seed, step, direction, global row, column) key
-    the random numbers of the "torch" and "triton" impls, which never materialise [B, N].
+    `row_offset` is this rank's first global anchor row and `col_offset` the global column of keys[0]; (seed, step,
+    direction, global row, global column) key the random numbers of every impl, and `index` is a global column
+    (NO_NEGATIVE for a row that gets none).  Results over disjoint candidate parts combine with `merge_samples`.
+    "torch" and "triton" never materialise [B, N].
     impl: "dense" (reference), "torch" (streaming tiles), "triton" (fused kernel, CUDA),
     "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (for "triton" a power of two >= 16).
     """
@@ -34,11 +37,12 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
     stream = rng.stream_key(seed, step, direction)
     with torch.no_grad():
         if impl == "dense":
-            return dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, seed=stream, valid=valid)
+            return dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, stream=stream,
+                                row_offset=row_offset, col_offset=col_offset, valid=valid)
         if impl == "torch":
             return streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, stream=stream,
-                                    row_offset=row_offset, valid=valid, tile_size=tile_size)
+                                    row_offset=row_offset, col_offset=col_offset, valid=valid, tile_size=tile_size)
         from fne_kernels import triton_sample
 
         return triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, stream=stream,
-                             row_offset=row_offset, valid=valid, tile_size=tile_size)
+                             row_offset=row_offset, col_offset=col_offset, valid=valid, tile_size=tile_size)

@@ -16,11 +16,11 @@ def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: to
     """mean_i weight_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
 
     anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
-    so image->text trains the image tower and text->image the text tower.  weight [b] (None: 1) multiplies each
-    row's hinge: 0 for a row without a negative, whose term is 0 while it still counts in the mean over b.
+    so image->text trains the image tower and text->image the text tower.  weight [b] (no gradient): 0 for a row
+    that got no negative (its term is 0 and it still counts in the mean over b), or the drawn negative's 1 - f.
     """
     hinges = triplet_hinges(anchors, pos_keys, neg_keys, margin)
-    return (hinges if weight is None else hinges * weight).mean()
+    return (hinges if weight is None else hinges * weight.detach()).mean()
 
 
 def vsepp_hardest(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float):

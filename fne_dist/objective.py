@@ -89,16 +89,16 @@ class Objective:
             res = sample_negatives(anchors.detach(), pool, pos_sims, ids, cand.ids, self.stats, self.rule,
                                    seed=self.seed, step=step, direction=direction, row_offset=offset,
                                    valid=cand.valid, impl=self.cfg.impl)
-            has_neg = res.index >= 0  # eliminate mode: a row whose every candidate was eliminated has none
-            index = res.index.clamp_min(0)
-            neg_keys = pool[index].float()
-            weight = has_neg.float()
+            has = res.has_negative
+            chosen = res.index.clamp_min(0)  # rows without a negative read column 0 and get weight 0
+            neg_keys = pool[chosen].float()
+            weight = has.float()
             if self.cfg.posterior_hinge:
                 weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(1), self.stats, self.rule)
             hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
             loss = loss + hinges.mean()
-            diagnostics += _pick_diagnostics(ids, labels, cand.ids[index], cand.labels[index], has_neg,
-                                             hinges.detach(), sampled=(res.fallback, res.survivors))
+            diagnostics += _pick_diagnostics(ids, labels, cand.ids[chosen], cand.labels[chosen], has,
+                                             hinges.detach(), sampled=res)
         return loss, diagnostics
 
     def _vsepp(self, ia, ta, ids, labels):
@@ -142,15 +142,15 @@ def _false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
 
 
 def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, hinges, sampled=None) -> torch.Tensor:
-    """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled` = (fallback,
-    survivors) of a SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks and
-    false negatives among them; the rows' (weighted) hinges, all and those of false negatives."""
+    """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
+    SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks and false negatives
+    among the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false negatives."""
     labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
     false_neg = has_neg & _false_negative_mask(ids, labels, neg_ids, neg_labels)
     out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
     if sampled is not None:
-        fallback, survivors = sampled
-        out[0], out[1], out[2], out[3] = len(ids), fallback.sum(), survivors.sum(), (~has_neg).sum()
+        out[0], out[1], out[2] = len(sampled.index), sampled.fallback.sum(), sampled.survivors.sum()
+        out[3] = (~sampled.has_negative).sum()
     out[4], out[5] = labelled.sum(), false_neg.sum()
     out[6], out[7] = hinges.sum(), hinges[false_neg].sum()
     return out

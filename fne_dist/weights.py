@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from fne_dist.stats import SimilarityStats
 
-MODES = ("official", "bayes")
+MODES = ("official", "bayes", "eliminate", "hardness")
 CUTDOWNS = ("global", "anchor", "off")
 
 
@@ -28,6 +28,7 @@ class FNEConfig:
     min_count: int = 200
     mode: str = "official"
     cutdown: str = "global"
+    f_max: float = 0.5  # eliminate mode: candidates whose false-negative probability f >= f_max are dropped
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -42,6 +43,8 @@ class FNEConfig:
             raise ValueError(f"FNEConfig.false_margin={self.false_margin} must lie in (0, 1)")
         if not self.margin >= 0:
             raise ValueError(f"FNEConfig.margin={self.margin} must be >= 0")
+        if not 0 < self.f_max <= 1:
+            raise ValueError(f"FNEConfig.f_max={self.f_max} must lie in (0, 1] (eliminate drops candidates with f >= f_max)")
         if self.min_count < 0:
             raise ValueError(f"FNEConfig.min_count={self.min_count} must be >= 0")
 
@@ -52,13 +55,17 @@ def normal_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -
 
 
 def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
-    """1 - f = sigmoid(log((rho-1) L-) - log L+) in fp32, finite for any s; 1 everywhere while the statistics
-    are not ready (fewer than cfg.min_count positives)."""
+    """1 - f, the posterior probability that each candidate is a true negative (fp32, same shape as sims).
+
+    1 - f = sigmoid(log((rho-1) L-) - log L+) in log space, so it is finite for any s; it is 1 everywhere until the
+    statistics hold more than `cfg.min_count` positives.  The bayes and eliminate weights, the (1 - f) hinge weight
+    and the posterior-weighted InfoNCE all use it, so the posterior is written once.
+    """
     s = sims.float()
     mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
-    log_odds = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
-    tnp = log_odds.add_(math.log(cfg.prior_ratio - 1)).sigmoid_()
-    return torch.where(stats.ready(cfg.min_count).to(s.device), tnp, torch.ones_like(tnp))
+    logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
+    keep = logit.add_(math.log(cfg.prior_ratio - 1)).sigmoid_()
+    return torch.where(stats.ready(cfg.min_count), keep, torch.ones_like(keep))
 
 
 def fne_weights(
@@ -73,30 +80,35 @@ def fne_weights(
 
     sims [B, N] anchor-candidate similarities, pos_sims [B] each anchor's positive similarity,
     pos_mask [B, N] True where the candidate shares the anchor's id, valid [N] or [B, N] (None: all valid).
-    Before `stats` hold more than `cfg.min_count` positives the weight is the hardness weight alone
-    and the global cut-down is off (its threshold mu+ - margin is not known yet).
+    The posterior replaces the hardness weight once `stats` hold more than `cfg.min_count` positives.
+    The global cut-down `s <= mu+ - margin`: official and hardness apply it at every step with the running mean of
+    the positives, as the released code does (nothing is cut before the first positive is counted: its mean is
+    0/0 there); bayes and eliminate wait until the posterior is on.
     """
     s = sims.float()
     p = pos_sims.float()[:, None]
     hard = (s - p).square_().mul_(-cfg.tau).exp_()
     ready = stats.ready(cfg.min_count)
-    mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
-    log_pos = normal_log_density(s, mean_pos, var_pos)
-    log_neg = normal_log_density(s, mean_neg, var_neg)
     if cfg.mode == "official":
         # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
-        dens_pos, dens_neg = log_pos.exp_(), log_neg.exp_()
+        mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
+        dens_pos = normal_log_density(s, mean_pos, var_pos).exp_()
+        dens_neg = normal_log_density(s, mean_neg, var_neg).exp_()
         f = dens_pos.div_(dens_neg.mul_(cfg.prior_ratio - 1).add_(dens_pos))  # L+ / (L+ + (rho-1) L-)
-        bayes = torch.where(1 - f < cfg.false_margin, f.mul_(-cfg.tau).exp_(), hard)
+        w = torch.where(ready & (1 - f < cfg.false_margin), f.mul_(-cfg.tau).exp_(), hard)
+    elif cfg.mode == "bayes":
+        w = true_negative_prob(s, stats, cfg).mul_(hard)
+    elif cfg.mode == "eliminate":
+        w = hard.masked_fill_(true_negative_prob(s, stats, cfg) <= 1 - cfg.f_max, 0.0)
     else:
-        # 1 - f = sigmoid(log((rho-1) L-) - log L+), finite for any s.
-        bayes = log_neg.sub_(log_pos).add_(math.log(cfg.prior_ratio - 1)).sigmoid_().mul_(hard)
-    w = torch.where(ready, bayes, hard)
+        w = hard
     drop = pos_mask
     if valid is not None:
         drop = drop | ~valid
     if cfg.cutdown == "global":
-        drop = drop | (ready & (s <= mean_pos - cfg.margin))
+        counted = stats.count_pos > 0 if cfg.mode in ("official", "hardness") else ready
+        mean_pos = stats.moments()[0].to(device=s.device, dtype=torch.float32)
+        drop = drop | (counted & (s <= mean_pos - cfg.margin))
     elif cfg.cutdown == "anchor":
         drop = drop | (s <= p - cfg.margin)
     return w.masked_fill(drop, 0.0)

@@ -217,11 +217,13 @@ def _fne_combine_kernel(
 def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device) -> torch.Tensor:
     """[ready, global cut-down threshold, mu+, 1/(2 var+), 0.5 log(2 pi var+), mu-, 1/(2 var-), 0.5 log(2 pi var-)]
     in fp32 on `device`, by device ops only (no host sync); fp32 rounding as in fne_weights.  The threshold is
-    mu+ - margin once the stats are ready and -inf before (no candidate is cut)."""
+    mu+ - margin where fne_weights applies the global cut-down (official: once a positive was counted; bayes: once
+    the stats are ready) and -inf before (no candidate is cut)."""
     mean_pos, var_pos, mean_neg, var_neg = (t.to(device=device, dtype=torch.float32) for t in stats.moments())
     ready = stats.ready(cfg.min_count).to(device=device, dtype=torch.float32)
+    counted = stats.count_pos.to(device) > 0 if cfg.mode == "official" else ready > 0
     return torch.stack([
-        ready, torch.where(ready > 0, mean_pos - cfg.margin, float("-inf")),
+        ready, torch.where(counted, mean_pos - cfg.margin, float("-inf")),
         mean_pos, 1.0 / (2 * var_pos), 0.5 * torch.log(2 * math.pi * var_pos),
         mean_neg, 1.0 / (2 * var_neg), 0.5 * torch.log(2 * math.pi * var_neg),
     ])
@@ -251,7 +253,7 @@ def _blocks(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int |
 
 
 def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
-                  stream: int, row_offset: int = 0, valid=None, tile_size: int | None = None,
+                  stream: int, row_offset: int = 0, col_offset: int = 0, valid=None, tile_size: int | None = None,
                   splits: int | None = None) -> SampleResult:
     """The fused sampler: same arguments and result as `fne_dist.sampler.streaming_sample`.
 
@@ -260,6 +262,9 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     (a power of two); `splits` the number of programs along the candidates (default: enough programs for
     about PROGRAMS_PER_SM waves of the GPU).  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
+    if col_offset or cfg.mode not in MODE_CODES:
+        raise NotImplementedError("triton_sample: col_offset and the eliminate / hardness modes come with the "
+                                  "two-level kernel; use impl='torch'")
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if not (anchors.is_cuda or interpreting):
         raise RuntimeError("triton_sample needs CUDA tensors; on the CPU use impl='torch', or set TRITON_INTERPRET=1 "

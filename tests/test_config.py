@@ -48,7 +48,7 @@ def test_bad_type_names_key_and_expected_type():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("fne.mode=bays", r"fne\.mode='bays' is unknown: use one of \('official', 'bayes'\)"),
+    ("fne.mode=bays", r"fne\.mode='bays' is unknown: use one of \('official', 'bayes', 'eliminate', 'hardness'\)"),
     ("fne.queue_dtype=int8", r"fne\.queue_dtype"),
     ("fne.momentum=1.5", r"fne\.momentum=1\.5 must lie in \(0, 1\)"),
     ("train.epochs=0", r"train\.epochs=0 must be >= 1"),

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from fne_dist import rng
-from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, sample_negatives
+from fne_dist.fne import NO_NEGATIVE, FNEConfig, SimilarityStats, fne_weights, merge_samples, sample_negatives
 from fne_dist.weights import fallback_scores
 
 IMPLS = ["dense", "torch"]
@@ -83,7 +83,8 @@ def law_problem(b=4000):
 def assert_law(index, w):
     """Chi-square goodness of fit of the drawn columns to w / sum(w)."""
     counts = torch.bincount(index, minlength=len(w)).double()
-    expected = w.double() / w.sum() * len(index)
+    w = w.double()  # normalise in float64: scipy checks that observed and expected sums agree to ~1e-8
+    expected = w / w.sum() * len(index)
     keep = expected > 0
     assert counts[~keep].sum() == 0, "a zero-weight candidate was drawn"
     pvalue = chisquare(counts[keep].numpy(), expected[keep].numpy()).pvalue
@@ -160,3 +161,48 @@ def test_rejects_unknown_impl_and_width_mismatch():
         sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), impl="cuda")
     with pytest.raises(ValueError, match="share D"):
         sample_negatives(anchors, keys[:, :5], pos_sims, anchor_ids, key_ids, STATS, FNEConfig())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["official", "eliminate"])
+def test_parts_merged_give_the_draw_of_the_whole_candidate_set(impl, mode):
+    """[batch ; queue] as separate calls at their global column offsets, merged, is the one-call draw."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    cfg = FNEConfig(mode=mode, prior_ratio=10.0)
+    run = lambda lo, hi: sample_negatives(anchors, keys[lo:hi], pos_sims, anchor_ids, key_ids[lo:hi], STATS, cfg,  # noqa: E731
+                                          seed=4, valid=valid[lo:hi], impl=impl, col_offset=lo)
+    whole = run(0, len(keys))
+    merged = merge_samples([run(256, 700), run(0, 256), run(700, len(keys))], cfg)
+    for name in ("index", "fallback", "survivors", "race_key", "fallback_score"):
+        assert torch.equal(getattr(whole, name), getattr(merged, name)), name
+    assert torch.allclose(whole.weight_sum, merged.weight_sum, rtol=1e-5)
+
+
+def test_dense_and_streaming_draw_the_same_indices_and_key_on_the_global_row():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=40)
+    run = lambda impl, lo, hi: sample_negatives(anchors[lo:hi], keys, pos_sims[lo:hi], anchor_ids[lo:hi], key_ids,  # noqa: E731
+                                                STATS, FNEConfig(), seed=2, valid=valid, impl=impl, row_offset=lo)
+    whole = run("dense", 0, 40)
+    assert torch.equal(whole.index, run("torch", 0, 40).index)
+    split = torch.cat([run("dense", 0, 13).index, run("dense", 13, 40).index])
+    assert torch.equal(whole.index, split)  # a rank's rows draw what they draw in the whole batch
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_without_any_valid_negative_get_none_never_column_0_or_a_positive(impl):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=6, n=50)
+    key_ids = key_ids.clone()
+    key_ids[valid] = anchor_ids[0]  # row 0: every valid candidate is its positive
+    res = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), valid=valid, impl=impl)
+    assert res.index[0] == NO_NEGATIVE and not res.fallback[0] and res.survivors[0] == 0
+    others = res.index[1:][res.has_negative[1:]]
+    assert valid[others].all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_eliminate_never_falls_back(impl):
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=5, n=64)
+    cfg = FNEConfig(mode="eliminate", cutdown="anchor")
+    high = torch.full_like(pos_sims, 5.0)  # every weight is cut: official would fall back, eliminate gives none
+    res = sample_negatives(anchors, keys, high, anchor_ids, key_ids, STATS, cfg, valid=valid, impl=impl)
+    assert (res.index == NO_NEGATIVE).all() and not res.fallback.any()

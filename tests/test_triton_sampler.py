@@ -85,13 +85,18 @@ def test_same_indices_as_torch_streaming(dtype, mode, cutdown):
     assert torch.equal(tri.fallback.nonzero().flatten().cpu(), torch.arange(3 if cutdown == "anchor" else 0))
 
 
-@pytest.mark.parametrize("mode", ["official", "bayes"])
-def test_stats_not_ready_use_the_hardness_weight_without_global_cut(mode):
-    cfg = FNEConfig(mode=mode, cutdown="global")
+def test_stats_not_ready_bayes_uses_the_hardness_weight_without_global_cut():
+    cfg = FNEConfig(mode="bayes", cutdown="global")
     tri, ref = both(problem(), cfg, stats=NOT_READY)
     assert_same(tri, ref)
-    tri_off, _ = both(problem(), FNEConfig(mode=mode, cutdown="off"), stats=NOT_READY)
+    tri_off, _ = both(problem(), FNEConfig(mode="bayes", cutdown="off"), stats=NOT_READY)
     assert torch.equal(tri.index, tri_off.index)
+
+
+def test_stats_not_ready_official_cuts_at_the_running_mean_like_the_released_code():
+    tri, ref = both(problem(), FNEConfig(mode="official", cutdown="global"), stats=NOT_READY)
+    assert_same(tri, ref)
+    assert (tri.survivors < both(problem(), FNEConfig(cutdown="off"), stats=NOT_READY)[0].survivors).any()
 
 
 def test_odd_width_over_several_k_chunks_and_strided_inputs():
@@ -144,7 +149,7 @@ def test_rows_without_weight_fall_back_to_the_hardest_valid_negative():
     scores = fallback_scores(anchors @ keys.T, anchor_ids[:, None] == key_ids[None, :], valid)
     cfg = FNEConfig(cutdown="anchor")
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=9, valid=valid, splits=3)
-    dense = dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, seed=9, valid=valid)
+    dense = dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg, stream=9, valid=valid)
     assert tri.fallback.all() and (tri.survivors == 0).all() and (tri.weight_sum == 0).all()
     assert torch.equal(tri.index, scores.argmax(1)) and torch.equal(tri.index, dense.index)
     hardest_any = (anchors @ keys.T).argmax(1)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights
+from fne_dist.fne import FNEConfig, SimilarityStats, fne_weights, true_negative_prob
 
 CFG = FNEConfig()  # tau 0.5, rho 1e4, false_margin 0.999, min_count 200, margin 0.2
 READY = dict(count_pos=500, mean_pos=0.6, var_pos=0.01, mean_neg=0.3, var_neg=0.02)
@@ -29,16 +29,62 @@ def weights(sims, pos, mask=None, cfg=CFG, stats=None, valid=None):
     return fne_weights(sims, torch.tensor([pos]), mask, stats, cfg, valid)[0]
 
 
-def test_hardness_only_below_min_count():
-    s = [0.1, 0.45, 0.62, 0.9]
-    w = weights(s, 0.7, stats=dict(READY, count_pos=200))  # not *more* than min_count
+@pytest.mark.parametrize("mode", ["official", "bayes", "eliminate"])
+def test_hardness_only_below_min_count(mode):
+    s = [0.41, 0.45, 0.62, 0.9]  # above the running mean's cut-down (0.4), which official applies already
+    w = weights(s, 0.7, cfg=FNEConfig(mode=mode), stats=dict(READY, count_pos=200))  # not *more* than min_count
     assert torch.allclose(w, torch.tensor([math.exp(-0.5 * (x - 0.7) ** 2) for x in s]), rtol=1e-6)
 
 
-def test_global_cutdown_waits_for_statistics():
-    # 0.1 <= mu+ - margin = 0.4, but with too few positives mu+ is unknown: no cut-down yet
-    assert weights([0.1], 0.7, stats=dict(READY, count_pos=10))[0] > 0
-    assert weights([0.1], 0.7)[0] == 0
+def test_official_cuts_at_the_running_mean_before_min_count_like_the_released_code():
+    # 0 < count <= min_count: the released choice_negative cuts s <= mu+ - margin with the running mean (0.6 - 0.2)
+    # but keeps the hardness weight (the Bayes replacement waits for count > min_count)
+    few = dict(READY, count_pos=10)
+    s, p = [0.1, 0.39, 0.41, 0.62], 0.7
+    want = [0.0, 0.0, math.exp(-0.5 * (0.41 - p) ** 2), math.exp(-0.5 * (0.62 - p) ** 2)]
+    assert torch.allclose(weights(s, p, stats=few), torch.tensor(want), rtol=1e-6)
+    # no positive counted yet: the released mean is 0/0 (NaN) and nothing is cut
+    none = dict(READY, count_pos=0)
+    want = [math.exp(-0.5 * (x - p) ** 2) for x in s]
+    assert torch.allclose(weights(s, p, stats=none), torch.tensor(want), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bayes", "eliminate"])
+def test_bayes_and_eliminate_wait_for_statistics_before_the_global_cutdown(mode):
+    cfg = FNEConfig(mode=mode)
+    assert weights([0.1], 0.7, cfg=cfg, stats=dict(READY, count_pos=10))[0] > 0
+    assert weights([0.1], 0.7, cfg=cfg)[0] == 0
+
+
+def hand_keep(s, stats=READY, cfg=CFG):
+    """1 - f by Bayes' rule with prior 1/rho, from the hand densities."""
+    lp = hand_density(s, stats["mean_pos"], stats["var_pos"])
+    ln = hand_density(s, stats["mean_neg"], stats["var_neg"])
+    return (cfg.prior_ratio - 1) * ln / (lp + (cfg.prior_ratio - 1) * ln)
+
+
+def test_eliminate_drops_likely_false_negatives_and_keeps_hardness_elsewhere():
+    cfg = FNEConfig(mode="eliminate", prior_ratio=10.0, f_max=0.5)
+    s, p = [0.45, 0.5, 0.55, 0.62, 0.7], 0.75  # f = 0.08, 0.21, 0.40, 0.63, 0.84
+    want = [math.exp(-0.5 * (x - p) ** 2) if 1 - hand_keep(x, cfg=cfg) < 0.5 else 0.0 for x in s]
+    assert 0 < sum(x > 0 for x in want) < len(s), "the case needs both kept and dropped candidates"
+    assert torch.allclose(weights(s, p, cfg=cfg), torch.tensor(want), rtol=1e-6)
+
+
+def test_hardness_mode_is_the_hardness_weight_with_the_cutdown():
+    cfg = FNEConfig(mode="hardness")
+    s, p = [0.1, 0.45, 0.62, 0.9], 0.7
+    want = [0.0] + [math.exp(-0.5 * (x - p) ** 2) for x in s[1:]]  # 0.1 <= mu+ - margin = 0.4 is cut
+    assert torch.allclose(weights(s, p, cfg=cfg), torch.tensor(want), rtol=1e-6)
+
+
+def test_true_negative_prob_matches_bayes_rule_and_is_one_before_min_count():
+    s = [0.2, 0.45, 0.6, 0.8]
+    stats = SimilarityStats.from_moments(**READY)
+    got = true_negative_prob(torch.tensor(s), stats, CFG)
+    assert torch.allclose(got, torch.tensor([hand_keep(x) for x in s]), rtol=1e-5, atol=1e-7)
+    early = SimilarityStats.from_moments(**dict(READY, count_pos=200))
+    assert (true_negative_prob(torch.tensor(s), early, CFG) == 1).all()
 
 
 def test_bayes_replacement_official():
