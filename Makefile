@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 LOCK_VENV := .cache/lock-venv
 
-.PHONY: install test demo bench-sampler bench-step lock
+.PHONY: install test demo study bench-sampler bench-step lock
 
 install: $(STAMP)
 
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) -m fne_dist.demo
+
+# "Does FNE eliminate false negatives?" (README): the two real sets from Debian packages, cached frozen-tower
+# features, every objective x 3 seeds; writes runs/study/.
+STUDY_DEBS := openclipart-png openclipart-svg fonts-noto-color-emoji
+study: $(STAMP)
+	dpkg -s $(STUDY_DEBS) >/dev/null 2>&1 || { apt-get update && apt-get install -y $(STUDY_DEBS); }
+	$(PYTHON) -m fne_dist.study
 
 bench-sampler: $(STAMP)
 	$(VENV)/bin/fne-bench sampler --device cpu
