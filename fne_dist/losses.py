@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 
-def triplet_hinges(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float) -> torch.Tensor:
+def triplet_hinges(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor,
+                   margin: float) -> torch.Tensor:
     """max(0, margin + a_i . n_i - a_i . p_i) per row [b]; the keys are detached (momentum keys)."""
     pos = (anchors * pos_keys.detach()).sum(1)
     neg = (anchors * neg_keys.detach()).sum(1)

@@ -39,7 +39,8 @@ from fne_dist.distributed import all_reduce, is_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.job import export_distributed_env
 from fne_dist.metrics_log import MetricsLog
-from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
+from fne_dist.model import (build_towers, clamp_logit_scale, encode, freeze_temperature, momentum_copy,
+                            momentum_update, param_groups)
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
