@@ -12,9 +12,13 @@ with every seed on both sets and writes runs/study/ (`fne_dist.study_report`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,7 +69,7 @@ class StudyBudget:
 
     embed_dim: int = 256
     batch_size: int = 128
-    epochs: int = 30
+    epochs: int = 20
     lr: float = 1e-3
     queue_size: int = 2048
     momentum: float = 0.99  # the released 0.995 lags a run of a few hundred steps
@@ -149,22 +153,33 @@ def evaluate_heads(heads: Heads, split: Split) -> dict:
     return retrieval_metrics(image_emb, text_emb, text_to_image)
 
 
+def _run(task) -> tuple[str, str, int, RunResult, float]:
+    name, train, test, variant, seed, budget = task
+    torch.set_num_threads(1)  # runs of tiny matrices: threads only add overhead (10x slower on a loaded 2-core box)
+    start = time.perf_counter()
+    return name, variant, seed, train_heads(train, test, variant, seed, budget), time.perf_counter() - start
+
+
 def run_study(datasets: dict[str, tuple[Split, Split]], seeds=(0, 1, 2), variants=tuple(VARIANTS),
-              budget: StudyBudget | None = None, log=print) -> dict:
-    """{dataset: {variant: [RunResult per seed]}}."""
+              budget: StudyBudget | None = None, jobs: int = 1, log=functools.partial(print, flush=True)) -> dict:
+    """{dataset: {variant: [RunResult per seed]}}; `jobs` > 1 runs that many runs at once in worker processes."""
     budget = budget or StudyBudget()
-    results: dict = {}
-    for name, (train, test) in datasets.items():
-        for variant in variants:
-            for seed in seeds:
-                start = time.perf_counter()
-                run = train_heads(train, test, variant, seed, budget)
-                results.setdefault(name, {}).setdefault(variant, []).append(run)
-                log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  "
-                    f"FN picks {run.diagnostics.get('false_negative_share', float('nan')):.3f}  "
-                    f"FN loss {run.diagnostics.get('false_negative_loss_share', float('nan')):.3f}  "
-                    f"({time.perf_counter() - start:.1f} s)")
-    return results
+    tasks = [(name, train, test, variant, seed, budget) for name, (train, test) in datasets.items()
+             for variant in variants for seed in seeds]
+    done = {}
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
+            finished = pool.map(_run, tasks)
+        else:
+            finished = map(_run, tasks)
+        for name, variant, seed, run, seconds in finished:
+            done[name, variant, seed] = run
+            log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  "
+                f"FN picks {run.diagnostics.get('false_negative_share', float('nan')):.3f}  "
+                f"FN loss {run.diagnostics.get('false_negative_loss_share', float('nan')):.3f}  ({seconds:.1f} s)")
+    return {name: {variant: [done[name, variant, seed] for seed in seeds] for variant in variants}
+            for name in datasets}
 
 
 def main(argv=None) -> None:
@@ -177,11 +192,11 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=StudyBudget.epochs)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: %(default)s)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # runs of tiny matrices: threads only add overhead (10x slower on a loaded 2-core box)
     datasets = {name: load_features(name, Path(args.data)) for name in args.datasets}
     budget = replace(StudyBudget(), epochs=args.epochs)
-    results = run_study(datasets, seeds=tuple(range(args.seeds)), budget=budget)
+    results = run_study(datasets, seeds=tuple(range(args.seeds)), budget=budget, jobs=args.jobs)
     write_report(results, datasets, budget, Path(args.out))
 
 
