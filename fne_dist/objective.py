@@ -31,7 +31,7 @@ from fne_dist.stats import SimilarityStats
 from fne_dist.weights import true_negative_prob
 
 DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled", "false_negatives",
-               "loss_mass", "loss_false_negatives")
+               "at_risk", "loss_mass", "loss_false_negatives")
 SCALED_OBJECTIVES = ("clip", "posterior_infonce")  # the objectives with a temperature (the model's logit scale)
 
 
@@ -97,7 +97,8 @@ class Objective:
                 weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(1), self.stats, self.rule)
             hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
             loss = loss + hinges.mean()
-            diagnostics += _pick_diagnostics(ids, labels, cand.ids[chosen], cand.labels[chosen], has,
+            at_risk = _has_false_candidate(ids, labels, cand.ids, cand.labels, cand.valid)
+            diagnostics += _pick_diagnostics(ids, labels, cand.ids[chosen], cand.labels[chosen], has, at_risk,
                                              hinges.detach(), sampled=res)
         return loss, diagnostics
 
@@ -105,7 +106,8 @@ class Objective:
         """VSE++ (the warm-up and a baseline): each anchor's hardest in-batch negative, both directions."""
         (cost_i2t, col_i2t), (cost_t2i, row_t2i) = vsepp_hardest(ia, ta, ids, self.rule.margin)
         # a zero-cost row's argmax is arbitrary; what VSE++ pushes there is nothing, so only costed rows count as picks
-        diagnostics = sum(_pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, cost.detach())
+        at_risk = _has_false_candidate(ids, labels, ids, labels, torch.ones_like(ids, dtype=torch.bool))
+        diagnostics = sum(_pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, at_risk, cost.detach())
                           for cost, j in ((cost_i2t, col_i2t), (cost_t2i, row_t2i)))
         return (cost_i2t + cost_t2i).mean(), diagnostics
 
@@ -141,18 +143,32 @@ def _false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
     return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)
 
 
-def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, hinges, sampled=None) -> torch.Tensor:
+def _has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
+    """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
+    without [b, N]: candidates of the anchor's label minus those of its id (an image id has one label)."""
+    known = valid & (cand_labels >= 0)
+    by_label, by_id = cand_labels[known].sort().values, cand_ids[known].sort().values
+
+    def count(sorted_values, queries):
+        return torch.searchsorted(sorted_values, queries, right=True) - torch.searchsorted(sorted_values, queries)
+
+    return (labels >= 0) & (count(by_label, labels) > count(by_id, ids))
+
+
+def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
     """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
-    SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks and false negatives
-    among the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false negatives."""
+    SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives
+    among them and the picks of anchors at risk (with a false negative among their candidates: only those can pick
+    one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false
+    negatives."""
     labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
     false_neg = has_neg & _false_negative_mask(ids, labels, neg_ids, neg_labels)
     out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
     if sampled is not None:
         out[0], out[1], out[2] = len(sampled.index), sampled.fallback.sum(), sampled.survivors.sum()
         out[3] = (~sampled.has_negative).sum()
-    out[4], out[5] = labelled.sum(), false_neg.sum()
-    out[6], out[7] = hinges.sum(), hinges[false_neg].sum()
+    out[4], out[5], out[6] = labelled.sum(), false_neg.sum(), (labelled & at_risk).sum()
+    out[7], out[8] = hinges.sum(), hinges[false_neg].sum()
     return out
 
 
@@ -160,7 +176,7 @@ def _softmax_diagnostics(row_losses, false_prob) -> torch.Tensor:
     """DIAGNOSTICS sums of a softmax loss: each row's negative mass 1 - P(positive) = 1 - exp(-loss) and the part
     of it on false negatives (no picks)."""
     out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=row_losses.device)
-    out[6], out[7] = (1 - (-row_losses).exp()).sum(), false_prob.sum()
+    out[7], out[8] = (1 - (-row_losses).exp()).sum(), false_prob.sum()
     return out
 
 
@@ -168,6 +184,7 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     """Shares and means from DIAGNOSTICS sums (summed over steps and ranks), where they are defined.
 
     false_negative_share: picked negatives that are false negatives (of those with known labels);
+    at_risk_false_negative_share: the same over the anchors that had a false negative among their candidates;
     false_negative_loss_share: the part of what pushes negatives away that pushes false negatives, measured as
     hinge values for the triplet objectives and as softmax mass for the InfoNCE ones.
     """
@@ -178,6 +195,8 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
         out["no_negative_share"] = sums["no_negative"] / sums["sampled_rows"]
     if sums["labelled"]:
         out["false_negative_share"] = sums["false_negatives"] / sums["labelled"]
+    if sums["at_risk"]:
+        out["at_risk_false_negative_share"] = sums["false_negatives"] / sums["at_risk"]
     if sums["loss_mass"]:
         out["false_negative_loss_share"] = sums["loss_false_negatives"] / sums["loss_mass"]
     return out

@@ -69,7 +69,7 @@ class StudyBudget:
 
     embed_dim: int = 256
     batch_size: int = 128
-    epochs: int = 20
+    epochs: int = 15
     lr: float = 1e-3
     queue_size: int = 2048
     momentum: float = 0.99  # the released 0.995 lags a run of a few hundred steps
@@ -175,9 +175,9 @@ def run_study(datasets: dict[str, tuple[Split, Split]], seeds=(0, 1, 2), variant
             finished = map(_run, tasks)
         for name, variant, seed, run, seconds in finished:
             done[name, variant, seed] = run
-            log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  "
-                f"FN picks {run.diagnostics.get('false_negative_share', float('nan')):.3f}  "
-                f"FN loss {run.diagnostics.get('false_negative_loss_share', float('nan')):.3f}  ({seconds:.1f} s)")
+            shares = "  ".join(f"{key} {run.diagnostics.get(key, float('nan')):.3f}" for key in (
+                "false_negative_share", "at_risk_false_negative_share", "false_negative_loss_share"))
+            log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  {shares}  ({seconds:.1f} s)")
     return {name: {variant: [done[name, variant, seed] for seed in seeds] for variant in variants}
             for name in datasets}
 

@@ -13,7 +13,8 @@ import torch
 from fne_dist.retrieval import KS
 
 METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
-SHARES = {"false_negative_share": "FN share of picks", "false_negative_loss_share": "FN share of loss"}
+SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
+          "false_negative_loss_share": "FN share of loss"}
 GAUSSIAN_VARIANT = "FNE bayes"  # whose statistics and similarities the Gaussian plot shows (seed 0)
 
 

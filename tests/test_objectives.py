@@ -186,3 +186,17 @@ def test_objective_config_choices_and_prior_ratio_defaults():
         load_config("configs/demo.yaml", ["fne.objective=simclr"])
     with pytest.raises(ConfigError, match="posterior_hinge"):
         load_config("configs/demo.yaml", ["fne.objective=clip", "fne.posterior_hinge=true"])
+
+
+def test_at_risk_rows_are_those_with_a_false_negative_candidate():
+    from fne_dist.objective import _has_false_candidate
+
+    g = torch.Generator().manual_seed(0)
+    cand_ids = torch.randint(0, 60, (300,), generator=g)
+    group_of = torch.randint(-1, 25, (60,), generator=g)  # an image id has one label (-1: unknown)
+    valid = torch.rand(300, generator=g) > 0.3
+    ids = torch.randint(0, 60, (40,), generator=g)
+    got = _has_false_candidate(ids, group_of[ids], cand_ids, group_of[cand_ids], valid)
+    want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
+                                          for j in range(300))) for i in ids.tolist()]
+    assert got.tolist() == want and 0 < sum(want) < 40
