@@ -41,6 +41,8 @@ VARIANTS = {
     "FNE eliminate": dict(objective="fne", mode="eliminate"),
     "eliminate + (1-f) hinge": dict(objective="fne", mode="eliminate", posterior_hinge=True),
     "posterior InfoNCE": dict(objective="posterior_infonce"),
+    # the same loss with the posterior off (a false negative's prior ~0, so 1 - f = 1): what the posterior adds
+    "buffer InfoNCE (posterior off)": dict(objective="posterior_infonce", prior_ratio=1e30),
 }
 
 

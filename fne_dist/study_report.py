@@ -114,7 +114,8 @@ def plot_gaussians(path: Path, dataset: str, run, split, batch_size: int) -> Non
         ax.plot(x.tolist(), density.tolist(), color=color, label=f"{label} N({mean:.2f}, {math.sqrt(var):.2f}²)")
     ax.set_xlabel("cosine similarity (trained heads, training split)")
     ax.set_ylabel("density")
-    ax.set_title(f"{dataset}: {GAUSSIAN_VARIANT}, seed 0 - hardest in-batch negatives of mutually top-1 rows")
+    ax.set_title(f"{dataset}: {GAUSSIAN_VARIANT}, seed 0\nnegatives: hardest in-batch of mutually top-1 rows",
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -127,7 +128,7 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(SHARES), figsize=(5 * len(SHARES), 4), sharey=True)
     for ax, (key, title) in zip(axes, SHARES.items()):
         for variant, runs in variants.items():
             steps = [h["step"] for h in runs[0].history]
@@ -137,7 +138,7 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
         ax.set_title(f"{dataset}: {title} (per epoch, mean over seeds)")
         ax.set_xlabel("training step")
         ax.set_ylabel("%")
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
