@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from fne_dist.retrieval import KS
+from fne_dist.stats import SimilarityStats
+from fne_dist.weights import true_negative_prob
 
 METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
 SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
@@ -95,6 +97,30 @@ def measured_similarities(run, split, batch_size: int) -> dict[str, torch.Tensor
             "false negatives": torch.cat(false_neg)}
 
 
+@torch.no_grad()
+def posterior_separation(run, split, rule) -> dict:
+    """How the end-of-run posterior (the run's fitted Gaussians, its rule's prior ratio) scores every image-caption
+    pair of the training split: false negatives (same group, another image) against true negatives."""
+    image, text, _ = run.heads(split.image, split.text)
+    sims = image @ text.T
+    same_group = split.groups[:, None] == split.groups[None, :]
+    false_neg = same_group & (split.ids[:, None] != split.ids[None, :])
+    mean_pos, var_pos, mean_neg, var_neg = run.stats
+    stats = SimilarityStats.from_moments(count_pos=rule.min_count + 1, mean_pos=mean_pos, var_pos=var_pos,
+                                         mean_neg=mean_neg, var_neg=var_neg)
+    f = 1 - true_negative_prob(sims, stats, rule)
+    f_false, f_true = f[false_neg], f[~same_group]
+    # AUC of f (false negatives scored above true negatives) from ranks: ties count one half
+    ranks = torch.cat([f_false, f_true]).double().argsort().argsort().double() + 1
+    n1, n0 = len(f_false), len(f_true)
+    auc = (ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) if n1 and n0 else float("nan")
+    return {"prior_ratio": rule.prior_ratio, "positive_sim": float(sims.diagonal().mean()),
+            "false_negative_sim": float(sims[false_neg].mean()), "true_negative_sim": float(sims[~same_group].mean()),
+            "mean_f_false_negatives": float(f_false.mean()), "mean_f_true_negatives": float(f_true.mean()),
+            "false_negatives_f_over_half": float((f_false >= 0.5).float().mean()),
+            "true_negatives_f_over_half": float((f_true >= 0.5).float().mean()), "auc_f": float(auc)}
+
+
 def plot_gaussians(path: Path, dataset: str, run, split, batch_size: int) -> None:
     import matplotlib
 
@@ -145,7 +171,8 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
 
 
 def write_report(results: dict, datasets: dict, budget, out: Path, header: str = "") -> list[dict]:
-    """table.md, table.csv, runs.csv, history.json and the plots under `out`; returns the summary rows."""
+    """table.md, table.csv, runs.csv, posterior.csv (seed 0 of each variant), history.json and the plots under
+    `out`; returns the summary rows."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summary_rows(results)
     (out / "table.md").write_text(header + markdown_table(rows))
@@ -153,6 +180,10 @@ def write_report(results: dict, datasets: dict, budget, out: Path, header: str =
     write_csv(out / "runs.csv", run_rows(results))
     history = {d: {v: [r.history for r in runs] for v, runs in vs.items()} for d, vs in results.items()}
     (out / "history.json").write_text(json.dumps({"budget": asdict(budget), "history": history}, indent=1))
+    posterior = [{"dataset": dataset, "objective": variant,
+                  **posterior_separation(runs[0], datasets[dataset][0], budget.section(variant).rule())}
+                 for dataset, variants in results.items() for variant, runs in variants.items()]
+    write_csv(out / "posterior.csv", posterior)
     for dataset, variants in results.items():
         plot_shares(out / f"fn_share_{dataset}.png", dataset, variants)
         if GAUSSIAN_VARIANT in variants:

@@ -92,3 +92,12 @@ def test_same_seed_same_run_and_every_variant_sees_the_same_data(data, monkeypat
         train_heads(train, test, variant, 1, replace(TINY, epochs=2))
     assert all(torch.equal(a, b) for a, b in zip(seen["clip"], seen["vsepp"]))
     assert set(VARIANTS) >= {"CLIP InfoNCE", "VSE++"}
+
+
+def test_posterior_separation_scores_false_negatives(results, data):
+    from fne_dist.study_report import posterior_separation
+
+    run = results["tiny"]["FNE eliminate"][0]
+    got = posterior_separation(run, data["tiny"][0], TINY.section("FNE eliminate").rule())
+    assert got["prior_ratio"] == 100.0 and 0 <= got["auc_f"] <= 1
+    assert 0 <= got["mean_f_true_negatives"] <= 1 and 0 <= got["false_negatives_f_over_half"] <= 1
