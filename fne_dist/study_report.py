@@ -17,7 +17,9 @@ from fne_dist.weights import true_negative_prob
 METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
 SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
           "false_negative_loss_share": "FN share of loss"}
-GAUSSIAN_VARIANT = "FNE bayes"  # whose statistics and similarities the Gaussian plot shows (seed 0)
+ROW_SHARES = {"fallback_share": "rows falling back", "no_negative_share": "rows without a negative"}  # sampled rows
+GAUSSIAN_VARIANT = "FNE bayes"
+POSTERIOR_OFF = 1e20  # a prior ratio this large turns the posterior off (f = 0): nothing to score  # whose statistics and similarities the Gaussian plot shows (seed 0)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -37,7 +39,7 @@ def summary_rows(results: dict) -> list[dict]:
             row = {"dataset": dataset, "objective": variant, "seeds": len(runs)}
             for key in METRICS:
                 row[key], row[f"{key}_std"] = mean_std([r.metrics[key] for r in runs])
-            for key in SHARES:
+            for key in (*SHARES, *ROW_SHARES):
                 row[key], row[f"{key}_std"] = mean_std([r.diagnostics.get(key, float("nan")) for r in runs])
             rows.append(row)
     return rows
@@ -51,11 +53,11 @@ def _cell(mean: float, std: float, percent: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["set", "objective", *METRICS, *SHARES.values()]
+    head = ["set", "objective", *METRICS, *SHARES.values(), *ROW_SHARES.values()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["dataset"], row["objective"], *(_cell(row[k], row[f"{k}_std"]) for k in METRICS),
-                 *(_cell(row[k], row[f"{k}_std"], percent=True) for k in SHARES)]
+                 *(_cell(row[k], row[f"{k}_std"], percent=True) for k in (*SHARES, *ROW_SHARES))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -70,7 +72,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def run_rows(results: dict) -> list[dict]:
     """Every run: dataset, objective, seed, metrics, shares."""
     return [{"dataset": dataset, "objective": variant, "seed": seed, **run.metrics,
-             **{k: run.diagnostics.get(k, float("nan")) for k in (*SHARES, "no_negative_share", "fallback_share")}}
+             **{k: run.diagnostics.get(k, float("nan")) for k in (*SHARES, *ROW_SHARES)}}
             for dataset, variants in results.items() for variant, runs in variants.items()
             for seed, run in enumerate(runs)]
 
@@ -110,10 +112,11 @@ def posterior_separation(run, split, rule) -> dict:
                                          mean_neg=mean_neg, var_neg=var_neg)
     f = 1 - true_negative_prob(sims, stats, rule)
     f_false, f_true = f[false_neg], f[~same_group]
-    # AUC of f (false negatives scored above true negatives) from ranks: ties count one half
-    ranks = torch.cat([f_false, f_true]).double().argsort().argsort().double() + 1
-    n1, n0 = len(f_false), len(f_true)
-    auc = (ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0) if n1 and n0 else float("nan")
+    # AUC of f: P(f of a false negative > f of a true negative), ties counting one half
+    sorted_true = f_true.sort().values
+    below = torch.searchsorted(sorted_true, f_false).double()
+    ties = torch.searchsorted(sorted_true, f_false, right=True).double() - below
+    auc = float((below + ties / 2).mean() / len(f_true)) if len(f_false) and len(f_true) else float("nan")
     return {"prior_ratio": rule.prior_ratio, "positive_sim": float(sims.diagonal().mean()),
             "false_negative_sim": float(sims[false_neg].mean()), "true_negative_sim": float(sims[~same_group].mean()),
             "mean_f_false_negatives": float(f_false.mean()), "mean_f_true_negatives": float(f_true.mean()),
@@ -182,7 +185,8 @@ def write_report(results: dict, datasets: dict, budget, out: Path, header: str =
     (out / "history.json").write_text(json.dumps({"budget": asdict(budget), "history": history}, indent=1))
     posterior = [{"dataset": dataset, "objective": variant,
                   **posterior_separation(runs[0], datasets[dataset][0], budget.section(variant).rule())}
-                 for dataset, variants in results.items() for variant, runs in variants.items()]
+                 for dataset, variants in results.items() for variant, runs in variants.items()
+                 if budget.section(variant).resolved_prior_ratio() < POSTERIOR_OFF]
     write_csv(out / "posterior.csv", posterior)
     for dataset, variants in results.items():
         plot_shares(out / f"fn_share_{dataset}.png", dataset, variants)
