@@ -17,6 +17,7 @@ from fne_dist.weights import true_negative_prob
 METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
 SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
           "false_negative_loss_share": "FN share of loss"}
+LAST_EPOCH = {"at_risk_false_negative_share": "FN share of at-risk picks, last epoch"}
 ROW_SHARES = {"fallback_share": "rows falling back", "no_negative_share": "rows without a negative"}  # sampled rows
 GAUSSIAN_VARIANT = "FNE bayes"
 POSTERIOR_OFF = 1e20  # a prior ratio this large turns the posterior off (f = 0): nothing to score  # whose statistics and similarities the Gaussian plot shows (seed 0)
@@ -41,6 +42,9 @@ def summary_rows(results: dict) -> list[dict]:
                 row[key], row[f"{key}_std"] = mean_std([r.metrics[key] for r in runs])
             for key in (*SHARES, *ROW_SHARES):
                 row[key], row[f"{key}_std"] = mean_std([r.diagnostics.get(key, float("nan")) for r in runs])
+            for key in LAST_EPOCH:
+                row[f"last_{key}"], row[f"last_{key}_std"] = mean_std([r.history[-1].get(key, float("nan"))
+                                                                        for r in runs])
             rows.append(row)
     return rows
 
@@ -53,11 +57,12 @@ def _cell(mean: float, std: float, percent: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["set", "objective", *METRICS, *SHARES.values(), *ROW_SHARES.values()]
+    head = ["set", "objective", *METRICS, *SHARES.values(), *LAST_EPOCH.values(), *ROW_SHARES.values()]
+    shares = (*SHARES, *(f"last_{k}" for k in LAST_EPOCH), *ROW_SHARES)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["dataset"], row["objective"], *(_cell(row[k], row[f"{k}_std"]) for k in METRICS),
-                 *(_cell(row[k], row[f"{k}_std"], percent=True) for k in (*SHARES, *ROW_SHARES))]
+                 *(_cell(row[k], row[f"{k}_std"], percent=True) for k in shares)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -157,14 +162,14 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SHARES), figsize=(5 * len(SHARES), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(SHARES), figsize=(5 * len(SHARES), 4.5), sharey=True)
+    colors = plt.get_cmap("tab10")
     for ax, (key, title) in zip(axes, SHARES.items()):
-        for variant, runs in variants.items():
+        for n, (variant, runs) in enumerate(variants.items()):
             steps = [h["step"] for h in runs[0].history]
             curve = [mean_std([r.history[e].get(key, float("nan")) for r in runs])[0] for e in range(len(steps))]
-            if not all(math.isnan(v) for v in curve):
-                ax.plot(steps, [100 * v for v in curve], label=variant)
-        ax.set_title(f"{dataset}: {title} (per epoch, mean over seeds)")
+            ax.plot(steps, [100 * v for v in curve], label=variant, color=colors(n))  # NaN: nothing drawn
+        ax.set_title(f"{dataset}: {title}\n(per epoch, mean over seeds)", fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("%")
     axes[-1].legend(fontsize=7)
