@@ -10,7 +10,7 @@ drawing are dropped (`boilerplate_title`).  Transparency is composited onto whit
 
 emoji (Noto Color Emoji: SIL OFL 1.1; names from the `emoji` package, BSD): every fully-qualified emoji that the
 font draws as one glyph, rendered by Pillow at the font's bitmap size 109 (embedded color) onto white; the caption
-is its English name ("thumbs up medium skin tone").
+is its English name ("thumbs up medium skin tone", "flag Japan").
 
 Groups define false negatives: two images of one group are different images that a caption of either fits.  For
 openclipart a group is the drawings whose titles are the same text (case and spacing aside: the MiniLM tokenizer
