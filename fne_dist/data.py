@@ -14,9 +14,8 @@ and by DataLoader worker; each reader (one per rank and worker) shuffles its pai
 (seed, epoch, rank, reader), and the augmentations of the pair at position i of a reader's stream run under a torch
 seed derived from the same tuple and i (the trainer's global RNG is left untouched).  So the batches of
 (seed, epoch, rank) are the same on every run with the same `num_workers`, and `skip_batches` resumes exactly:
-the skipped pairs are read as bytes but neither decoded nor transformed.  (Exact, unless an image inside the skipped
-range fails to decode: the interrupted run dropped it and took the next pair, the resumed run cannot know without
-decoding, so it is shifted by that many pairs.)
+the skipped pairs' images are decoded (so that one the interrupted run dropped as undecodable is dropped again,
+uncounted) but not transformed.  (A decodable image whose transform failed would shift a resumed run by a pair.)
 
 Equal batch counts.  All ranks must run the same number of steps.  Every rank yields exactly
 `epoch_pairs // (batch_size * world_size)` full batches; `epoch_pairs` defaults to the pairs the shard manifest
@@ -246,9 +245,7 @@ class _RankStream(IterableDataset):
         reader = (worker + self.skip_batches) % n_readers
         mine = range(reader, self.num_batches, n_readers)
         skip = len(range(reader, min(self.skip_batches, self.num_batches), n_readers))
-        pairs = self._pairs(reader, n_readers)
-        start = skip * self.batch_size
-        pairs = itertools.islice(enumerate(pairs), start, None)
+        pairs = _past_decodable(enumerate(self._pairs(reader, n_readers)), skip * self.batch_size)
         yield from itertools.islice(self._batches(pairs, reader), len(mine) - skip)
 
     def _tag(self, reader: int) -> str:
@@ -290,6 +287,20 @@ class _RankStream(IterableDataset):
             if len(items) == self.batch_size:
                 yield _collate(items, self.tokenizer)
                 items = []
+
+
+def _past_decodable(pairs: Iterator[tuple[int, _Pair]], count: int) -> Iterator[tuple[int, _Pair]]:
+    """The pairs after the first `count` whose image decodes, and after the undecodable ones among them: what the
+    skipped batches consumed (they dropped undecodable images and took the next pair).  Positions are kept, so the
+    augmentation seeds of what follows are the uninterrupted run's."""
+    while count:
+        _, pair = next(pairs)
+        try:
+            _decode_image(pair.image)
+        except Exception:  # the batches skipped (and counted) it before the interruption
+            continue
+        count -= 1
+    return pairs
 
 
 def _collate(items: list[tuple[torch.Tensor, _Pair]], tokenizer: Callable) -> Batch:

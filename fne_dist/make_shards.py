@@ -1,12 +1,15 @@
 """fne-make-shards: local images + captions -> WebDataset shards in our layout, in parallel and resumable.
 
-Two inputs:
+Four inputs:
   karpathy  Karpathy's split JSON (dataset_flickr30k.json, dataset_coco.json: images[] with filename, optional
             filepath, split, sentences[].raw, imgid and, for COCO, cocoid) plus the image folder; one shard set per
             split, each image stored once with all its captions.
   table     a CSV, TSV or Parquet table of image path and caption (column names by option, open_clip's defaults),
             e.g. an already-downloaded web-scale table; rows naming the same image become one image with all their
             captions.  Downloading from urls is img2dataset's job, whose shards the loader reads as they are.
+  openclipart, emoji
+            real captioned images with known false negatives, built offline from Debian packages by the recipes
+            of fne_dist/recipes.py: train and test splits (by group), label = group id.
 
 Missing or undecodable images are skipped and listed in the manifest with the reason, never fatal.  Each shard is
 one task for the worker pool, so the output does not depend on the number of workers, and a shard is written
@@ -28,6 +31,7 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
+from fne_dist import recipes
 from fne_dist.shards import (ShardSample, is_complete, make_manifest, read_manifest, shard_name, stable_id,
                              write_manifest, write_shard)
 
@@ -110,6 +114,12 @@ def table_items(table_path: str | Path, *, image_column: str, caption_column: st
                   -1 if label_column is None else _as_int(entry["label"], label_column, table_path))
              for path, entry in grouped.items()]
     return {split: items}
+
+
+def recipe_items(built: recipes.Built) -> dict[str, list[Item]]:
+    """A recipe's stored images as items: one caption each, label = group id."""
+    return {split: [Item(path, (caption,), image_id, group) for path, caption, image_id, group in rows]
+            for split, rows in built.splits.items()}
 
 
 def _as_int(value, column: str, table_path, required: bool = False) -> int:
@@ -267,9 +277,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     t.add_argument("--label-column", help="column of integer class labels, used only to measure false negatives")
     t.add_argument("--image-root", help="folder for relative image paths (default: the table's folder)")
     t.add_argument("--split", default="train", help="split name of the shards (default: %(default)s)")
-    for q in (k, t):
+    o = sub.add_parser("openclipart", help="Debian's openclipart drawings with their titles (apt-get install "
+                       "openclipart-png openclipart-svg)")
+    o.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
+    e = sub.add_parser("emoji", help="Noto Color Emoji (apt-get install fonts-noto-color-emoji) with their names")
+    for q in (o, e):
+        q.add_argument("--test-fraction", type=float, default=0.2, help="share of images in test (default: "
+                       "%(default)s; whole groups)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    for q, shard_size in ((k, 1000), (t, 1000), (o, 250), (e, 250)):
         q.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-        q.add_argument("--shard-size", type=int, default=1000, help="images per shard (default: %(default)s)")
+        q.add_argument("--shard-size", type=int, default=shard_size, help="images per shard (default: %(default)s)")
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="parallel processes, one shard each at a time (default: %(default)s)")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -283,6 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             items = karpathy_items(args.json, args.images, restval_as_train=args.restval == "train")
             source = _file_source("karpathy", args.json, images=os.path.abspath(args.images), restval=args.restval,
                                   shard_size=args.shard_size)
+        elif args.input in recipes.RECIPES:
+            extra = {"root": os.path.abspath(args.root)} if args.input == "openclipart" else {}
+            built = recipes.build(args.input, args.out, test_fraction=args.test_fraction, seed=args.seed,
+                                  workers=args.workers, **extra)
+            items = recipe_items(built)
+            source = {"builder": "fne-make-shards", "version": SOURCE_VERSION, "input": args.input,
+                      "shard_size": args.shard_size, **{k: built.summary[k] for k in ("seed", "test_fraction",
+                                                                                      "images", "groups")}, **extra}
         else:
             items = table_items(args.table, image_column=args.image_column, caption_column=args.caption_column,
                                 split=args.split, image_root=args.image_root, id_column=args.id_column,
@@ -299,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['samples']} images, {info['pairs']} pairs, {info['skipped']} skipped -> "
               f"{Path(args.out) / info['pattern']}")
+    if args.input in recipes.RECIPES:
+        print(f"counts and dropped items: {Path(args.out) / 'recipe.json'}")
     if manifest["skipped"]:
         print(f"skipped items and why: {Path(args.out) / 'manifest.json'}")
     return 0

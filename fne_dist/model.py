@@ -1,8 +1,10 @@
 """The image and text towers (any open_clip model) and their momentum copy.
 
-The online towers are an open_clip CLIP built with a 1-element logit scale: DeepSpeed cannot flatten 0-dim
-parameters, and one builder serves both the FNE trainer (which freezes the scale: a triplet loss has no
-temperature) and the CLIP-loss baseline of `fne-bench step` (which trains it).
+The online towers are an open_clip CLIP (or, from pretrained towers, a CustomTextCLIP: a timm image trunk and a
+Hugging Face text trunk with linear projection heads, weights from local files through fne_dist/pretrained.py)
+built with a 1-element logit scale: DeepSpeed cannot flatten 0-dim parameters, and one builder serves the triplet
+objectives (which freeze the scale: a triplet loss has no temperature) and the InfoNCE ones and the CLIP-loss
+baseline of `fne-bench step` (which train it).
 
 The momentum towers (FNE_SPEC step 2) are a plain fp32 copy outside the DeepSpeed engine, never trained by the
 optimizer: `momentum_update` moves them towards the online weights once per optimizer step, before the next
@@ -15,15 +17,19 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from fne_dist import pretrained
 from fne_dist.config import ModelSection
 
 NO_WEIGHT_DECAY = ("bias", "ln", "bn", "logit_scale", "logit_bias")
@@ -56,14 +62,63 @@ def resolve_name(cfg: ModelSection) -> str:
 
 
 def architecture(cfg: ModelSection) -> dict:
+    """The open_clip model config (plain JSON types, comparable with a stored copy)."""
+    if cfg.image_tower is not None:
+        return tower_architecture(cfg)
     arch = copy.deepcopy(open_clip.get_model_config(resolve_name(cfg)))
     if cfg.embed_dim is not None:
         arch["embed_dim"] = cfg.embed_dim
-    return json.loads(json.dumps(arch))  # plain JSON types, comparable with a stored copy
+    return json.loads(json.dumps(arch))
+
+
+def tower_architecture(cfg: ModelSection) -> dict:
+    """open_clip's config of a CustomTextCLIP from pretrained towers: timm trunk + linear head, Hugging Face trunk
+    (the local folder) + mean pooling + linear head.  The weights are loaded by `build_pretrained_towers`."""
+    text_dir = str(pretrained.resolve_weights(cfg.text_tower.weights, "model.text_tower.weights"))
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"timm_model_name": cfg.image_tower.timm_model, "timm_model_pretrained": False,
+                       "timm_pool": "avg", "timm_proj": "linear", "image_size": cfg.image_tower.image_size},
+        "text_cfg": {"hf_model_name": text_dir, "hf_tokenizer_name": text_dir, "hf_model_pretrained": False,
+                     "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear",
+                     "context_length": cfg.text_tower.context_length},
+    }
+
+
+def build_pretrained_towers(cfg: ModelSection) -> Towers:
+    """A CustomTextCLIP whose trunks hold the local pretrained weights (every tensor checked), frozen if asked,
+    with the image tower's own normalisation (timm's pretrained config) and a tokenizer of `context_length`."""
+    import timm
+
+    arch = tower_architecture(cfg)
+    model = open_clip.CustomTextCLIP(**arch, nonscalar_logit_scale=True)
+    image, text = cfg.image_tower, cfg.text_tower
+    image_file = pretrained.resolve_weights(image.weights, "model.image_tower.weights")
+    reference = timm.create_model(image.timm_model, pretrained=False)
+    pretrained.load_exact(model.visual.trunk, pretrained.timm_state_dict(image_file, reference), str(image_file),
+                          unused=pretrained.UNUSED_IMAGE)
+    text_dir = Path(arch["text_cfg"]["hf_model_name"])
+    pretrained.load_exact(model.text.transformer, pretrained.hf_state_dict(text_dir), str(text_dir),
+                          unused=pretrained.UNUSED_TEXT)
+    if image.freeze:
+        pretrained.freeze(model.visual.trunk)
+    if text.freeze:
+        pretrained.freeze(model.text.transformer)
+    data_cfg = reference.pretrained_cfg
+    preprocess = PreprocessCfg(size=image.image_size, mean=data_cfg["mean"], std=data_cfg["std"],
+                               interpolation=data_cfg["interpolation"])
+    open_clip.set_model_preprocess_cfg(model, asdict(preprocess))
+    preprocess_train = image_transform_v2(preprocess, is_train=True)
+    preprocess_val = image_transform_v2(preprocess, is_train=False)
+    tokenizer = HFTokenizer(str(text_dir), context_length=text.context_length)
+    return Towers(model, preprocess_train, preprocess_val, tokenizer, json.loads(json.dumps(arch)))
 
 
 def build_towers(cfg: ModelSection) -> Towers:
-    """The online CLIP model (fp32, random or from `cfg.pretrained`) and its transforms and tokenizer."""
+    """The online CLIP model (fp32, random or from `cfg.pretrained`, or from pretrained towers) and its transforms
+    and tokenizer."""
+    if cfg.image_tower is not None:
+        return build_pretrained_towers(cfg)
     name = resolve_name(cfg)
     if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
         raise FileNotFoundError(f"model.pretrained={cfg.pretrained!r} is not a file: give a local open_clip "
@@ -77,10 +132,27 @@ def build_towers(cfg: ModelSection) -> Towers:
 
 
 def freeze_temperature(model: nn.Module) -> None:
-    """The triplet losses have no temperature: keep the logit scale (and bias) out of training."""
+    """The triplet losses have no temperature: keep the logit scale (and bias) out of training (the objectives
+    "clip" and "posterior_infonce" train it, as open_clip does)."""
     for name, param in model.named_parameters():
         if name in ("logit_scale", "logit_bias"):
             param.requires_grad_(False)
+
+
+MAX_LOGIT_SCALE = math.log(100)  # open_clip's training clamps the learned temperature at 1/100
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module, zero3: bool = False) -> None:
+    """After an optimizer step, as open_clip's training does: 0 <= logit_scale <= log(100)."""
+    param = model.logit_scale
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            param.clamp_(0, MAX_LOGIT_SCALE)
+    else:
+        param.clamp_(0, MAX_LOGIT_SCALE)
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:
@@ -134,8 +206,9 @@ def _gathered(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text embeddings [b, D] through the model's forward (which a DeepSpeed engine
-    wraps: under ZeRO-3 its hooks gather the parameters)."""
-    image_features, text_features = model(images, tokens)[:2]
-    return image_features, text_features
+def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L2-normalised image and text embeddings [b, D] and the exp'd logit scale, through the model's forward
+    (which a DeepSpeed engine wraps: under ZeRO-3 its hooks gather the parameters)."""
+    image_features, text_features, logit_scale = model(images, tokens)[:3]
+    return image_features, text_features, logit_scale

@@ -39,8 +39,9 @@ from fne_dist.data import load_eval_set, make_train_loader
 from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
-from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
-from fne_dist.objective import DIAGNOSTICS, Objective, summarise
+from fne_dist.model import (build_towers, clamp_logit_scale, encode, freeze_temperature, momentum_copy,
+                            momentum_update, param_groups)
+from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run again with --resume auto
@@ -116,7 +117,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.towers = build_towers(cfg.model)
         model = self.towers.model
-        freeze_temperature(model)
+        if cfg.fne.objective not in SCALED_OBJECTIVES:
+            freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)
         self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
@@ -191,15 +193,18 @@ class Trainer:
         images = batch.images.to(device, non_blocking=True)
         tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
         with torch.no_grad(), self._autocast():
-            ik, tk = encode(self.momentum, images, tokens)
-        ia, ta = encode(self.engine, images.to(self.dtype), tokens)
-        return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup)
+            ik, tk, _ = encode(self.momentum, images, tokens)
+        ia, ta, logit_scale = encode(self.engine, images.to(self.dtype), tokens)
+        return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup,
+                                   logit_scale=logit_scale)
 
     def apply(self, out) -> bool:
         """Step 3 of `train_step`, for a step found finite on every rank."""
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
+        if self.cfg.fne.objective in SCALED_OBJECTIVES:
+            clamp_logit_scale(self.engine.module, self.zero3)
         stepped = self.engine.global_steps != optimizer_steps
         self.ema_due |= stepped
         self.objective.commit(out)

@@ -27,7 +27,7 @@ def test_json_model_builds_with_transforms_and_tokenizer(towers):
     assert towers.architecture["embed_dim"] == 64 and towers.architecture["vision_cfg"]["image_size"] == 32
     assert towers.model.logit_scale.shape == (1,)  # DeepSpeed cannot flatten 0-dim parameters
     tokens = towers.tokenizer(["the digit seven, leaning left"])
-    ia, ta = encode(towers.model, torch.randn(1, 3, 32, 32), tokens)
+    ia, ta, _ = encode(towers.model, torch.randn(1, 3, 32, 32), tokens)
     assert ia.shape == ta.shape == (1, 64)
     assert torch.allclose(ia.norm(dim=1), torch.ones(1)) and torch.allclose(ta.norm(dim=1), torch.ones(1))
 

@@ -1,0 +1,113 @@
+"""FNE's posterior inside a contrastive loss: InfoNCE over [global batch ; buffer] (FNE_SPEC "Beyond the released
+rule").
+
+    L_i = -log( exp(t p_i) / (exp(t p_i) + sum_j (1 - f_ij) exp(t s_ij)) ),   t = logit scale = 1 / temperature
+
+over the candidates j of another id than the anchor (valid slots only); `1 - f` is `true_negative_prob`, so a
+likely false negative leaves the denominator.  The candidates and the positive keys are momentum keys (constants)
+and the posterior weights are sampling-like constants (no gradient through f): the gradient flows into the anchors
+and the logit scale only.
+
+`posterior_infonce` streams the candidates in tiles and never holds [b, N]: the forward keeps an online
+log-sum-exp per row, the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels
+do).  `dense_posterior_infonce` is the autograd reference the tests compare it with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
+from fne_dist.stats import SimilarityStats
+from fne_dist.weights import FNEConfig, true_negative_prob
+
+
+@dataclass
+class CandidateSet:
+    """What one direction's loss reads: keys [N, D] with ids [N], labels [N] (-1: unknown), valid [N] bool,
+    and the anchors' ids [b] and labels [b] (labels only measure false negatives)."""
+
+    keys: torch.Tensor
+    key_ids: torch.Tensor
+    key_labels: torch.Tensor
+    valid: torch.Tensor
+    anchor_ids: torch.Tensor
+    anchor_labels: torch.Tensor
+
+
+def _tile_logits(a, scale, cand: CandidateSet, start: int, stop: int, stats, cfg):
+    """(logits t s + log(1 - f), -inf off the candidate set; similarities s; false-negative mask) of one tile."""
+    s = a @ cand.keys[start:stop].float().T
+    drop = (cand.anchor_ids[:, None] == cand.key_ids[None, start:stop]) | ~cand.valid[None, start:stop]
+    logits = (s * scale).add_(true_negative_prob(s, stats, cfg).log_()).masked_fill_(drop, float("-inf"))
+    labels = cand.key_labels[None, start:stop]
+    false_neg = ~drop & (labels >= 0) & (labels == cand.anchor_labels[:, None])
+    return logits, s, false_neg
+
+
+class _PosteriorInfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors, scale, pos_keys, cand: CandidateSet, stats, cfg, tile):
+        a = anchors.detach().float()
+        t = scale.detach().float()
+        pos = (a * pos_keys.float()).sum(1)
+        m = pos * t  # running max of the row's logits, starting with the positive's
+        total = torch.ones_like(m)  # sum exp(logit - m) over the positive and the candidates so far
+        false_mass = torch.zeros_like(m)  # ... over labelled false negatives only
+        for start in range(0, len(cand.keys), tile):
+            logits, _, false_neg = _tile_logits(a, t, cand, start, start + tile, stats, cfg)
+            m_new = torch.maximum(m, logits.max(1).values)
+            rescale = (m - m_new).exp()
+            e = (logits - m_new[:, None]).exp_()
+            total = total * rescale + e.sum(1)
+            false_mass = false_mass * rescale + (e * false_neg).sum(1)
+            m = m_new
+        lse = m + total.log()
+        p_pos = (pos * t - lse).exp()
+        ctx.save_for_backward(a, t, pos_keys, pos, lse)
+        ctx.cand, ctx.stats, ctx.cfg, ctx.tile, ctx.dtype = cand, stats, cfg, tile, anchors.dtype
+        false_prob = false_mass / total  # softmax mass on labelled false negatives
+        ctx.mark_non_differentiable(false_prob)
+        return lse - pos * t, false_prob
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_false_prob):
+        a, t, pos_keys, pos, lse = ctx.saved_tensors
+        cand = ctx.cand
+        pull = torch.zeros_like(a)  # sum_j softmax_ij k_j
+        pull_sim = torch.zeros_like(pos)  # sum_j softmax_ij s_ij
+        for start in range(0, len(cand.keys), ctx.tile):
+            logits, s, _ = _tile_logits(a, t, cand, start, start + ctx.tile, ctx.stats, ctx.cfg)
+            prob = (logits - lse[:, None]).exp_()
+            pull += prob @ cand.keys[start:start + ctx.tile].float()
+            pull_sim += (prob * s).sum(1)
+        p_pos = (pos * t - lse).exp()
+        g = grad_loss.float()
+        # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
+        grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
+        grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+        return grad_anchors.to(ctx.dtype), grad_scale, None, None, None, None, None
+
+
+def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,
+                      stats: SimilarityStats, cfg: FNEConfig, tile_size: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row losses [b] (gradient into `anchors` [b, D] and the 0-dim or 1-element logit `scale`) and, per row,
+    the softmax probability that falls on labelled false negatives [b] (no gradient; the row's whole negative
+    mass is 1 - exp(-loss)).
+
+    pos_keys [b, D] are the anchors' own momentum keys; memory O(b * tile_size) for any number of candidates.
+    """
+    tile = tile_size or max(1, DEFAULT_TILE_ELEMENTS // max(len(anchors), 1))
+    return _PosteriorInfoNCE.apply(anchors, scale, pos_keys.detach(), cand, stats, cfg, tile)
+
+
+def dense_posterior_infonce(anchors, scale, pos_keys, cand: CandidateSet, stats, cfg) -> torch.Tensor:
+    """The reference: the whole [b, N] logit matrix and autograd; per-row losses [b]."""
+    s = anchors.float() @ cand.keys.float().T
+    drop = (cand.anchor_ids[:, None] == cand.key_ids[None, :]) | ~cand.valid[None, :]
+    log_w = true_negative_prob(s.detach(), stats, cfg).log()
+    logits = (s * scale + log_w).masked_fill(drop, float("-inf"))
+    pos = (anchors.float() * pos_keys.float().detach()).sum(1, keepdim=True) * scale
+    return -torch.cat([pos, logits], 1).log_softmax(1)[:, 0]

@@ -1,0 +1,202 @@
+"""The objectives beside the FNE triplet: CLIP's ClipLoss, the streaming posterior-weighted InfoNCE against its
+dense autograd reference, eliminate rows skipped and counted, the (1 - f) hinge weight, and their config."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from fne_dist.config import ConfigError, FNESection, load_config
+from fne_dist.infonce import CandidateSet, dense_posterior_infonce, posterior_infonce
+from fne_dist.objective import DIAGNOSTICS, Objective, summarise
+from fne_dist.stats import SimilarityStats
+from fne_dist.weights import FNEConfig, true_negative_prob
+
+READY = SimilarityStats.from_moments(count_pos=500, mean_pos=0.3, var_pos=0.01, mean_neg=0.0, var_neg=0.02)
+NOT_READY = SimilarityStats.from_moments(count_pos=10, mean_pos=0.3, var_pos=0.01, mean_neg=0.0, var_neg=0.02)
+
+
+def unit(*shape, generator):
+    return F.normalize(torch.randn(*shape, generator=generator), dim=-1)
+
+
+def objective(**fne) -> Objective:
+    return Objective(FNESection(**{"queue_size": 64, "impl": "torch", **fne}), dim=16, device=torch.device("cpu"),
+                     seed=0)
+
+
+def features(b=12, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ia, ta = unit(b, d, generator=g).requires_grad_(), unit(b, d, generator=g).requires_grad_()
+    ik, tk = unit(b, d, generator=g), unit(b, d, generator=g)
+    ids = torch.arange(b)
+    labels = torch.arange(b) // 3  # groups of three: the other two are false negatives
+    return ia, ta, ik, tk, ids, labels
+
+
+def test_clip_objective_is_open_clips_clip_loss():
+    ia, ta, ik, tk, ids, labels = features()
+    scale = torch.tensor([1 / 0.07], requires_grad=True)
+    out = objective(objective="clip").loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=True,
+                                           logit_scale=scale)
+    want = ClipLoss()(ia, ta, scale)
+    assert torch.equal(out.loss, want)
+    grads = torch.autograd.grad(out.loss, (ia, ta, scale))
+    want_grads = torch.autograd.grad(want, (ia, ta, scale))
+    assert all(torch.equal(g, w) for g, w in zip(grads, want_grads))
+    # the in-batch softmax mass on false negatives is measured from the group labels
+    shares = summarise(dict(zip(DIAGNOSTICS, out.diagnostics.tolist())))
+    assert 0 < shares["false_negative_loss_share"] < 1 and "false_negative_share" not in shares
+
+
+def test_scaled_objectives_need_the_logit_scale():
+    with pytest.raises(ValueError, match="logit_scale"):
+        objective(objective="posterior_infonce").loss(*features(), step=0, rank=0, warmup=False)
+
+
+def candidate_set(b, n, d, seed, n_ids=40):
+    g = torch.Generator().manual_seed(seed)
+    anchors = unit(b, d, generator=g).double().float()
+    pos_keys, keys = unit(b, d, generator=g), unit(n, d, generator=g)
+    ids = torch.arange(b)
+    key_ids = torch.randint(0, n_ids, (n,), generator=g)
+    key_ids[:b] = ids  # the global batch first: each anchor's own key is a positive, never a negative
+    valid = torch.rand(n, generator=g) > 0.1
+    cand = CandidateSet(keys, key_ids, torch.randint(-1, 5, (n,), generator=g), valid, ids,
+                        torch.randint(0, 5, (b,), generator=g))
+    return anchors, pos_keys, cand
+
+
+@pytest.mark.parametrize("stats", [READY, NOT_READY], ids=["posterior", "not-ready"])
+@pytest.mark.parametrize("b,n,d,tile", [(13, 301, 17, 37), (1, 5, 3, 2), (29, 130, 64, 1000)])
+def test_streaming_posterior_infonce_matches_dense_reference(stats, b, n, d, tile):
+    anchors, pos_keys, cand = candidate_set(b, n, d, seed=b)
+    cfg = FNEConfig(prior_ratio=100.0)
+    grad_out = torch.randn(b, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (lambda a, s: posterior_infonce(a, s, pos_keys, cand, stats, cfg, tile_size=tile)[0],
+               lambda a, s: dense_posterior_infonce(a, s, pos_keys, cand, stats, cfg)):
+        a = anchors.clone().requires_grad_()
+        scale = torch.tensor([1 / 0.07], requires_grad=True)
+        rows = fn(a, scale)
+        results.append((rows.detach(), *torch.autograd.grad((rows * grad_out).sum(), (a, scale))))
+    (rows, grad_a, grad_s), (ref_rows, ref_a, ref_s) = results
+    # fp32 throughout; the tolerances cover summation order over tiles (logits up to |1/0.07| = 14.3)
+    torch.testing.assert_close(rows, ref_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_a, ref_a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_s, ref_s, rtol=1e-4, atol=1e-5)
+
+
+def test_posterior_infonce_by_hand():
+    """Stats not ready: plain InfoNCE over the valid candidates of another id; then a candidate whose 1 - f is 0
+    leaves the denominator."""
+    anchors, pos_keys, cand = candidate_set(4, 9, 5, seed=0)
+    t = 1 / 0.07
+    rows, _ = posterior_infonce(anchors, torch.tensor(t), pos_keys, cand, NOT_READY, FNEConfig(prior_ratio=100.0))
+    for i in range(4):
+        p = t * (anchors[i] @ pos_keys[i])
+        negs = [t * (anchors[i] @ cand.keys[j]) for j in range(9) if cand.valid[j] and cand.key_ids[j] != i]
+        want = -p + torch.logsumexp(torch.stack([p, *negs]), 0)
+        assert math.isclose(rows[i].item(), want.item(), rel_tol=1e-5)
+    # a posterior that calls every candidate above 0.25 a false negative: those leave the denominator
+    sharp = SimilarityStats.from_moments(count_pos=500, mean_pos=0.9, var_pos=1e-4, mean_neg=-0.5, var_neg=1e-4)
+    tnp = true_negative_prob(anchors @ cand.keys.T, sharp, FNEConfig(prior_ratio=100.0))
+    rows, _ = posterior_infonce(anchors, torch.tensor(t), pos_keys, cand, sharp, FNEConfig(prior_ratio=100.0))
+    for i in range(4):
+        p = t * (anchors[i] @ pos_keys[i])
+        negs = [t * (anchors[i] @ cand.keys[j]) + tnp[i, j].log() for j in range(9)
+                if cand.valid[j] and cand.key_ids[j] != i]
+        want = -p + torch.logsumexp(torch.stack([p, *negs]), 0)
+        assert math.isclose(rows[i].item(), want.item(), rel_tol=1e-5)
+
+
+def test_posterior_infonce_false_negative_mass():
+    """The softmax mass on labelled false negatives: candidates of the anchor's label and another id."""
+    anchors, pos_keys, cand = candidate_set(6, 50, 8, seed=3)
+    _, false_prob = posterior_infonce(anchors, torch.tensor(10.0), pos_keys, cand, NOT_READY, FNEConfig())
+    logits = 10.0 * anchors @ cand.keys.T
+    drop = (cand.anchor_ids[:, None] == cand.key_ids[None]) | ~cand.valid[None]
+    full = torch.cat([10.0 * (anchors * pos_keys).sum(1, keepdim=True), logits.masked_fill(drop, -math.inf)], 1)
+    prob = full.softmax(1)[:, 1:]
+    false = ~drop & (cand.key_labels[None] >= 0) & (cand.key_labels[None] == cand.anchor_labels[:, None])
+    torch.testing.assert_close(false_prob, (prob * false).sum(1))
+
+
+def two_pairs(neg_sim: float):
+    """Two pairs in 3-d: image i's own text has similarity 1; the other text has similarity `neg_sim`."""
+    c = math.sqrt(1 - neg_sim**2)
+    ia = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    # text 0 = image 0's direction; text 1 = neg_sim * image 0 + c * image 1 (so image 0 . text 1 = neg_sim)
+    tk = torch.tensor([[1.0, 0.0, 0.0], [neg_sim, c, 0.0]])
+    return ia, tk
+
+
+def test_eliminate_rows_without_a_candidate_are_skipped_and_counted():
+    # f >= 0.5 wherever s is near mu+ = 0.9: image 0's only candidate (text 1, s = 0.9) is eliminated, so image 0
+    # gets no negative (never the fallback); image 1's candidate (text 0, s = 0.9 * 0 + ... = 0) survives
+    obj = Objective(FNESection(objective="fne", mode="eliminate", cutdown="off", queue_size=8, impl="torch"),
+                    dim=3, device=torch.device("cpu"), seed=0)
+    obj.stats = SimilarityStats.from_moments(count_pos=500, mean_pos=0.9, var_pos=0.01, mean_neg=0.0, var_neg=0.01)
+    obj.stats.updated = lambda *args: obj.stats  # keep the hand-set statistics for this step
+    ia, tk = two_pairs(0.9)
+    ta, ik = tk.clone().requires_grad_(), ia.detach().clone()
+    ids, labels = torch.tensor([0, 1]), torch.tensor([5, 5])
+    out = obj.loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=False)
+    sums = dict(zip(DIAGNOSTICS, out.diagnostics.tolist()))
+    # image->text: row 0 eliminated; row 1 (image 1 vs text 0: s = 0) keeps its negative.  text->image: text 0 vs
+    # image 1 (s = 0) kept; text 1 vs image 0 (s = 0.9) eliminated.
+    assert sums["sampled_rows"] == 4 and sums["no_negative"] == 2 and sums["fallback"] == 0
+    assert sums["labelled"] == 2 and sums["false_negatives"] == 2  # both kept picks share the label 5
+    # the loss counts the skipped rows as 0 in the mean over b: rows with s_neg = 0 and s_pos = 1 have no violation
+    assert out.loss.item() == 0.0
+    assert summarise(sums)["no_negative_share"] == 0.5
+
+
+def test_posterior_hinge_weights_each_hinge_by_the_drawn_candidates_true_negative_prob():
+    cfg = dict(objective="fne", mode="hardness", cutdown="off", queue_size=8, impl="torch")
+    stats = SimilarityStats.from_moments(count_pos=500, mean_pos=0.9, var_pos=0.01, mean_neg=0.0, var_neg=0.01)
+    losses = {}
+    for hinge in (False, True):
+        obj = Objective(FNESection(**cfg, posterior_hinge=hinge), dim=3, device=torch.device("cpu"), seed=0)
+        obj.stats = stats
+        obj.stats.updated = lambda *args: stats
+        ia, tk = two_pairs(0.85)
+        ta, ik = tk.clone().requires_grad_(), ia.detach().clone()
+        out = obj.loss(ia, ta, ik, tk, torch.arange(2), torch.tensor([0, 1]), step=0, rank=0, warmup=False)
+        losses[hinge] = out.loss.item()
+    # every row's only candidate is the other item: image 0 -> text 1 (s = 0.85, positive 1: hinge 0.05) and
+    # text 1 -> image 0 (s = 0.85, positive c = text 1 . image 1: hinge 0.2 + 0.85 - c); the two rows against
+    # similarity 0 have no violation.  Each direction is a mean over b = 2.
+    c = math.sqrt(1 - 0.85**2)
+    plain = (0.05 + (0.2 + 0.85 - c)) / 2
+    one_minus_f = true_negative_prob(torch.tensor(0.85), stats, obj.rule).item()
+    assert math.isclose(losses[False], plain, rel_tol=1e-5)
+    assert math.isclose(losses[True], plain * one_minus_f, rel_tol=1e-5) and one_minus_f < 0.1
+
+
+def test_objective_config_choices_and_prior_ratio_defaults():
+    assert FNESection().rule().prior_ratio == 10000.0  # the released rule keeps the released prior
+    for fne in (dict(mode="bayes"), dict(mode="eliminate"), dict(objective="posterior_infonce")):
+        assert FNESection(**fne).rule().prior_ratio == 100.0
+    assert FNESection(mode="bayes", prior_ratio=30.0).rule().prior_ratio == 30.0
+    cfg = load_config("configs/demo.yaml", ["fne.objective=clip"])
+    assert cfg.fne.objective == "clip"
+    with pytest.raises(ConfigError, match="fne.objective"):
+        load_config("configs/demo.yaml", ["fne.objective=simclr"])
+    with pytest.raises(ConfigError, match="posterior_hinge"):
+        load_config("configs/demo.yaml", ["fne.objective=clip", "fne.posterior_hinge=true"])
+
+
+def test_at_risk_rows_are_those_with_a_false_negative_candidate():
+    from fne_dist.objective import _has_false_candidate
+
+    g = torch.Generator().manual_seed(0)
+    cand_ids = torch.randint(0, 60, (300,), generator=g)
+    group_of = torch.randint(-1, 25, (60,), generator=g)  # an image id has one label (-1: unknown)
+    valid = torch.rand(300, generator=g) > 0.3
+    ids = torch.randint(0, 60, (40,), generator=g)
+    got = _has_false_candidate(ids, group_of[ids], cand_ids, group_of[cand_ids], valid)
+    want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
+                                          for j in range(300))) for i in ids.tolist()]
+    assert got.tolist() == want and 0 < sum(want) < 40
