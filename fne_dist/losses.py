@@ -6,27 +6,18 @@ import torch
 
 def triplet_hinges(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor,
                    margin: float) -> torch.Tensor:
-    """max(0, margin + a_i . n_i - a_i . p_i) per row [b]; the keys are detached (momentum keys)."""
+    """max(0, margin + a_i . n_i - a_i . p_i) per row [b] for one direction; the objective takes their (weighted)
+    mean.  anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached, so
+    image->text trains the image tower and text->image the text tower."""
     pos = (anchors * pos_keys.detach()).sum(1)
     neg = (anchors * neg_keys.detach()).sum(1)
     return (margin + neg - pos).clamp_min(0)
 
 
-def fne_triplet_loss(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor, margin: float,
-                     weight: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_i weight_i max(0, margin + a_i . n_i - a_i . p_i) for one direction.
-
-    anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached,
-    so image->text trains the image tower and text->image the text tower.  weight [b] (no gradient): 0 for a row
-    that got no negative (its term is 0 and it still counts in the mean over b), or the drawn negative's 1 - f.
-    """
-    hinges = triplet_hinges(anchors, pos_keys, neg_keys, margin)
-    return (hinges if weight is None else hinges * weight.detach()).mean()
-
-
 def vsepp_hardest(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float):
     """Per direction, each anchor's hardest in-batch violation (cost [b]) and its column (index [b]), pairs sharing
-    an id masked: ((cost_i2t, index_i2t), (cost_t2i, index_t2i))."""
+    an id masked: ((cost_i2t, index_i2t), (cost_t2i, index_t2i)).  The VSE++ max-violation loss is the mean of
+    cost_i2t + cost_t2i (the scale of the sampled triplet loss summed over the two directions)."""
     s = img @ txt.T
     pos = s.diagonal()
     i2t, t2i = hardest_in_batch(s, ids)
@@ -42,13 +33,3 @@ def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):
     same = ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=sims.device)
     masked = sims.masked_fill(same, float("-inf"))
     return masked.max(1), masked.max(0)
-
-
-def vsepp_loss(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margin: float) -> torch.Tensor:
-    """VSE++ max-violation loss on the in-batch matrix, both directions, pairs sharing an id masked.
-
-    Returns mean_i [max_j cost(i->j) + max_j cost(j->i)] so that it has the scale of `fne_triplet_loss` summed
-    over the two directions.
-    """
-    (i2t, _), (t2i, _) = vsepp_hardest(img, txt, ids, margin)
-    return (i2t + t2i).mean()

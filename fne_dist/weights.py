@@ -55,6 +55,19 @@ def normal_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -
     return (s - mean).square_().div_(-2 * var).sub_(0.5 * torch.log(2 * math.pi * var))
 
 
+def moments32(stats: "SimilarityStats", device) -> tuple[torch.Tensor, ...]:
+    """(mean_pos, var_pos, mean_neg, var_neg) in fp32 on `device`: what the elementwise rule reads, computed once per
+    call from the float64 moments."""
+    return tuple(t.to(device=device, dtype=torch.float32) for t in stats.moments())
+
+
+def global_cutdown_on(stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
+    """0-dim bool: whether the global cut-down `s <= mu+ - margin` applies.  official and hardness cut from the first
+    counted positive, as the released code does (before it the mean is 0/0 and nothing is cut); bayes and eliminate
+    wait until the posterior is on."""
+    return stats.count_pos > 0 if cfg.mode in ("official", "hardness") else stats.ready(cfg.min_count)
+
+
 def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
     """1 - f, the posterior probability that each candidate is a true negative (fp32, same shape as sims).
 
@@ -63,10 +76,14 @@ def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNECon
     and the posterior-weighted InfoNCE all use it, so the posterior is written once.
     """
     s = sims.float()
-    mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
+    return _true_negative_prob(s, moments32(stats, s.device), stats.ready(cfg.min_count), cfg)
+
+
+def _true_negative_prob(s: torch.Tensor, moments, ready: torch.Tensor, cfg: FNEConfig) -> torch.Tensor:
+    mean_pos, var_pos, mean_neg, var_neg = moments
     logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
     keep = logit.add_(math.log(cfg.prior_ratio - 1)).sigmoid_()
-    return torch.where(stats.ready(cfg.min_count), keep, torch.ones_like(keep))
+    return torch.where(ready, keep, torch.ones_like(keep))
 
 
 def fne_weights(
@@ -90,26 +107,25 @@ def fne_weights(
     p = pos_sims.float()[:, None]
     hard = (s - p).square_().mul_(-cfg.tau).exp_()
     ready = stats.ready(cfg.min_count)
+    moments = moments32(stats, s.device)
     if cfg.mode == "official":
         # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
-        mean_pos, var_pos, mean_neg, var_neg = (t.to(device=s.device, dtype=torch.float32) for t in stats.moments())
+        mean_pos, var_pos, mean_neg, var_neg = moments
         dens_pos = normal_log_density(s, mean_pos, var_pos).exp_()
         dens_neg = normal_log_density(s, mean_neg, var_neg).exp_()
         f = dens_pos.div_(dens_neg.mul_(cfg.prior_ratio - 1).add_(dens_pos))  # L+ / (L+ + (rho-1) L-)
         w = torch.where(ready & (1 - f < cfg.false_margin), f.mul_(-cfg.tau).exp_(), hard)
     elif cfg.mode == "bayes":
-        w = true_negative_prob(s, stats, cfg).mul_(hard)
+        w = _true_negative_prob(s, moments, ready, cfg).mul_(hard)
     elif cfg.mode == "eliminate":
-        w = hard.masked_fill_(true_negative_prob(s, stats, cfg) <= 1 - cfg.f_max, 0.0)
+        w = hard.masked_fill_(_true_negative_prob(s, moments, ready, cfg) <= 1 - cfg.f_max, 0.0)
     else:
         w = hard
     drop = pos_mask
     if valid is not None:
         drop = drop | ~valid
     if cfg.cutdown == "global":
-        counted = stats.count_pos > 0 if cfg.mode in ("official", "hardness") else ready
-        mean_pos = stats.moments()[0].to(device=s.device, dtype=torch.float32)
-        drop = drop | (counted & (s <= mean_pos - cfg.margin))
+        drop = drop | (global_cutdown_on(stats, cfg).to(s.device) & (s <= moments[0] - cfg.margin))
     elif cfg.cutdown == "anchor":
         drop = drop | (s <= p - cfg.margin)
     return w.masked_fill(drop, 0.0)

@@ -50,7 +50,7 @@ import triton.language as tl
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig
+from fne_dist.weights import FNEConfig, global_cutdown_on, moments32
 
 MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
@@ -305,9 +305,9 @@ def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device)
     device ops only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down
     (official, hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.
     Until the stats are ready the posterior terms are 0 and c0 = -inf, so logit2 = -inf and w = h."""
-    mean_pos, var_pos, mean_neg, var_neg = (t.to(device=device, dtype=torch.float32) for t in stats.moments())
+    mean_pos, var_pos, mean_neg, var_neg = moments32(stats, device)
     ready = stats.ready(cfg.min_count).to(device)
-    counted = stats.count_pos.to(device) > 0 if cfg.mode in ("official", "hardness") else ready
+    counted = global_cutdown_on(stats, cfg).to(device)
     lognorm_pos, lognorm_neg = 0.5 * torch.log(2 * math.pi * var_pos), 0.5 * torch.log(2 * math.pi * var_neg)
     off = lambda value, idle: torch.where(ready, value, idle)  # noqa: E731
     return torch.stack([
