@@ -156,6 +156,7 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
 
 
 def _latest(ckpt_dir: Path) -> Path | None:
+    """The tag folder that ckpt_dir's `latest` file names, None without one."""
     return ckpt_dir / (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
 
 
@@ -269,10 +270,9 @@ def find(resume: str, ckpt_dir: str | Path) -> Path | None:
     ckpt_dir = Path(ckpt_dir)
     if resume not in ("latest", "auto"):
         return locate(resume)
-    if (ckpt_dir / LATEST).is_file():
-        return ckpt_dir / (ckpt_dir / LATEST).read_text().strip()
-    if resume == "auto":
-        return None
+    latest = _latest(ckpt_dir)
+    if latest is not None or resume == "auto":
+        return latest
     raise FileNotFoundError(f"resume=latest: no checkpoint in {ckpt_dir} (no '{LATEST}' file); use resume=auto to "
                             "start fresh when there is none, or give a checkpoint path")
 
@@ -281,8 +281,9 @@ def locate(path: str | Path) -> Path:
     """The tag folder of a path: a tag folder itself, a checkpoints folder (its latest) or a run's output_dir."""
     path = Path(path)
     for folder in (path, path / "checkpoints"):
-        if (folder / LATEST).is_file():
-            return folder / (folder / LATEST).read_text().strip()
+        latest = _latest(folder)
+        if latest is not None:
+            return latest
     if (path / STATE).is_file():
         return path
     raise FileNotFoundError(f"{path} is not a checkpoint: no {STATE} in it and no '{LATEST}' file in it or in "

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fne_dist.config import FNESection
-from fne_dist.model import MAX_LOGIT_SCALE, momentum_update
+from fne_dist.model import clamp_logit_scale, momentum_update
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.retrieval import retrieval_metrics
 
@@ -134,8 +134,7 @@ def train_heads(train: Split, test: Split, variant: str, seed: int, budget: Stud
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
-            with torch.no_grad():
-                heads.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            clamp_logit_scale(heads)
             objective.commit(out)
             epoch_sums += out.diagnostics
             step += 1
