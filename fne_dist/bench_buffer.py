@@ -26,7 +26,7 @@ from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
-from fne_dist.train import _free_port
+from fne_dist.distributed import free_port
 
 FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms")
 
@@ -55,18 +55,27 @@ class Case:
     steps: int
 
 
+def fill(objective, dim: int, device: torch.device) -> None:
+    """A full buffer (the same keys on every rank), and statistics that already switch the Bayes rule on: the steady
+    state that `fne-bench buffer` and `fne-bench step` time."""
+    size = objective.buffer.queue.size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    keys = [F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device) for _ in range(2)]
+    ids = torch.arange(size, device=device) + 10**9  # never equal to the batch's ids
+    objective.buffer.enqueue(GlobalKeys(*keys, ids, torch.full_like(ids, -1)))
+    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
+                                                   var_neg=0.02, reset="never", device=device)
+
+
 def _worker(rank: int, case: Case, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=case.world)
     cfg = FNESection(queue_size=case.queue, mode="bayes", buffer=case.layout, impl="torch")
     objective = Objective(cfg, case.dim, torch.device("cpu"), seed=0)
-    g = torch.Generator().manual_seed(0)
+    fill(objective, case.dim, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
     unit = lambda n: F.normalize(torch.randn(n, case.dim, generator=g), dim=1)  # noqa: E731 (same stream everywhere)
-    ids = torch.arange(case.queue) + 10**9
-    objective.buffer.enqueue(GlobalKeys(unit(case.queue), unit(case.queue), ids, torch.full_like(ids, -1)))
-    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
-                                                   var_neg=0.02, reset="never")
     times = []
     for step in range(case.steps + 1):
         feats = [unit(case.batch) for _ in range(4)]
@@ -84,7 +93,7 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
 
 def measure(case: Case) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(case, _free_port(), out), nprocs=case.world)
+        mp.spawn(_worker, args=(case, free_port(), out), nprocs=case.world)
         ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
     return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
             "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),

@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fne_dist.bench import append_csv, print_table
+from fne_dist.bench_buffer import fill
 from fne_dist.config import Config, DataSection, FNESection, ModelSection, TrainSection
 from fne_dist.data import Batch
 from fne_dist.model import build_towers, param_groups
-from fne_dist.queue import GlobalKeys
-from fne_dist.stats import SimilarityStats
 from fne_dist.distributed import init_distributed
 from fne_dist.train import Trainer
 from fne_dist.weights import IMPLS
@@ -64,17 +62,6 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return 1000 * (time.perf_counter() - start)
-
-
-def fill(objective, dim: int, device: torch.device) -> None:
-    """A full buffer, and statistics that already switch the Bayes rule on (the steady state)."""
-    size = objective.buffer.queue.size
-    g = torch.Generator(device="cpu").manual_seed(0)
-    keys = [F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device) for _ in range(2)]
-    ids = torch.arange(size, device=device) + 10**9  # never equal to the batch's ids
-    objective.buffer.enqueue(GlobalKeys(*keys, ids, torch.full_like(ids, -1)))
-    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
-                                                   var_neg=0.02, reset="never", device=device)
 
 
 def config(args, out_dir: str) -> Config:

@@ -75,15 +75,12 @@ class MomentumQueue:
     def __len__(self) -> int:
         return self.hi - self.lo
 
-    def check_global_batch(self, global_batch: int) -> None:
-        check_queue_size(self.size, global_batch)
-
     @torch.no_grad()
     def enqueue(self, keys: GlobalKeys) -> None:
         """Write the global batch at the pointer, wrapping around (FNE_SPEC step 10); rows whose ring slot lies
         outside this queue's range are left to the shard that holds them.  Slice copies only (no host sync)."""
         g = len(keys.ids)
-        self.check_global_batch(g)
+        check_queue_size(self.size, g)
         start, self.ptr = self.ptr, (self.ptr + g) % self.size
         # the batch covers ring slots [start, start + g) mod size: at most two linear runs; batch row = slot - base
         for base, lo, hi in ((start, start, min(start + g, self.size)), (start - self.size, 0, start + g - self.size)):
