@@ -64,7 +64,6 @@ class _PosteriorInfoNCE(torch.autograd.Function):
             false_mass = false_mass * rescale + (e * false_neg).sum(1)
             m = m_new
         lse = m + total.log()
-        p_pos = (pos * t - lse).exp()
         ctx.save_for_backward(a, t, pos_keys, pos, lse)
         ctx.cand, ctx.stats, ctx.cfg, ctx.tile, ctx.dtype = cand, stats, cfg, tile, anchors.dtype
         false_prob = false_mass / total  # softmax mass on labelled false negatives
