@@ -148,7 +148,8 @@ def _ended(job) -> Optional[str]:
 
 
 def wait(job, scheduler_every_s: float = 30.0, results_grace_s: float = 15.0):
-    """Wait for the job and return rank 0's result; raise the first task error seen, which names the task's logs.
+    """Wait for the job and return rank 0's result; on failure raise the error of the lowest task that failed
+    (rank 0's, whose log holds the trainer's one error line, whenever rank 0 failed too), which names its logs.
 
     Tasks that stop for a requeue write no result, so waiting goes on through requeues.  Results are looked for
     every second; the scheduler is asked only every `scheduler_every_s` whether the job ended without them (killed,
@@ -159,19 +160,27 @@ def wait(job, scheduler_every_s: float = 30.0, results_grace_s: float = 15.0):
         return job.result()  # runs it here, now
     tasks = [job.task(k) for k in range(job.num_tasks)]
     pending, state, asked, ended = list(tasks), None, float("-inf"), None
+    failed, first_failure = {}, None  # task -> error; when the first failure was seen
     while pending:
         for t in [t for t in pending if t.paths.result_pickle.exists()]:
             error = t.exception()
             if error is not None:
-                raise error
+                failed[t.task_id] = error
             pending.remove(t)
         now = time.monotonic()
+        if failed:
+            first_failure = first_failure or now
+            # the lower tasks get the grace period to report too, so that the error is the same on every run
+            if min(failed) == 0 or not pending or now - first_failure > results_grace_s:
+                raise failed[min(failed)]
         if ended is None and now - asked >= scheduler_every_s:
             state, asked = _ended(job), now
             ended = now if state else None
         if not pending or (ended is not None and now - ended > results_grace_s):
             break
         time.sleep(1)
+    if failed:
+        raise failed[min(failed)]
     if tasks[0] in pending:
         raise UncompletedJobError(f"job {job.job_id} ended ({state}) without a result; see its logs:\n"
                                   f"  {tasks[0].paths.stderr}\n  {tasks[0].paths.stdout}")
