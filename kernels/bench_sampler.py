@@ -142,16 +142,27 @@ def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback
             return {"time_ms": None, "peak_mib": None, "status": "OOM"}
 
 
+def use_blocks(text: str, dtype: torch.dtype) -> str:
+    """--blocks: the fused kernel's launch config for this dtype in this process (replaces its entry of
+    `fne_sampler.GPU_CONFIGS`, the tuning table); returns its label for the table's tile column."""
+    from fne_kernels import fne_sampler
+
+    blocks = fne_sampler.Blocks.parse(text)
+    fne_sampler.GPU_CONFIGS[dtype.itemsize] = blocks
+    return str(blocks)
+
+
 def run_cases(args) -> list[dict]:
     measure = measure_gpu if args.device == "cuda" else measure_cpu
     dtype = DTYPES[args.dtype]
+    tile = use_blocks(args.blocks, dtype) if args.blocks else args.tile_size or "-"
     rows = []
     for b, n, d in itertools.product(args.b, args.n, args.d):
         case = []
         for impl in args.impl:
             result = measure(impl, b, n, d, dtype, args.warmup, args.repeats, args.tile_size, args.mode, args.fallback)
             case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": args.mode,
-                         "regime": "fallback" if args.fallback else "typical", "tile": args.tile_size or "-",
+                         "regime": "fallback" if args.fallback else "typical", "tile": tile,
                          "impl": impl, **result})
             print(format_row(case[-1]), flush=True)
         floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
@@ -233,6 +244,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 20, CPU 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (GPU; on the CPU the first call is)")
     parser.add_argument("--tile-size", type=int, help="candidate tile of the torch and triton impls (default: theirs)")
+    parser.add_argument("--blocks", help="the triton kernel's launch config M,N,K,warps,stages[,maxnreg] on the GPU "
+                        "(default: fne_sampler.GPU_CONFIGS); the table's tile column shows it")
     parser.add_argument("--mode", default="official", choices=MODES, help="FNEConfig.mode of the rule")
     parser.add_argument("--fallback", action="store_true", help="the many-fallback regime: every row falls back")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_sampler"), help="folder for results.csv and plots")

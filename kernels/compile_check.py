@@ -35,7 +35,7 @@ FLOATS = ("margin", "neg_tau2", "official_logit2", "keep_min")
 ALIGNED_INTS = ("N", "D", "stride_am", "stride_kn")
 
 
-def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_stages: int):
+def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_stages: int, maxnreg: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -45,7 +45,8 @@ def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_st
              if signature[name].startswith("*") or name in ALIGNED_INTS}
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def _resources(kernel) -> dict:
@@ -66,27 +67,27 @@ def _resources(kernel) -> dict:
 
 
 def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS,
-          key_dtype: str | None = None) -> list[dict]:
+          key_dtype: str | None = None, blocks=None) -> list[dict]:
     """Compile the chosen (dtype, mode, cut-down, validity mask) variants of both kernels at the block sizes
-    `triton_sample` uses for `b` anchors; one row of resource use per kernel.  `key_dtype`: keys of that dtype
-    (cast on load) instead of the anchors' dtype."""
+    `triton_sample` uses for `b` anchors (or at `blocks`, a `fne_sampler.Blocks`); one row of resource use per
+    kernel.  `key_dtype`: keys of that dtype (cast on load) instead of the anchors' dtype."""
     from fne_kernels import fne_sampler as fs
 
     rows = []
     for name, mode, cutdown, has_valid in itertools.product(dtypes, modes, cutdowns, (False, True)):
         dtype = DTYPES[name]
         keys = key_dtype or name
-        block_m, block_n, block_k, num_warps, num_stages = fs._config(b, 1024, dtype, True, None)
-        rule = dict(MODE=fs.MODE_CODES[mode], CUTDOWN=fs.CUTDOWN_CODES[cutdown], HAS_VALID=has_valid)
+        config = blocks or fs._config(b, 1024, dtype, True, None)
+        rule = dict(MODE=fs.MODE_CODES[mode], CUTDOWN=fs.CUTDOWN_CODES[cutdown], HAS_VALID=has_valid, FAST=True)
         types = {"a_ptr": f"*{name}", "k_ptr": f"*{keys}", **POINTERS, **{f: "fp32" for f in FLOATS}}
         variant = {"dtype": name if keys == name else f"{name}+{keys}", "mode": mode, "cutdown": cutdown,
                    "valid": has_valid}
         constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True,
                          INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, num_warps, num_stages)
-        rows.append({"kernel": "blocks", **variant, "blocks": f"{block_m}x{block_n}x{block_k}/w{num_warps}/s{num_stages}",
-                     **_resources(kernel)})
+                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+        kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, config.num_warps, config.num_stages,
+                          config.maxnreg)
+        rows.append({"kernel": "blocks", **variant, "blocks": str(config), **_resources(kernel)})
         pick_r, pick_k = fs.PICK_BLOCKS
         kernel = _compile(fs._fne_pick_kernel, types, dict(stride_ak=1, stride_kk=1, **rule, BLOCK_R=pick_r,
                                                              BLOCK_K=pick_k), arch, 4, 1)
@@ -102,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--cutdown", nargs="+", choices=CUTDOWNS, default=list(CUTDOWNS))
     parser.add_argument("--keys", choices=list(DTYPES), help="keys of this dtype (cast on load); default: the anchors'")
+    parser.add_argument("--blocks", help="main-loop config M,N,K,warps,stages[,maxnreg] (default: GPU_CONFIGS)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check compiles the kernels: unset TRITON_INTERPRET")
-    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown, args.keys)
+    from fne_kernels.fne_sampler import Blocks
+
+    blocks = Blocks.parse(args.blocks) if args.blocks else None
+    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown, args.keys, blocks)
     header = list(rows[0])
     print("  ".join(f"{h:>9}" for h in header))
     for row in rows:

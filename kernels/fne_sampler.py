@@ -3,8 +3,7 @@
 It draws exactly what `fne_dist.sampler.streaming_sample` draws (see that module for the two-level law), in two
 kernels, without writing any [B, N] array:
 
-1. `_fne_blocks_kernel`, the main loop, built to run at about the matmul's speed (unmeasured on a GPU so far:
-   kernels/gpu_check.sh measures it).  Grid = anchor blocks x candidate splits; each program
+1. `_fne_blocks_kernel`, the main loop (kernels/gpu_check.sh measures it against the matmul).  Grid = anchor blocks x candidate splits; each program
    keeps its anchor block and streams candidate tiles of BLOCK_N columns (a multiple of SAMPLE_BLOCK): the
    similarity tile with `tl.dot` (fp32 accumulation; keys cast on load when their dtype differs), the FNE weight
    with the masks and the cut-down, then row reductions of the tile viewed as [rows, blocks, SAMPLE_BLOCK] (sum,
@@ -22,17 +21,24 @@ kernels, without writing any [B, N] array:
 
 Random numbers: `fne_dist.rng` in uint64 (`_mix64`, `_counter_bits`), bit-identical to the torch statement.
 
-The weight, in log2 units with folded constants (`_scalar_params`).  With lp, ln the log densities,
-logit2 = log2(f / (1 - f)) = cn (s - mu-)^2 - cp (s - mu+)^2 + c0, and h = exp2(-tau log2(e) (s - p)^2):
+The weight, in log2 units with folded constants (`_scalar_params`, `_row_terms`), so that the epilogue is a few
+fused multiply-adds per candidate.  With dp = s - mu+ and delta = mu+ - mu-, the log-odds of a false negative
+logit2 = log2(f / (1 - f)) = cn (dp + delta)^2 - cp dp^2 + c0 = (qa dp + qb) dp + qc (centred on mu+, where the
+posterior matters, so that its rounding stays that of the density form), and the hardness exponent
+-tau log2(e) (s - p)^2 = (a s + beta) s + gamma with per-row beta, gamma; h = exp2 of it:
   - bayes: w = h / (1 + exp2(logit2));  eliminate: w = h where 1 / (1 + exp2(logit2)) > 1 - f_max, else 0;
   - official: `1 - f < false_margin` is `logit2 > log2((1 - false_margin) / false_margin)`, then
     w = exp2(-tau log2(e) f) with f = 1 / (1 + exp2(-logit2)), else h.  The released rule forms the two densities in
-    fp32, and where both underflow to 0 its f is 0/0 = NaN, the comparison is False and w = h.  The kernel keeps that
-    exactly: a correctly rounded fp32 exp is 0 below log(2^-150), so "lp underflows" is (s - mu+)^2 > r+ with
-    r+ = (-log(2^-150) - 0.5 log(2 pi var+)) 2 var+ (and likewise for ln);
-  - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode.
-Per candidate that is 2 (bayes, eliminate) or 3 (official) exp2 and one fast division (`tl.fdiv`, 2 ulp: the
-weights are sampling odds, not outputs), besides the dot product.
+    fp32: where the positive density underflows to 0, its f is 0 (or 0/0 = NaN where both do) and the comparison
+    keeps h.  The kernel keeps that exactly: a correctly rounded fp32 exp is 0 below log(2^-150), so "the positive
+    density underflows" is |s - mu+| > r+ with r+ = sqrt((-log(2^-150) - 0.5 log(2 pi var+)) 2 var+).  (Where only
+    the negative density underflows, f = 1 and the posterior branch is taken, as logit2 says);
+  - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode;
+  - dropped candidates (positives, invalid slots, the cut-down) get exponent -inf, so w = 0.
+Per candidate that is 3 MUFU operations in every mode but hardness (two exp2 and one reciprocal) and about a dozen
+ALU operations, besides the dot product.  Compiled, exp2 and the reciprocal are the bare approximate instructions
+(`ex2.approx.ftz`, `rcp.approx.ftz`: ~2 ulp, and weights below 2^-126 flush to 0 where torch keeps denormals down to
+2^-149; only a hardness exponent tau (s - p)^2 > 87 reaches them); the interpreter uses tl.exp2 and a division.
 Same inputs and stream as the torch path give the same indices except where float rounding (another summation
 order, another exp/log) moves a weight across a threshold or two race keys within an ulp; the tests check
 identical indices at small shapes in the interpreter.
@@ -42,10 +48,12 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
@@ -59,12 +67,38 @@ LOG_UNDERFLOW = -150.0 * math.log(2.0)  # exp(x) in fp32 (correctly rounded, den
 SB = tl.constexpr(SAMPLE_BLOCK)
 NONE = tl.constexpr(NO_NEGATIVE)
 TWO_POW_M23 = tl.constexpr(2.0**-23)
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on sm_90, by operand bytes (2: bf16/fp16, 4: fp32).  Chosen
-# without a GPU as the largest tiles that compile without register spills (python -m fne_kernels.compile_check);
-# the GPU script (kernels/gpu_check.sh) sweeps BLOCK_N with --tile-size.
-GPU_CONFIGS = {2: (128, 128, 64, 8, 3), 4: (64, 128, 32, 8, 2)}
+
+
+class Blocks(NamedTuple):
+    """Launch configuration of the main loop: tile sizes, warps, pipeline stages and the register cap per thread
+    (None: the compiler's; a cap lets more programs share an SM, so one's epilogue overlaps another's dot)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    maxnreg: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Blocks":
+        """'M,N,K,warps,stages[,maxnreg]' (the benchmark's --blocks)."""
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (5, 6):
+            raise ValueError(f"blocks {text!r}: expected M,N,K,warps,stages[,maxnreg]")
+        return cls(*values)
+
+    def __str__(self) -> str:
+        cap = f"/r{self.maxnreg}" if self.maxnreg else ""
+        return f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}/s{self.num_stages}{cap}"
+
+
+# On sm_90, by operand bytes (2: bf16/fp16, 4: fp32).  bf16: the fastest of kernels/gpu_check.sh's sweep (see
+# docs/benchmarks/README.md); fp32: the largest tiles that compile without register spills
+# (python -m fne_kernels.compile_check).
+GPU_CONFIGS = {2: Blocks(128, 128, 64, 8, 3), 4: Blocks(64, 128, 32, 8, 2)}
 PICK_BLOCKS = (2, 32)  # (rows, K chunk) per program of the pick kernel on the GPU: [2, 128, 32] products
-PROGRAMS_PER_SM = 4  # whole waves of main-loop programs
+PROGRAMS_PER_SM = 16  # main-loop programs per SM: many short ones, so that the last wave idles little of the GPU
 INTERPRETER_PROGRAMS = 4
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension (the candidate splits)
 
@@ -98,37 +132,64 @@ def _word64(lo, hi):
 
 @triton.jit
 def _load_params(params_ptr):
-    """The 8 fp32 scalars of `_scalar_params`."""
+    """The 6 fp32 scalars of `_scalar_params`."""
     return (tl.load(params_ptr), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3),
-            tl.load(params_ptr + 4), tl.load(params_ptr + 5), tl.load(params_ptr + 6), tl.load(params_ptr + 7))
+            tl.load(params_ptr + 4), tl.load(params_ptr + 5))
 
 
 @triton.jit
-def _weights(s, p, masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
-             margin, neg_tau2, official_logit2, keep_min, MODE: tl.constexpr, CUTDOWN: tl.constexpr):
-    """fne_weights (masks and cut-down applied) of fp32 similarities s, with each row's positive p broadcast."""
-    d = s - p
-    w = tl.exp2(neg_tau2 * (d * d))
-    if MODE != 3:
-        dp = s - mean_pos
-        dn = s - mean_neg
-        dp2 = dp * dp
-        dn2 = dn * dn
-        logit2 = cn * dn2 - cp * dp2 + c0
-        if MODE == 0:
-            f = tl.fdiv(1.0, 1.0 + tl.exp2(-logit2), ieee_rounding=False)
-            posterior = (logit2 > official_logit2) & ((dp2 <= r_pos) | (dn2 <= r_neg))
-            w = tl.where(posterior, tl.exp2(neg_tau2 * f), w)
-        elif MODE == 1:
-            w = tl.fdiv(w, 1.0 + tl.exp2(logit2), ieee_rounding=False)
-        else:
-            w = tl.where(tl.fdiv(1.0, 1.0 + tl.exp2(logit2), ieee_rounding=False) > keep_min, w, 0.0)
-    drop = masked
+def _exp2(x, FAST: tl.constexpr):
+    """2^x; compiled: libdevice's exp2f, which Triton builds with flush-to-zero: one MUFU.EX2, results below 2^-126
+    flushed to 0 (tl.exp2 adds a denormal fix-up around it)."""
+    if FAST:
+        return libdevice.exp2(x)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    """1 / x; compiled: libdevice's fast division (div.approx: MUFU.RCP and a multiply, ~2 ulp; the weights are
+    sampling odds, not outputs)."""
+    if FAST:
+        return libdevice.fast_dividef(1.0, x)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _row_terms(p, neg_tau2, margin, CUTDOWN: tl.constexpr):
+    """Per row, from its positive similarity p: the hardness exponent's linear and constant terms (see `_weights`)
+    and the anchor cut-down's threshold p - margin."""
+    return -2.0 * neg_tau2 * p, neg_tau2 * p * p, p - margin
+
+
+@triton.jit
+def _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2,
+             official_logit2, keep_min, MODE: tl.constexpr, CUTDOWN: tl.constexpr, FAST: tl.constexpr):
+    """fne_weights of fp32 similarities s [rows, cols] (module docstring): `excluded` marks positives and invalid
+    slots, beta and gamma [rows, 1] are `_row_terms`, row_cut [rows, 1] the anchor cut-down's threshold."""
+    drop = excluded
     if CUTDOWN == 0:
         drop = drop | (s <= cut_global)
     elif CUTDOWN == 1:
-        drop = drop | (s <= p - margin)
-    return tl.where(drop, 0.0, w)
+        drop = drop | (s <= row_cut)
+    hard = tl.fma(tl.fma(s, neg_tau2, beta), s, gamma)  # neg_tau2 (s - p)^2, in log2 units
+    if MODE == 3:
+        w = _exp2(tl.where(drop, float("-inf"), hard), FAST)
+    else:
+        dp = s - mean_pos
+        logit2 = tl.fma(tl.fma(dp, qa, qb), dp, qc)
+        if MODE == 0:
+            f = _rcp(1.0 + _exp2(-logit2, FAST), FAST)
+            posterior = (logit2 > official_logit2) & (tl.abs(dp) <= pos_radius)
+            w = _exp2(tl.where(drop, float("-inf"), tl.where(posterior, neg_tau2 * f, hard)), FAST)
+        elif MODE == 1:
+            w = _exp2(tl.where(drop, float("-inf"), hard), FAST) * _rcp(1.0 + _exp2(logit2, FAST), FAST)
+        else:
+            keep = _rcp(1.0 + _exp2(logit2, FAST), FAST) > keep_min
+            w = _exp2(tl.where(drop | ~keep, float("-inf"), hard), FAST)
+    return w
 
 
 @triton.jit(do_not_specialize=["key1_lo", "key1_hi", "key2_lo", "key2_hi", "row_offset", "col_offset"])
@@ -137,7 +198,7 @@ def _fne_blocks_kernel(
     out_key_ptr, out_block_ptr, out_score_ptr, out_sblock_ptr, out_surv_ptr, out_wsum_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, tiles_per_split,
     key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
-    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, EVEN_K: tl.constexpr,
+    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per row of the anchor block, over one split of candidate tiles: the best block race key and its block, the
@@ -147,9 +208,9 @@ def _fne_blocks_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = tl.minimum(rows, B - 1)  # clamped: loads without masks; rows past B are not stored
-    p = tl.load(pos_ptr + rows_in).to(tl.float32)
+    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin, CUTDOWN)
     aid = tl.load(aid_ptr + rows_in)
-    cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0 = _load_params(params_ptr)
+    cut_global, mean_pos, qa, qb, qc, pos_radius = _load_params(params_ptr)
     k1 = _word64(key1_lo, key1_hi)
     k2 = _word64(key2_lo, key2_hi)
     global_rows = row_offset.to(tl.int64) + rows
@@ -184,10 +245,10 @@ def _fne_blocks_kernel(
         col_bad = cols >= N
         if HAS_VALID:
             col_bad = col_bad | (tl.load(valid_ptr + cols_in) == 0)
-        masked = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
-        w = _weights(s, p[:, None], masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
-                     margin, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN)
-        score = tl.where(masked, float("-inf"), s)
+        excluded = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
+        w = _weights(s, excluded, beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc,
+                     pos_radius, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN, FAST)
+        score = tl.where(excluded, float("-inf"), s)
         block_w = tl.sum(tl.reshape(w, [BLOCK_M, NB, SB]), axis=2)
         block_n = tl.sum(tl.reshape((w > 0).to(tl.int32), [BLOCK_M, NB, SB]), axis=2)
         block_s = tl.max(tl.reshape(score, [BLOCK_M, NB, SB]), axis=2)
@@ -223,7 +284,8 @@ def _fne_pick_kernel(
     index_ptr, fallback_ptr, survivors_ptr, weight_sum_ptr, race_key_ptr, fallback_score_ptr, fallback_index_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, SPLITS,
     key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
-    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """BLOCK_R rows: merge the splits, then draw inside each row's winning block (inverse CDF) or take its fallback
     block's hardest candidate, from that one block's recomputed similarities."""
@@ -272,12 +334,12 @@ def _fne_pick_kernel(
     if HAS_VALID:
         col_bad = col_bad | (tl.load(valid_ptr + cols_in, mask=reach, other=0) == 0)
     aid = tl.load(aid_ptr + rows_in)
-    masked = (aid[:, None] == tl.load(kid_ptr + cols_in, mask=reach, other=0)) | col_bad
-    cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0 = _load_params(params_ptr)
-    p = tl.load(pos_ptr + rows_in).to(tl.float32)
-    w = _weights(s, p[:, None], masked, cut_global, mean_pos, cp, r_pos, mean_neg, cn, r_neg, c0,
-                 margin, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN)
-    hardest_col = tl.argmax(tl.where(masked, float("-inf"), s), axis=1, tie_break_left=True)
+    excluded = (aid[:, None] == tl.load(kid_ptr + cols_in, mask=reach, other=0)) | col_bad
+    cut_global, mean_pos, qa, qb, qc, pos_radius = _load_params(params_ptr)
+    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin, CUTDOWN)
+    w = _weights(s, excluded, beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc,
+                 pos_radius, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN, FAST)
+    hardest_col = tl.argmax(tl.where(excluded, float("-inf"), s), axis=1, tie_break_left=True)
 
     k1 = _word64(key1_lo, key1_hi)
     k2 = _word64(key2_lo, key2_hi)
@@ -301,20 +363,22 @@ def _fne_pick_kernel(
 
 
 def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device) -> torch.Tensor:
-    """[global cut-down threshold, mu+, cp, r+, mu-, cn, r-, c0] in fp32 on `device` (see the module docstring), by
-    device ops only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down
-    (official, hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.
-    Until the stats are ready the posterior terms are 0 and c0 = -inf, so logit2 = -inf and w = h."""
+    """[global cut-down threshold, mu+, qa, qb, qc, r+] in fp32 on `device` (see the module docstring), by device ops
+    only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down (official,
+    hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.  Until the
+    stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h."""
     mean_pos, var_pos, mean_neg, var_neg = moments32(stats, device)
     ready = stats.ready(cfg.min_count).to(device)
     counted = global_cutdown_on(stats, cfg).to(device)
     lognorm_pos, lognorm_neg = 0.5 * torch.log(2 * math.pi * var_pos), 0.5 * torch.log(2 * math.pi * var_neg)
+    cp, cn = LOG2E / (2 * var_pos), LOG2E / (2 * var_neg)
+    c0 = LOG2E * (lognorm_neg - lognorm_pos - math.log(cfg.prior_ratio - 1))
+    delta = mean_pos - mean_neg
     off = lambda value, idle: torch.where(ready, value, idle)  # noqa: E731
     return torch.stack([
         torch.where(counted, mean_pos - cfg.margin, float("-inf")),
-        off(mean_pos, 0.0), off(LOG2E / (2 * var_pos), 0.0), off((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos, math.inf),
-        off(mean_neg, 0.0), off(LOG2E / (2 * var_neg), 0.0), off((-LOG_UNDERFLOW - lognorm_neg) * 2 * var_neg, math.inf),
-        off(LOG2E * (lognorm_neg - lognorm_pos - math.log(cfg.prior_ratio - 1)), -math.inf),
+        off(mean_pos, 0.0), off(cn - cp, 0.0), off(2 * cn * delta, 0.0), off(cn * delta * delta + c0, -math.inf),
+        off(torch.sqrt((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos), math.inf),
     ]).float()
 
 
@@ -328,8 +392,8 @@ def fit_k(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _config(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int | None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): `GPU_CONFIGS` on the GPU (BLOCK_M capped by the batch),
+def _config(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int | None) -> Blocks:
+    """The main loop's `Blocks`: `GPU_CONFIGS` on the GPU (BLOCK_M capped by the batch),
     one config in the interpreter, where every program step costs Python overhead: blocks as large as the shapes
     allow.  `tile_size` overrides BLOCK_N (a power of two >= SAMPLE_BLOCK)."""
     if tile_size is not None and (tile_size < SAMPLE_BLOCK or tile_size & (tile_size - 1)):
@@ -337,9 +401,10 @@ def _config(b: int, d: int, dtype: torch.dtype, compiled: bool, tile_size: int |
                          f">= SAMPLE_BLOCK={SAMPLE_BLOCK}")
     fit_m = max(16, triton.next_power_of_2(b))
     if compiled:
-        block_m, block_n, block_k, num_warps, num_stages = GPU_CONFIGS[dtype.itemsize]
-        return min(block_m, fit_m), tile_size or block_n, min(block_k, fit_k(d)), num_warps, num_stages
-    return min(128, fit_m), tile_size or 256, min(256, fit_k(d)), 4, 1
+        blocks = GPU_CONFIGS[dtype.itemsize]
+        return blocks._replace(block_m=min(blocks.block_m, fit_m), block_n=tile_size or blocks.block_n,
+                               block_k=min(blocks.block_k, fit_k(d)))
+    return Blocks(min(128, fit_m), tile_size or 256, min(256, fit_k(d)), 4, 1)
 
 
 def _int32_halves(word: int) -> tuple[int, int]:
@@ -361,7 +426,7 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     anchors [B, D] and keys [N, D] in bf16, fp16 or fp32 (any strides; with different dtypes the product runs in
     the narrower one, see `_dot_dtype`), valid [N] bool or None.  `tile_size` is the kernel's candidate tile (a
     power of two >= SAMPLE_BLOCK); `splits` the number of programs along the candidates (default: about
-    PROGRAMS_PER_SM waves of the GPU).  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    PROGRAMS_PER_SM programs per SM).  CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
     """
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if not (anchors.is_cuda or interpreting):
@@ -389,7 +454,8 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     anchors = anchors.to(_dot_dtype(anchors, keys))
 
     compiled = anchors.is_cuda and not interpreting
-    block_m, block_n, block_k, num_warps, num_stages = _config(b, d, anchors.dtype, compiled, tile_size)
+    blocks = _config(b, d, anchors.dtype, compiled, tile_size)
+    block_m, block_n, block_k = blocks.block_m, blocks.block_n, blocks.block_k
     m_blocks, n_tiles = triton.cdiv(b, block_m), triton.cdiv(n, block_n)
     if splits is None:
         programs = PROGRAMS_PER_SM * _sm_count(device.index or 0) if compiled else INTERPRETER_PROGRAMS
@@ -407,11 +473,13 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     shape = (b, n, d, anchors.stride(0), anchors.stride(1), keys.stride(0), keys.stride(1))
     rule = (*keys_words, row_offset, col_offset, cfg.margin, -cfg.tau * LOG2E,
             math.log2((1 - cfg.false_margin) / cfg.false_margin), 1 - cfg.f_max)
-    flags = dict(MODE=MODE_CODES[cfg.mode], CUTDOWN=CUTDOWN_CODES[cfg.cutdown], HAS_VALID=valid is not None)
+    flags = dict(MODE=MODE_CODES[cfg.mode], CUTDOWN=CUTDOWN_CODES[cfg.cutdown], HAS_VALID=valid is not None,
+                 FAST=compiled)
     _fne_blocks_kernel[(m_blocks, splits)](
         *inputs, *part, *shape, tiles_per_split, *rule, **flags, EVEN_K=d % block_k == 0,
         INPUT_PRECISION="ieee" if anchors.dtype == torch.float32 else "tf32",  # only read for fp32 operands
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        **({"maxnreg": blocks.maxnreg} if blocks.maxnreg else {}),
     )
     pick_r, pick_k = PICK_BLOCKS if compiled else (min(64, triton.next_power_of_2(b)), min(64, fit_k(d)))
     _fne_pick_kernel[(triton.cdiv(b, pick_r),)](

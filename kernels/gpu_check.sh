@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The sampler's GPU check in one run (< 6 minutes): the sampler tests with the gpu-marked ones, then
+# The sampler's GPU check in one run (< 8 minutes): a sweep of the main loop's launch configs (the fastest is used by
+# every stage after it: see below), the sampler tests with the gpu-marked ones, then
 # `fne-bench sampler` at the scale target (bf16, b=4096, N=2^20, D=512: matmul, triton, torch streaming, dense --
 # dense may run out of memory, the table then says OOM), the kernel's candidate tile, the many-fallback regime, bayes
 # mode, and N=2^16.  Needs only torch, triton, numpy, scipy, pytest, matplotlib (no deepspeed, open_clip, webdataset,
-# omegaconf, submitit): the repository is put on PYTHONPATH and `fne_kernels` is a symlink to kernels/.
+# omegaconf, submitit): the repository is put on PYTHONPATH and `fne_kernels` is a copy of kernels/.
+#
+# The sweep times the fused kernel (bf16, official, at the scale target) under each launch config of SWEEP and
+# writes the fastest into the copy's GPU_CONFIGS (bf16 / fp16), so the tests and benchmarks below run with it; the
+# log's "sweep:" line names it, to be committed to kernels/fne_sampler.py.  GPU_CHECK_SWEEP=0 skips the sweep.
 #
 #   bash kernels/gpu_check.sh                                    # on the GPU machine, from the repository root
 #   GPU_CHECK_TINY=1 OUT=/tmp/gpu_check bash kernels/gpu_check.sh   # dry run on the CPU (interpreter, tiny shapes)
@@ -17,9 +22,14 @@ cd "$ROOT"
 PY=${PYTHON:-python3}
 OUT=${OUT:-$ROOT/runs/gpu_check}
 TINY=${GPU_CHECK_TINY:-0}
+SWEEP_ON=${GPU_CHECK_SWEEP:-1}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap]): 8 warps on 128 rows hold one program per SM; 4 warps on
+# 64 rows, or a register cap, let two or three share an SM, so that one's epilogue overlaps another's dot.
+SWEEP=(128,128,64,8,3 128,128,64,8,3,128 64,128,64,4,3 64,128,64,4,3,168 64,128,64,4,3,128 64,128,64,4,4
+       128,256,64,8,3)
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
-ln -s "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package
+cp -r "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package; the sweep edits it
 export PYTHONPATH="$WORK:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 
@@ -60,13 +70,42 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log everythin
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'device', '$DEVICE')" | tee -a "$LOG"
 [ "$TINY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$LOG" 2>&1
 
-stage tests 240 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
-  tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
 bench() {  # bench STAGE SECONDS ARGS...: one fne-bench sampler run into its own folder
   local name=$1 seconds=$2
   shift 2
   stage "$name" "$seconds" $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/$name" "$@"
 }
+
+if [ "$SWEEP_ON" = 1 ]; then
+  [ "$TINY" = 1 ] && SWEEP=("${SWEEP[@]:0:2}")
+  for blocks in "${SWEEP[@]}"; do
+    bench "sweep-$blocks" 45 "${BIG[@]}" --impl triton --blocks "$blocks"
+  done
+  $PY - "$WORK" <<'EOF' 2>&1 | tee -a "$LOG"
+"""The fastest swept config becomes GPU_CONFIGS[2] of the copy under $WORK (the repository is not touched)."""
+import csv, re, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+timed = []
+for path in work.glob("sweep-*/results.csv"):
+    for r in csv.DictReader(open(path)):
+        if r["time_ms"] not in ("", "None"):
+            timed.append((float(r["time_ms"]), path.parent.name.removeprefix("sweep-")))
+if not timed:
+    sys.exit("sweep: no config ran; GPU_CONFIGS unchanged")
+ms, best = min(timed)
+print("sweep: " + ", ".join(f"{b} {t:.2f} ms" for t, b in sorted(timed)))
+source = work / "fne_kernels" / "fne_sampler.py"
+text = source.read_text()
+text, count = re.subn(r"GPU_CONFIGS = \{2: Blocks\([^)]*\)", f"GPU_CONFIGS = {{2: Blocks({best})", text)
+assert count == 1, "GPU_CONFIGS line not found"
+source.write_text(text)
+print(f"sweep: fastest {best} ({ms:.2f} ms); the stages below use GPU_CONFIGS[2] = Blocks({best})")
+EOF
+fi
+
+stage tests 240 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
+  tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
 bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
 bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
 bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
