@@ -1,17 +1,12 @@
-"""The towers: open_clip models by name or JSON, what the optimizer sees, and the momentum (EMA) update,
-also under ZeRO-3 where the online parameters are partitioned."""
-import copy
-import os
-import subprocess
-import sys
-import textwrap
+"""The towers: open_clip models by name or JSON, what the optimizer sees."""
 from pathlib import Path
 
 import pytest
 import torch
 
 from fne_dist.config import ModelSection
-from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
+from fne_dist.model import build_towers, encode, freeze_temperature, param_groups
+from fne_dist.momentum import momentum_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/models/tiny-vit.json")
@@ -57,57 +52,3 @@ def test_temperature_is_frozen_and_gains_get_no_weight_decay(towers):
     assert any(names[id(p)].endswith("ln_final.weight") for p in no_decay["params"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
-
-
-def test_momentum_update_is_the_ema(towers):
-    online = towers.model
-    momentum = momentum_copy(online)
-    assert not any(p.requires_grad for p in momentum.parameters())
-    for p in momentum.parameters():
-        p.data.normal_()
-    before = [p.clone() for p in momentum.parameters()]
-    momentum_update(online, momentum, m=0.995)
-    for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
-        assert torch.allclose(new, 0.995 * old + 0.005 * theta, atol=1e-7, rtol=1e-6)
-
-
-def test_momentum_update_reads_bf16_online_weights_into_fp32_towers(towers):
-    online = copy.deepcopy(towers.model).bfloat16()
-    momentum = momentum_copy(towers.model)
-    for p in momentum.parameters():
-        p.data.normal_()
-    before = [p.clone() for p in momentum.parameters()]
-    momentum_update(online, momentum, m=0.995)
-    for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
-        assert new.dtype == torch.float32
-        assert torch.allclose(new, 0.995 * old + 0.005 * theta.float(), atol=1e-7, rtol=1e-6)
-
-
-ZERO3_EMA = textwrap.dedent("""
-    import copy, os, torch, deepspeed
-    from fne_dist.model import momentum_update
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    theta = [p.detach().clone() for p in model.parameters()]
-    momentum = copy.deepcopy(model).requires_grad_(False)
-    for p in momentum.parameters():
-        p.data.fill_(1.0)
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    assert all(p.numel() == 0 for p in engine.module.parameters()), "ZeRO-3 should have partitioned the weights"
-    momentum_update(engine.module, momentum, m=0.9, zero3=True)
-    for p_m, t in zip(momentum.parameters(), theta):
-        torch.testing.assert_close(p_m, 0.9 + 0.1 * t)
-    print("ZERO3-EMA-OK")
-""")
-
-
-def test_momentum_update_gathers_zero3_partitions(tmp_path, port):
-    script = tmp_path / "zero3_ema.py"
-    script.write_text(ZERO3_EMA)
-    env = {**os.environ, "PORT": str(port), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
-    assert "ZERO3-EMA-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
