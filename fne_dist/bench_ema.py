@@ -1,8 +1,8 @@
 """`fne-bench ema`: under ZeRO-3, the momentum towers' memory per rank, their EMA and their forward, sharded against a
 full copy per rank.
 
-Spawns `world` CPU processes in a gloo group; each builds the towers (`--model`, open_clip name or JSON), wraps them in a
-ZeRO-3 engine (fp32 or bf16) and times, per optimizer step:
+Spawns `world` CPU processes in a gloo group; each builds the towers (`--model`, open_clip name or JSON), wraps
+them in a ZeRO-3 engine (fp32 or bf16) and times, per optimizer step:
   sharded  the trainer's way: fp32 momentum towers partitioned by DeepSpeed (`shard_momentum`), the EMA on each
            rank's partitions (`momentum_update(..., zero3=True)`), the keys from a forward that gathers them;
   full     a full fp32 copy on every rank, the EMA reading the online weights inside `GatheredParameters` (a gather

@@ -6,15 +6,16 @@ dtype: no fp32 copy of the model per step.
 
 ZeRO 0-2: a plain module, whole on every rank, beside the DeepSpeed engine.
 
-ZeRO-3: the online towers are partitioned across ranks, and so are the momentum towers.  `shard_momentum` hands the copy to
-DeepSpeed's ZeRO-3 inference path (an engine without an optimizer, which DeepSpeed backs with `DeepSpeedZeRoOffload`):
-each parameter is flattened, padded and split, every rank keeping its 1/world partition (`param.ds_tensor`, fp32),
-and the forward gathers the parameters module by module and releases them after use, as for the online towers.
-ZeRO-3 splits every parameter on its own by the same rule, so a rank's partition of a momentum parameter holds the
-same elements as its partition of the online one: the EMA is a local update of partitions, with no collective.
-It reads the online partitions that the forward gathers (`ds_tensor`, in the compute dtype, which DeepSpeed refreshes
-from its fp32 master weights after every optimizer step), as ZeRO 0-2 read the module's weights; not the optimizer's
-fp32 master partitions, whose flat layout (sub-groups, CPU/NVMe offload) is DeepSpeed's internal business.
+ZeRO-3: the online towers are partitioned across ranks, and so are the momentum towers.  `shard_momentum` hands
+the copy to DeepSpeed's ZeRO-3 inference path (an engine without an optimizer, which DeepSpeed backs with
+`DeepSpeedZeRoOffload`): each parameter is flattened, padded and split, every rank keeping its 1/world partition
+(`param.ds_tensor`, fp32), and the forward gathers the parameters module by module and releases them after use, as
+for the online towers.  ZeRO-3 splits every parameter on its own by the same rule, so a rank's partition of a
+momentum parameter holds the same elements as its partition of the online one: the EMA is a local update of
+partitions, with no collective.  It reads the online partitions that the forward gathers (`ds_tensor`, in the compute
+dtype, which DeepSpeed refreshes from its fp32 master weights after every optimizer step), as ZeRO 0-2 read the
+module's weights; not the optimizer's fp32 master partitions, whose flat layout (sub-groups, CPU/NVMe offload) is
+DeepSpeed's internal business.  Checkpoints hold every rank's partitions (`partition_state`), for the same world size.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float, zero3: boo
 
     Parameters of the same dtype move in one multi-tensor lerp; bf16 online weights are added into the fp32 targets
     tensor by tensor (torch promotes inside the add).
-    zero3: both towers are ZeRO-3 partitioned (`momentum` is `shard_momentum`'s engine): each rank updates its partitions.
+    zero3: both towers are ZeRO-3 partitioned (`momentum` is `shard_momentum`'s engine): each rank updates its own
+    partitions.
     """
     if zero3:
         _release(momentum)

@@ -1,28 +1,19 @@
 """The towers: open_clip models by name or JSON, what the optimizer sees."""
-from pathlib import Path
-
 import pytest
 import torch
 
+from conftest import TINY
 from fne_dist.config import ModelSection
 from fne_dist.model import build_towers, encode, freeze_temperature, param_groups
 from fne_dist.momentum import momentum_copy
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs/models/tiny-vit.json")
 
-
-@pytest.fixture(scope="module")
-def towers():
-    torch.manual_seed(0)
-    return build_towers(ModelSection(name=TINY))
-
-
-def test_json_model_builds_with_transforms_and_tokenizer(towers):
-    assert towers.architecture["embed_dim"] == 64 and towers.architecture["vision_cfg"]["image_size"] == 32
-    assert towers.model.logit_scale.shape == (1,)  # DeepSpeed cannot flatten 0-dim parameters
-    tokens = towers.tokenizer(["the digit seven, leaning left"])
-    ia, ta, _ = encode(towers.model, torch.randn(1, 3, 32, 32), tokens)
+def test_json_model_builds_with_transforms_and_tokenizer(tiny_towers):
+    arch = tiny_towers.architecture
+    assert arch["embed_dim"] == 64 and arch["vision_cfg"]["image_size"] == 32
+    assert tiny_towers.model.logit_scale.shape == (1,)  # DeepSpeed cannot flatten 0-dim parameters
+    tokens = tiny_towers.tokenizer(["the digit seven, leaning left"])
+    ia, ta, _ = encode(tiny_towers.model, torch.randn(1, 3, 32, 32), tokens)
     assert ia.shape == ta.shape == (1, 64)
     assert torch.allclose(ia.norm(dim=1), torch.ones(1)) and torch.allclose(ta.norm(dim=1), torch.ones(1))
 
@@ -41,8 +32,8 @@ def test_unknown_model_name_suggests_close_names():
         build_towers(ModelSection(name=TINY, pretrained="missing.pt"))
 
 
-def test_temperature_is_frozen_and_gains_get_no_weight_decay(towers):
-    model = momentum_copy(towers.model).requires_grad_(True)
+def test_temperature_is_frozen_and_gains_get_no_weight_decay(tiny_towers):
+    model = momentum_copy(tiny_towers.model).requires_grad_(True)
     freeze_temperature(model)
     decay, no_decay = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}

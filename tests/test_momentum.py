@@ -6,27 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from fne_dist.config import ModelSection
-from fne_dist.model import build_towers
+from conftest import ROOT, TINY
 from fne_dist.momentum import momentum_copy, momentum_update
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs/models/tiny-vit.json")
 
-
-@pytest.fixture(scope="module")
-def towers():
-    torch.manual_seed(0)
-    return build_towers(ModelSection(name=TINY))
-
-
-def test_momentum_update_is_the_ema(towers):
-    online = towers.model
+def test_momentum_update_is_the_ema(tiny_towers):
+    online = tiny_towers.model
     momentum = momentum_copy(online)
     assert not any(p.requires_grad for p in momentum.parameters())
     for p in momentum.parameters():
@@ -37,9 +26,9 @@ def test_momentum_update_is_the_ema(towers):
         assert torch.allclose(new, 0.995 * old + 0.005 * theta, atol=1e-7, rtol=1e-6)
 
 
-def test_momentum_update_reads_bf16_online_weights_into_fp32_towers(towers):
-    online = copy.deepcopy(towers.model).bfloat16()
-    momentum = momentum_copy(towers.model)
+def test_momentum_update_reads_bf16_online_weights_into_fp32_towers(tiny_towers):
+    online = copy.deepcopy(tiny_towers.model).bfloat16()
+    momentum = momentum_copy(tiny_towers.model)
     for p in momentum.parameters():
         p.data.normal_()
     before = [p.clone() for p in momentum.parameters()]
