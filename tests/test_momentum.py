@@ -45,7 +45,8 @@ SHARDED_EMA = textwrap.dedent("""
     from unittest import mock
     from fne_dist.config import ModelSection
     from fne_dist.model import build_towers, encode
-    from fne_dist.momentum import momentum_copy, momentum_update, shard_momentum
+    from fne_dist.momentum import (load_partition_state, momentum_copy, momentum_update, partition_state,
+                                   shard_momentum)
 
     COLLECTIVES = ("all_gather_into_tensor", "all_gather", "all_gather_base", "all_gather_coalesced", "broadcast",
                    "all_reduce", "all_reduce_coalesced", "reduce_scatter_tensor")
@@ -109,6 +110,19 @@ SHARDED_EMA = textwrap.dedent("""
         bitwise = all(torch.equal(p, r) for p, r in zip(params, reference.parameters()))
     assert all(moved)
     print("BITWISE", rank, bitwise, flush=True)
+
+    saved = partition_state(momentum)  # what a checkpoint holds of this rank
+    assert [t.numel() for t in saved["partitions"]] == [p.ds_tensor.numel() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.ds_tensor.add_(1.0)
+    load_partition_state(momentum, saved, "rank file")
+    assert all(torch.equal(p.ds_tensor, t) for p, t in zip(params, saved["partitions"]))
+    try:
+        load_partition_state(momentum, {**saved, "partitions": [t[:-1] for t in saved["partitions"]]}, "rank file")
+        raise RuntimeError("partitions of another shape were loaded")
+    except ValueError as err:
+        assert "another world size" in str(err), err
     with no_collectives():  # it forbids what a full-copy EMA needs: DeepSpeed's gather of the whole model
         try:
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
@@ -127,7 +141,8 @@ def test_zero3_momentum_towers_are_sharded_and_equal_the_full_copy_ema(tmp_path,
     """Two gloo ranks under ZeRO-3: each holds ~1/2 of the fp32 momentum towers; over 5 EMAs (4 optimizer steps
     between them) the partitioned EMA equals a full-copy EMA of the gathered online weights to fp32 rounding
     (rtol 1.3e-6, atol 1e-7: the same lerp per element), without a collective, and so do the keys its
-    layer-by-layer forward gives (atol 1e-6)."""
+    layer-by-layer forward gives (atol 1e-6); a rank's partitions round-trip through `partition_state`, and
+    partitions of another shape (another world size) are refused."""
     script = tmp_path / "sharded_ema.py"
     script.write_text(SHARDED_EMA)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
