@@ -1,6 +1,7 @@
 """`fne-bench sampler ...` (the sampler kernels), `fne-bench step ...` (the trainer's FNE step against a CLIP step),
-`fne-bench buffer ...` (the negative buffer's memory and step time against world and buffer size) and
-`fne-bench data ...` (the loader's samples/s per worker)."""
+`fne-bench buffer ...` (the negative buffer's memory and step time against world and buffer size),
+`fne-bench ema ...` (the momentum towers under ZeRO-3, sharded against a full copy) and `fne-bench data ...` (the
+loader's samples/s per worker)."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +13,7 @@ from fne_dist.cli import ArgumentParser
 COMMANDS = {"sampler": "the sampler kernels against a matmul and the dense recipe (fne-bench sampler --help)",
             "step": "the trainer's FNE step against a CLIP step (fne-bench step --help)",
             "buffer": "buffer memory and step time against world and buffer size (fne-bench buffer --help)",
+            "ema": "ZeRO-3 momentum towers per rank, EMA and forward time (fne-bench ema --help)",
             "data": "the loader's samples/s per worker and in total (fne-bench data --help)"}
 
 
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         from fne_dist.bench_step import main as run
     elif argv[0] == "buffer":
         from fne_dist.bench_buffer import main as run
+    elif argv[0] == "ema":
+        from fne_dist.bench_ema import main as run
     else:
         from fne_dist.bench_data import main as run
     run(argv[1:])

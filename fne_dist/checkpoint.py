@@ -4,8 +4,9 @@ Layout of `<output_dir>/checkpoints/`:
 ```
 latest                      the tag of the newest complete checkpoint (replaced atomically, written last)
 step000000200/              one tag per saved step
-    fne_state.pt            rank 0: config, model architecture, world size, progress, momentum towers,
-                            similarity statistics
+    fne_state.pt            rank 0: config, model architecture, world size, progress, momentum towers
+                            (ZeRO 0-2), similarity statistics
+    momentum_rank00000.pt   ZeRO-3: every rank its fp32 partitions of the momentum towers (and their buffers)
     buffer_rank00000.pt     the negative buffer (keys, ids, labels, pointer, validity): every rank its shard
                             (fne.buffer=sharded), or rank 0 the whole queue (replicated)
     rng_rank00000.pt        every rank: its python / numpy / torch (/ cuda) generator states
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 from fne_dist.config import differing_keys
 from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
+from fne_dist.momentum import load_partition_state, partition_state
 
 LATEST = "latest"
 STATE = "fne_state.pt"
@@ -119,6 +121,15 @@ def _buffer_file(objective) -> str:
     return f"buffer_rank{rank() if objective.buffer.sharded else 0:05d}.pt"
 
 
+def _momentum_file(r: int) -> str:
+    return f"momentum_rank{r:05d}.pt"
+
+
+def _zero3(engine) -> bool:
+    """ZeRO-3 partitions the momentum towers like the online ones: every rank saves and loads its partitions."""
+    return engine.zero_optimization_stage() == 3
+
+
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
          momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None, metrics_bytes: int = 0,
          keep: int = 0) -> Path:
@@ -127,6 +138,7 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
+    zero3 = _zero3(engine)
     _check_space(ckpt_dir, tag_dir)
     try:
         if rank() == 0:
@@ -135,9 +147,11 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
         if rank() == 0:
             torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
                         "progress": asdict(progress), "batches_per_epoch": batches_per_epoch,
-                        "metrics_bytes": metrics_bytes, "momentum": momentum.state_dict(),
+                        "metrics_bytes": metrics_bytes, "momentum": None if zero3 else momentum.state_dict(),
                         "stats": objective.stats.state_dict()},
                        tag_dir / STATE)
+        if zero3:
+            torch.save(partition_state(momentum), tag_dir / _momentum_file(rank()))
         if objective.buffer.sharded or rank() == 0:
             torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
         torch.save(rng_state(), tag_dir / _rng_file(rank()))
@@ -355,7 +369,11 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {tag_dir}")
-    momentum.load_state_dict(state["momentum"])
+    if _zero3(engine):
+        partitions = tag_dir / _momentum_file(rank())
+        load_partition_state(momentum, load_file(partitions, weights_only=True), str(partitions))
+    else:
+        momentum.load_state_dict(state["momentum"])
     objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])
     set_rng_state(load_file(tag_dir / _rng_file(rank()), weights_only=False))

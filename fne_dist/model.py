@@ -1,4 +1,4 @@
-"""The image and text towers (any open_clip model) and their momentum copy.
+"""The image and text towers (any open_clip model), what the optimizer sees of them, and their forward.
 
 The online towers are an open_clip CLIP (or, from pretrained towers, a CustomTextCLIP: a timm image trunk and a
 Hugging Face text trunk with linear projection heads, weights from local files through fne_dist/pretrained.py)
@@ -6,11 +6,7 @@ built with a 1-element logit scale: DeepSpeed cannot flatten 0-dim parameters, a
 objectives (which freeze the scale: a triplet loss has no temperature) and the InfoNCE ones and the CLIP-loss
 baseline of `fne-bench step` (which train it).
 
-The momentum towers (FNE_SPEC step 2) are a plain fp32 copy outside the DeepSpeed engine, never trained by the
-optimizer: `momentum_update` moves them towards the online weights once per optimizer step, before the next
-step's keys are computed.  Under ZeRO-3 the engine's parameters are partitioned across ranks,
-so the update reads them inside `deepspeed.zero.GatheredParameters`, which gathers them for the duration of the
-update; the momentum towers themselves are a full fp32 copy on every rank (not sharded: README, open items).
+The momentum towers (their EMA copy, sharded like them under ZeRO-3) are in fne_dist/momentum.py.
 """
 from __future__ import annotations
 
@@ -18,7 +14,6 @@ import copy
 import difflib
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -166,44 +161,6 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[di
     if weight_decay is not None:
         groups[0]["weight_decay"] = weight_decay
     return [g for g in groups if g["params"]]
-
-
-def momentum_copy(model: nn.Module) -> nn.Module:
-    """An fp32 copy of the online towers that no optimizer sees (requires_grad False), in eval mode."""
-    momentum = copy.deepcopy(model).float().eval()
-    return momentum.requires_grad_(False)
-
-
-@torch.no_grad()
-def momentum_update(online: nn.Module, momentum: nn.Module, m: float, zero3: bool = False) -> None:
-    """theta_m = m * theta_m + (1 - m) * theta for every parameter; buffers (e.g. BatchNorm statistics) are copied.
-
-    The momentum towers stay fp32 (a 0.5% step is below bf16's resolution) and read the online weights in their own
-    dtype: no fp32 copy of the model per step.  Parameters of the same dtype move in one multi-tensor lerp; bf16
-    online weights are added into the fp32 targets tensor by tensor (torch promotes inside the add).
-    zero3: the online parameters are ZeRO-3 partitions; they are gathered (on every rank: call it on all) first.
-    """
-    params = list(online.parameters())
-    targets = list(momentum.parameters())
-    if len(targets) != len(params):
-        raise ValueError(f"momentum towers have {len(targets)} parameters, the online towers {len(params)}")
-    with _gathered(params) if zero3 else nullcontext():
-        same = [(t, p.detach()) for t, p in zip(targets, params) if t.dtype == p.dtype]
-        mixed = [(t, p.detach()) for t, p in zip(targets, params) if t.dtype != p.dtype]
-        if same:
-            torch._foreach_lerp_(*map(list, zip(*same)), 1 - m)
-        if mixed:
-            mixed_targets, mixed_sources = map(list, zip(*mixed))
-            torch._foreach_mul_(mixed_targets, m)
-            torch._foreach_add_(mixed_targets, mixed_sources, alpha=1 - m)
-    for b_m, b in zip(momentum.buffers(), online.buffers(), strict=True):
-        b_m.copy_(b)
-
-
-def _gathered(params):
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def encode(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor

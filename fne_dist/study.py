@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fne_dist.config import FNESection
-from fne_dist.model import clamp_logit_scale, momentum_update
+from fne_dist.model import clamp_logit_scale
+from fne_dist.momentum import momentum_update
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.retrieval import retrieval_metrics
 

@@ -39,8 +39,8 @@ from fne_dist.data import load_eval_set, make_train_loader
 from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
-from fne_dist.model import (build_towers, clamp_logit_scale, encode, freeze_temperature, momentum_copy,
-                            momentum_update, param_groups)
+from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
+from fne_dist.momentum import momentum_copy, momentum_update, shard_momentum
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
@@ -119,15 +119,17 @@ class Trainer:
         model = self.towers.model
         if cfg.fne.objective not in SCALED_OBJECTIVES:
             freeze_temperature(model)
-        self.momentum = momentum_copy(model).to(rt.device)
+        self.momentum = momentum_copy(model).to(rt.device)  # before deepspeed.initialize partitions `model`
         self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
         self.dtype = compute_dtype(ds)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
-        seed_everything(cfg.train.seed + rt.rank)
         self.zero3 = self.engine.zero_optimization_stage() == 3
+        if self.zero3:  # partitioned like the online towers; the forward gathers them module by module
+            self.momentum = shard_momentum(self.momentum, ds["zero_optimization"])
+        seed_everything(cfg.train.seed + rt.rank)
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
         self.eval_set = None
         if cfg.data.val and cfg.train.eval_every:
@@ -166,9 +168,8 @@ class Trainer:
         end of an accumulation).  Order, so that a non-finite step touches nothing on any rank:
           0. the EMA of the momentum towers for the last optimizer step, once per optimizer step, before this step's
              keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
-             step, not to this one, and it runs here rather than right after that step's optimizer step because
-             under ZeRO-3 it gathers the online weights, which DeepSpeed's parameter trace expects before a forward
-             (after `engine.step()` the next backward failed with a "tracing error");
+             step, not to this one: a checkpoint saved after that step holds the momentum towers before it, and a
+             resume runs it first.  Under ZeRO-3 every rank updates its own partitions (no collective);
           1. keys from the momentum towers, features from the online towers, the loss (`Objective.loss` changes no
              state: it returns the step's keys and statistics);
           2. one all-reduce and one host sync: are the loss (which every feature and key enters) and the keys

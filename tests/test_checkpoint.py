@@ -20,6 +20,9 @@ class FakeEngine:
     def __init__(self, size: int = 100, error: BaseException | None = None):
         self.size, self.error = size, error
 
+    def zero_optimization_stage(self):
+        return 0  # the momentum towers whole, in fne_state.pt
+
     def save_checkpoint(self, save_dir, tag, save_latest):
         assert save_latest is False  # `latest` is ours to move, after every file is written
         (Path(save_dir) / tag / checkpoint.DS_MODEL_STATES).write_bytes(b"x" * self.size)

@@ -1,33 +1,19 @@
-"""The towers: open_clip models by name or JSON, what the optimizer sees, and the momentum (EMA) update,
-also under ZeRO-3 where the online parameters are partitioned."""
-import copy
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
+"""The towers: open_clip models by name or JSON, what the optimizer sees."""
 import pytest
 import torch
 
+from conftest import TINY
 from fne_dist.config import ModelSection
-from fne_dist.model import build_towers, encode, freeze_temperature, momentum_copy, momentum_update, param_groups
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs/models/tiny-vit.json")
+from fne_dist.model import build_towers, encode, freeze_temperature, param_groups
+from fne_dist.momentum import momentum_copy
 
 
-@pytest.fixture(scope="module")
-def towers():
-    torch.manual_seed(0)
-    return build_towers(ModelSection(name=TINY))
-
-
-def test_json_model_builds_with_transforms_and_tokenizer(towers):
-    assert towers.architecture["embed_dim"] == 64 and towers.architecture["vision_cfg"]["image_size"] == 32
-    assert towers.model.logit_scale.shape == (1,)  # DeepSpeed cannot flatten 0-dim parameters
-    tokens = towers.tokenizer(["the digit seven, leaning left"])
-    ia, ta, _ = encode(towers.model, torch.randn(1, 3, 32, 32), tokens)
+def test_json_model_builds_with_transforms_and_tokenizer(tiny_towers):
+    arch = tiny_towers.architecture
+    assert arch["embed_dim"] == 64 and arch["vision_cfg"]["image_size"] == 32
+    assert tiny_towers.model.logit_scale.shape == (1,)  # DeepSpeed cannot flatten 0-dim parameters
+    tokens = tiny_towers.tokenizer(["the digit seven, leaning left"])
+    ia, ta, _ = encode(tiny_towers.model, torch.randn(1, 3, 32, 32), tokens)
     assert ia.shape == ta.shape == (1, 64)
     assert torch.allclose(ia.norm(dim=1), torch.ones(1)) and torch.allclose(ta.norm(dim=1), torch.ones(1))
 
@@ -46,8 +32,8 @@ def test_unknown_model_name_suggests_close_names():
         build_towers(ModelSection(name=TINY, pretrained="missing.pt"))
 
 
-def test_temperature_is_frozen_and_gains_get_no_weight_decay(towers):
-    model = momentum_copy(towers.model).requires_grad_(True)
+def test_temperature_is_frozen_and_gains_get_no_weight_decay(tiny_towers):
+    model = momentum_copy(tiny_towers.model).requires_grad_(True)
     freeze_temperature(model)
     decay, no_decay = param_groups(model, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -57,57 +43,3 @@ def test_temperature_is_frozen_and_gains_get_no_weight_decay(towers):
     assert any(names[id(p)].endswith("ln_final.weight") for p in no_decay["params"])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == sum(p.numel() for g in (decay, no_decay) for p in g["params"])
-
-
-def test_momentum_update_is_the_ema(towers):
-    online = towers.model
-    momentum = momentum_copy(online)
-    assert not any(p.requires_grad for p in momentum.parameters())
-    for p in momentum.parameters():
-        p.data.normal_()
-    before = [p.clone() for p in momentum.parameters()]
-    momentum_update(online, momentum, m=0.995)
-    for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
-        assert torch.allclose(new, 0.995 * old + 0.005 * theta, atol=1e-7, rtol=1e-6)
-
-
-def test_momentum_update_reads_bf16_online_weights_into_fp32_towers(towers):
-    online = copy.deepcopy(towers.model).bfloat16()
-    momentum = momentum_copy(towers.model)
-    for p in momentum.parameters():
-        p.data.normal_()
-    before = [p.clone() for p in momentum.parameters()]
-    momentum_update(online, momentum, m=0.995)
-    for new, old, theta in zip(momentum.parameters(), before, online.parameters()):
-        assert new.dtype == torch.float32
-        assert torch.allclose(new, 0.995 * old + 0.005 * theta.float(), atol=1e-7, rtol=1e-6)
-
-
-ZERO3_EMA = textwrap.dedent("""
-    import copy, os, torch, deepspeed
-    from fne_dist.model import momentum_update
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    theta = [p.detach().clone() for p in model.parameters()]
-    momentum = copy.deepcopy(model).requires_grad_(False)
-    for p in momentum.parameters():
-        p.data.fill_(1.0)
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
-              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    assert all(p.numel() == 0 for p in engine.module.parameters()), "ZeRO-3 should have partitioned the weights"
-    momentum_update(engine.module, momentum, m=0.9, zero3=True)
-    for p_m, t in zip(momentum.parameters(), theta):
-        torch.testing.assert_close(p_m, 0.9 + 0.1 * t)
-    print("ZERO3-EMA-OK")
-""")
-
-
-def test_momentum_update_gathers_zero3_partitions(tmp_path, port):
-    script = tmp_path / "zero3_ema.py"
-    script.write_text(ZERO3_EMA)
-    env = {**os.environ, "PORT": str(port), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
-    assert "ZERO3-EMA-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

@@ -9,7 +9,8 @@ from sklearn.datasets import load_sample_images
 
 from fne_dist import pretrained
 from fne_dist.config import ConfigError, load_config
-from fne_dist.model import build_towers, momentum_copy, param_groups
+from fne_dist.model import build_towers, param_groups
+from fne_dist.momentum import momentum_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = ["data.train=x", "model.name=null", "model.embed_dim=64", "model.image_tower={}", "model.text_tower={}"]

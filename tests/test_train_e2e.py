@@ -57,7 +57,7 @@ train:
   eval_every: 2
   checkpoint_every: 0
 deepspeed:
-  zero_optimization: {{stage: 3}}   # partitioned weights: the EMA gathers them, fne-eval reassembles them
+  zero_optimization: {{stage: 3}}   # online and momentum towers partitioned; fne-eval reassembles the online
   gradient_clipping: 1.0
   optimizer: {{type: AdamW, params: {{lr: 1.0e-3, weight_decay: 0.1, torch_adam: true}}}}
   scheduler: {{type: WarmupLR, params: {{warmup_num_steps: 5, warmup_type: linear}}}}
@@ -133,6 +133,9 @@ def test_stop_request_on_one_rank_saves_on_all_ranks_and_every_rank_exits_75(run
     assert runs["preempted"]["preempted"] is True and k >= 5
     assert P["latest"].name == checkpoint.tag_name(k)
     assert sorted(p.name for p in P["latest"].glob("rng_rank*.pt")) == ["rng_rank00000.pt", "rng_rank00001.pt"]
+    partitions = [torch.load(P["latest"] / f"momentum_rank{r:05d}.pt")["partitions"] for r in range(WORLD)]
+    assert [t.shape for t in partitions[0]] == [t.shape for t in partitions[1]]  # ZeRO-3: each rank its half
+    assert checkpoint.read_state(P["latest"])["momentum"] is None
     assert "stop requested (SIGTERM)" in P["output"]
     # torchrun turns any non-zero worker status into its own 1; its report names each rank's: 75, none killed
     exits = P["output"].count(f"exitcode  : {EXIT_PREEMPTED} (pid")
@@ -177,6 +180,8 @@ def test_incompatible_resume_is_refused(runs):
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"fne\.mode: 'bayes' -> 'official'.*"
                                                             r"fne\.queue_size: 64 -> 128"):
         checkpoint.check_compatible(state, config=other, architecture=state["architecture"], tag_dir=tag)
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"world size: 2 -> 1"):  # this test runs as one rank
+        checkpoint.check_compatible(state, config=state["config"], architecture=state["architecture"], tag_dir=tag)
     wider = {**state["architecture"], "embed_dim": 32}
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"model architecture embed_dim: 64 -> 32"):
         checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag)

@@ -1,0 +1,120 @@
+"""`fne-bench ema`: under ZeRO-3, the momentum towers' memory per rank, their EMA and their forward, sharded against a
+full copy per rank.
+
+Spawns `world` CPU processes in a gloo group; each builds the towers (`--model`, open_clip name or JSON), wraps
+them in a ZeRO-3 engine (fp32 or bf16) and times, per optimizer step:
+  sharded  the trainer's way: fp32 momentum towers partitioned by DeepSpeed (`shard_momentum`), the EMA on each
+           rank's partitions (`momentum_update(..., zero3=True)`), the keys from a forward that gathers them;
+  full     a full fp32 copy on every rank, the EMA reading the online weights inside `GatheredParameters` (a gather
+           of the whole model), the keys from a local forward.
+Reported: fp32 momentum MiB a rank holds, median EMA and keys (momentum forward) ms of the slowest rank.  Prints a
+table and writes a CSV.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fne_dist.bench import append_csv, print_table
+from fne_dist.distributed import free_port
+
+FIELDS = ("layout", "world", "model", "dtype", "params", "momentum_mib_per_rank", "ema_ms", "keys_ms", "batch")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fne-bench ema", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="configs/models/tiny-vit.json", help="open_clip model name or JSON")
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the online towers' compute dtype")
+    parser.add_argument("--batch", type=int, default=8, help="samples per rank for the momentum forward")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed)")
+    parser.add_argument("--csv", default="runs/bench/ema.csv")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Case:
+    layout: str
+    model: str
+    world: int
+    dtype: str
+    batch: int
+    steps: int
+
+
+def _timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def _worker(rank: int, case: Case, port: int, out: str) -> None:
+    import deepspeed
+
+    from fne_dist.config import ModelSection
+    from fne_dist.model import build_towers, encode
+    from fne_dist.momentum import momentum_copy, momentum_update, shard_momentum
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    towers = build_towers(ModelSection(name=case.model))
+    momentum = momentum_copy(towers.model)
+    config = {"train_micro_batch_size_per_gpu": case.batch, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": case.dtype == "bf16"}, "steps_per_print": 2**31 - 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=towers.model, model_parameters=towers.model.parameters(), config=config)
+    online = engine.module
+    if case.layout == "sharded":
+        momentum = shard_momentum(momentum, config["zero_optimization"])
+        held = sum(p.ds_tensor.nbytes for p in momentum.parameters())
+        ema = lambda: momentum_update(online, momentum, 0.995, zero3=True)  # noqa: E731
+    else:
+        held = sum(p.nbytes for p in momentum.parameters())
+
+        def ema():
+            with deepspeed.zero.GatheredParameters(list(online.parameters())):
+                momentum_update(online, momentum, 0.995)
+    size = towers.architecture["vision_cfg"]["image_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    images = torch.randn(case.batch, 3, *size)
+    tokens = towers.tokenizer([f"a photo of thing number {i}" for i in range(case.batch)])
+    ema_ms, keys_ms = [], []
+    for _ in range(case.steps + 1):
+        ema_ms.append(_timed(ema))
+        with torch.no_grad():
+            keys_ms.append(_timed(lambda: encode(momentum, images, tokens)))
+    torch.save({"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]), "bytes": held,
+                "params": sum(p.ds_numel for p in online.parameters())}, f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(case: Case) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(case, free_port(), out), nprocs=case.world)
+        ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
+    return {"layout": case.layout, "world": case.world, "model": os.path.basename(case.model), "dtype": case.dtype,
+            "params": ranks[0]["params"], "momentum_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
+            "ema_ms": round(max(r["ema_ms"] for r in ranks), 2), "keys_ms": round(max(r["keys_ms"] for r in ranks), 1),
+            "batch": case.batch}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = [measure(Case(layout, args.model, args.world, args.dtype, args.batch, args.steps))
+            for layout in ("full", "sharded")]
+    print_table(rows, FIELDS)
+    append_csv(rows, FIELDS, args.csv)
