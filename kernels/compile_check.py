@@ -4,8 +4,8 @@
 
 Triton compiles ahead of time with its bundled ptxas, no driver needed.  This catches what the interpreter
 cannot (type rules of the compiled path, e.g. the uint64 hash, and code generation failures) and prints per
-variant of the main loop (`_fne_blocks_kernel`) and the pick kernel the registers per thread, the stack bytes
-(register spills), shared memory, whether the dot runs on wgmma and whether TMA (cp.async.bulk.tensor) appears,
+variant of the main loop (`_fne_blocks_kernel`) and the pick kernel the registers per thread, the stack bytes, the
+register spill stores, shared memory, whether the dot runs on wgmma and whether TMA (cp.async.bulk.tensor) appears,
 at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen.  `--keys` compiles the mixed case too
 (keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
 features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
@@ -50,18 +50,20 @@ def _compile(fn, types: dict, constants: dict, arch: int, num_warps: int, num_st
 
 
 def _resources(kernel) -> dict:
-    """Registers, stack bytes and static shared memory of the compiled kernel (from its cubin); wgmma / TMA use."""
+    """Registers, stack bytes, register spill stores (STL in the SASS; a stack can also be a call frame) and static
+    shared memory of the compiled kernel (from its cubin); wgmma / TMA use."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
-    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+        usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", subprocess.run(
+            [tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout))
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     ptx = kernel.asm["ptx"]
-    return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "local": int(usage["LOCAL"]),
-            "shared": kernel.metadata.shared,
+    return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "spills": len(re.findall(r"\bSTL\b", sass)),
+            "local": int(usage["LOCAL"]), "shared": kernel.metadata.shared,
             "mma": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma"),
             "tma": "yes" if "cp.async.bulk.tensor" in ptx else "no"}
 
@@ -115,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"{h:>9}" for h in header))
     for row in rows:
         print("  ".join(f"{str(row[h]):>9}" for h in header))
-    spilled = sum(1 for row in rows if row["stack"] or row["local"])
-    print(f"{len(rows)} kernels compiled for sm_{args.arch}, {spilled} spill registers to the stack")
+    spilled = sum(1 for row in rows if row["spills"] or row["local"])
+    print(f"{len(rows)} kernels compiled for sm_{args.arch}, {spilled} spill registers to local memory")
     return 0
 
 

@@ -249,6 +249,20 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 kernels compiled for sm_90" in out.stdout, out.stdout  # 4 variants x (main loop, pick)
     assert "wgmma" in out.stdout  # bf16 on Hopper's tensor cores
+    capped = subprocess.run([sys.executable, "-m", "fne_kernels.compile_check", "--dtype", "bf16", "--mode", "bayes",
+                             "--cutdown", "off", "--blocks", "64,128,64,4,3,168"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    main_loop = [line.split() for line in capped.stdout.splitlines() if line.split()[:1] == ["blocks"]]
+    assert [row[5] for row in main_loop] == ["64x128x64/w4/s3/r168"] * 2
+    assert all(int(row[6]) <= 168 for row in main_loop)  # the register cap reaches ptxas
+
+
+def test_launch_configs_parse_and_name_themselves():
+    assert fs.Blocks.parse("64,128,64,4,3,168") == fs.Blocks(64, 128, 64, 4, 3, 168)
+    assert str(fs.Blocks.parse("128,128,64,8,3")) == "128x128x64/w8/s3"
+    with pytest.raises(ValueError, match="M,N,K,warps,stages"):
+        fs.Blocks.parse("128,128,64")
 
 
 @pytest.mark.parametrize("mode", ["eliminate", "hardness"])
