@@ -176,14 +176,17 @@ def _false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
 
 def _has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
     """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
-    without [b, N]: candidates of the anchor's label minus those of its id (an image id has one label)."""
-    known = valid & (cand_labels >= 0)
-    by_label, by_id = cand_labels[known].sort().values, cand_ids[known].sort().values
+    without [b, N]: known candidates of the anchor's label minus those of its id (an image id has one label); by
+    sorting all candidates and counting the known ones with a running sum, so no boolean indexing (a host sync)."""
+    known = (valid & (cand_labels >= 0)).long()
 
-    def count(sorted_values, queries):
-        return torch.searchsorted(sorted_values, queries, right=True) - torch.searchsorted(sorted_values, queries)
+    def count_known(values, queries):
+        order = values.argsort()
+        sorted_values = values[order]
+        seen = torch.cat([known.new_zeros(1), known[order].cumsum(0)])
+        return seen[torch.searchsorted(sorted_values, queries, right=True)] - seen[torch.searchsorted(sorted_values, queries)]
 
-    return (labels >= 0) & (count(by_label, labels) > count(by_id, ids))
+    return (labels >= 0) & (count_known(cand_labels, labels) > count_known(cand_ids, ids))
 
 
 def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
@@ -194,21 +197,26 @@ def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges
     negatives."""
     labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
     false_neg = has_neg & _false_negative_mask(ids, labels, neg_ids, neg_labels)
-    out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ids.device)
+    picks = None
     if sampled is not None:
-        out[0], out[1], out[2] = len(sampled.index), sampled.fallback.sum(), sampled.survivors.sum()
-        out[3] = (~sampled.has_negative).sum()
-    out[4], out[5], out[6] = labelled.sum(), false_neg.sum(), (labelled & at_risk).sum()
-    out[7], out[8] = hinges.sum(), hinges[false_neg].sum()
-    return out
+        rows = torch.full((), float(len(sampled.index)), dtype=torch.float64, device=hinges.device)
+        picks = (rows, sampled.fallback.sum(), sampled.survivors.sum(), (~sampled.has_negative).sum())
+    return _diagnostics(picks, (labelled.sum(), false_neg.sum(), (labelled & at_risk).sum()),
+                        (hinges.sum(), torch.where(false_neg, hinges, 0.0).sum()))
 
 
 def _softmax_diagnostics(row_losses, false_prob) -> torch.Tensor:
     """DIAGNOSTICS sums of a softmax loss: each row's negative mass 1 - P(positive) = 1 - exp(-loss) and the part
     of it on false negatives (no picks)."""
-    out = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=row_losses.device)
-    out[7], out[8] = (1 - (-row_losses).exp()).sum(), false_prob.sum()
-    return out
+    return _diagnostics(None, None, ((1 - (-row_losses).exp()).sum(), false_prob.sum()))
+
+
+def _diagnostics(picks, labels, loss) -> torch.Tensor:
+    """The [len(DIAGNOSTICS)] float64 vector from its three groups of 0-dim sums (None: zeros), stacked on the
+    device: setting elements from device tensors one by one would wait for the GPU."""
+    zero = torch.zeros((), dtype=torch.float64, device=loss[0].device)
+    groups = (picks or (zero,) * 4, labels or (zero,) * 3, loss)
+    return torch.stack([t.double() for group in groups for t in group])
 
 
 def summarise(sums: dict[str, float]) -> dict[str, float]:

@@ -200,3 +200,31 @@ def test_at_risk_rows_are_those_with_a_false_negative_candidate():
     want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
                                           for j in range(300))) for i in ids.tolist()]
     assert got.tolist() == want and 0 < sum(want) < 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host syncs are a GPU matter)")
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_gpu_fne_step_waits_for_nothing(impl):
+    """Objective.loss (gather, statistics, both draws, diagnostics, loss) and commit (statistics, enqueue) never
+    wait for the GPU: the trainer's one host sync per step is its finite-and-stop flag (train.py), not here."""
+    device = torch.device("cuda")
+    obj = Objective(FNESection(queue_size=4096, impl=impl, mode="bayes", cutdown="off", min_count=10), dim=64,
+                    device=device, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):  # the first steps fill the queue, make the statistics ready and compile the kernels
+        ia = unit(256, 64, generator=g)
+        ta, ik, tk = (F.normalize(ia + 0.3 * unit(256, 64, generator=g), dim=-1) for _ in range(3))  # matching pairs
+        ia, ta, ik, tk = (x.to(device) for x in (ia, ta, ik, tk))
+        ids = torch.arange(step * 256, (step + 1) * 256, device=device)
+        labels = ids % 50  # known labels: the at-risk count runs too
+        with torch.cuda.device(device):
+            torch.cuda.set_sync_debug_mode("error" if step == 3 else "default")
+            try:
+                out = obj.loss(ia.requires_grad_(), ta.requires_grad_(), ik, tk, ids, labels, step=step, rank=0,
+                               warmup=False)
+                obj.commit(out)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    sums = dict(zip(DIAGNOSTICS, out.diagnostics.tolist()))
+    assert torch.isfinite(out.loss) and bool(obj.stats.ready(10)) and sums["fallback"] < sums["sampled_rows"] == 512
