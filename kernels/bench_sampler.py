@@ -257,6 +257,13 @@ def parse_args(argv):
             setattr(args, key, value)
     if args.repeats is None:
         args.repeats = 20 if args.device == "cuda" else 3
+    if args.blocks:
+        from fne_kernels.fne_sampler import Blocks
+
+        try:
+            Blocks.parse(args.blocks)
+        except ValueError as err:
+            parser.error(f"--blocks: {err}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here; use --device cpu")
     if args.device == "cpu" and "triton" in args.impl and os.environ.get("TRITON_INTERPRET") != "1":

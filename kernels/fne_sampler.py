@@ -83,10 +83,11 @@ class Blocks(NamedTuple):
     @classmethod
     def parse(cls, text: str) -> "Blocks":
         """'M,N,K,warps,stages[,maxnreg]' (the benchmark's --blocks)."""
-        values = [int(v) for v in text.split(",")]
-        if len(values) not in (5, 6):
-            raise ValueError(f"blocks {text!r}: expected M,N,K,warps,stages[,maxnreg]")
-        return cls(*values)
+        parts = text.split(",")
+        if len(parts) not in (5, 6) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"blocks {text!r}: expected five or six positive integers M,N,K,warps,stages[,maxnreg], "
+                             "e.g. 128,128,64,8,3")
+        return cls(*map(int, parts))
 
     def __str__(self) -> str:
         cap = f"/r{self.maxnreg}" if self.maxnreg else ""

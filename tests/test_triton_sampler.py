@@ -261,8 +261,9 @@ def test_kernels_compile_for_hopper(tmp_path):
 def test_launch_configs_parse_and_name_themselves():
     assert fs.Blocks.parse("64,128,64,4,3,168") == fs.Blocks(64, 128, 64, 4, 3, 168)
     assert str(fs.Blocks.parse("128,128,64,8,3")) == "128x128x64/w8/s3"
-    with pytest.raises(ValueError, match="M,N,K,warps,stages"):
-        fs.Blocks.parse("128,128,64")
+    for bad in ("128,128,64", "128,128,64,8,x"):
+        with pytest.raises(ValueError, match="M,N,K,warps,stages"):
+            fs.Blocks.parse(bad)
 
 
 @pytest.mark.parametrize("mode", ["eliminate", "hardness"])
