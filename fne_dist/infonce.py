@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fne_dist.losses import false_negative_mask
 from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, true_negative_prob
@@ -41,8 +42,9 @@ def _tile_logits(a, scale, cand: CandidateSet, start: int, stop: int, stats, cfg
     s = a @ cand.keys[start:stop].float().T
     drop = (cand.anchor_ids[:, None] == cand.key_ids[None, start:stop]) | ~cand.valid[None, start:stop]
     logits = (s * scale).add_(true_negative_prob(s, stats, cfg).log_()).masked_fill_(drop, float("-inf"))
-    labels = cand.key_labels[None, start:stop]
-    false_neg = ~drop & (labels >= 0) & (labels == cand.anchor_labels[:, None])
+    false_neg = cand.valid[None, start:stop] & false_negative_mask(
+        cand.anchor_ids[:, None], cand.anchor_labels[:, None], cand.key_ids[None, start:stop],
+        cand.key_labels[None, start:stop])
     return logits, s, false_neg
 
 

@@ -1,4 +1,5 @@
-"""Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and VSE++'s hardest in-batch negative (step 9)."""
+"""Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and VSE++'s hardest in-batch negative (step 9); the
+false-negative mask that the diagnostics measure them with."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +34,9 @@ def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):
     same = ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=sims.device)
     masked = sims.masked_fill(same, float("-inf"))
     return masked.max(1), masked.max(0)
+
+
+def false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
+    """True where the other item has the anchor's (known) label but another image id: a false negative (labels
+    only measure them; the objectives never read labels)."""
+    return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)

@@ -27,7 +27,7 @@ from fne_dist.config import FNESection, queue_dtype
 from fne_dist.distributed import rank as this_rank
 from fne_dist.distributed import world_size
 from fne_dist.infonce import CandidateSet, posterior_infonce
-from fne_dist.losses import triplet_hinges, vsepp_hardest
+from fne_dist.losses import false_negative_mask, triplet_hinges, vsepp_hardest
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import true_negative_prob
@@ -138,7 +138,7 @@ class Objective:
         loss = self.clip_loss(ia, ta, logit_scale)
         with torch.no_grad():
             logits = logit_scale.float() * ia @ ta.T
-            false_neg = _false_negative_mask(ids[:, None], labels[:, None], ids[None, :], labels[None, :])
+            false_neg = false_negative_mask(ids[:, None], labels[:, None], ids[None, :], labels[None, :])
             diagnostics = sum(_softmax_diagnostics(-lg.log_softmax(1).diagonal(), (lg.softmax(1) * false_neg).sum(1))
                               for lg in (logits, logits.T))
         return loss, diagnostics
@@ -169,11 +169,6 @@ def _join(segments, fields) -> list[torch.Tensor]:
     return [torch.cat([field(s, name) for s in segments]) for name in fields]
 
 
-def _false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
-    """True where the other item has the anchor's (known) label but another image id: a false negative."""
-    return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)
-
-
 def _has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
     """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
     without [b, N]: known candidates of the anchor's label minus those of its id (an image id has one label); by
@@ -196,7 +191,7 @@ def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges
     one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false
     negatives."""
     labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
-    false_neg = has_neg & _false_negative_mask(ids, labels, neg_ids, neg_labels)
+    false_neg = has_neg & false_negative_mask(ids, labels, neg_ids, neg_labels)
     picks = None
     if sampled is not None:
         rows = torch.full((), float(len(sampled.index)), dtype=torch.float64, device=hinges.device)
