@@ -328,7 +328,8 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(to_yaml(cfg))
         bar = None
         if self.rt.rank == 0:
-            bar = tqdm(total=self.total_steps, initial=progress.step, unit="step", dynamic_ncols=True)
+            # a bar on a terminal only (disable=None): in a SLURM log its redraws would pile up; the log lines remain
+            bar = tqdm(total=self.total_steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=None)
         try:
             while progress.epoch < cfg.train.epochs and progress.step < self.total_steps:
                 self.loader = loader = self._loader(progress.epoch, progress.batch)
