@@ -37,6 +37,25 @@ def append_csv(rows: list[dict], fields, path: str | Path) -> None:
     print(f"appended to {path}")
 
 
+def spawn_ranks(worker, case, world: int) -> list[dict]:
+    """Run `worker(rank, case, port, out)` in `world` spawned CPU processes (one gloo group on a free port); each
+    saves its result dict to `rank_file(out, rank)`.  Returns the results in rank order."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from fne_dist.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(worker, args=(case, free_port(), out), nprocs=world)
+        return [torch.load(rank_file(out, r)) for r in range(world)]
+
+
+def rank_file(out: str, rank: int) -> str:
+    return f"{out}/rank{rank}.pt"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:

@@ -12,21 +12,19 @@ import argparse
 import csv
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from fne_dist.bench import rank_file, spawn_ranks
 from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
-from fne_dist.distributed import free_port
 
 FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms")
 
@@ -87,14 +85,12 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
         times.append(time.perf_counter() - start)
     q = objective.buffer.queue
     held = sum(getattr(q, name).nbytes for name in q.BUFFERS)
-    torch.save({"ms": 1000 * statistics.median(times[1:]), "bytes": held}, f"{out}/rank{rank}.pt")
+    torch.save({"ms": 1000 * statistics.median(times[1:]), "bytes": held}, rank_file(out, rank))
     dist.destroy_process_group()
 
 
 def measure(case: Case) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(case, free_port(), out), nprocs=case.world)
-        ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
+    ranks = spawn_ranks(_worker, case, case.world)
     return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
             "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
             "step_ms": round(max(r["ms"] for r in ranks), 1)}

@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from fne_dist.bench import append_csv, print_table
-from fne_dist.distributed import free_port
+from fne_dist.bench import append_csv, print_table, rank_file, spawn_ranks
 
 FIELDS = ("layout", "world", "model", "dtype", "params", "momentum_mib_per_rank", "ema_ms", "keys_ms", "batch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,15 +94,13 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
         with torch.no_grad():
             keys_ms.append(_timed(lambda: encode(momentum, images, tokens)))
     torch.save({"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]), "bytes": held,
-                "params": sum(p.ds_numel for p in online.parameters())}, f"{out}/rank{rank}.pt")
+                "params": sum(p.ds_numel for p in online.parameters())}, rank_file(out, rank))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def measure(case: Case) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(case, free_port(), out), nprocs=case.world)
-        ranks = [torch.load(f"{out}/rank{r}.pt") for r in range(case.world)]
+    ranks = spawn_ranks(_worker, case, case.world)
     return {"layout": case.layout, "world": case.world, "model": os.path.basename(case.model), "dtype": case.dtype,
             "params": ranks[0]["params"], "momentum_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
             "ema_ms": round(max(r["ema_ms"] for r in ranks), 2), "keys_ms": round(max(r["keys_ms"] for r in ranks), 1),
