@@ -159,7 +159,7 @@ def _rcp(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _row_terms(p, neg_tau2, margin, CUTDOWN: tl.constexpr):
+def _row_terms(p, neg_tau2, margin):
     """Per row, from its positive similarity p: the hardness exponent's linear and constant terms (see `_weights`)
     and the anchor cut-down's threshold p - margin."""
     return -2.0 * neg_tau2 * p, neg_tau2 * p * p, p - margin
@@ -209,7 +209,7 @@ def _fne_blocks_kernel(
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = tl.minimum(rows, B - 1)  # clamped: loads without masks; rows past B are not stored
-    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin, CUTDOWN)
+    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin)
     aid = tl.load(aid_ptr + rows_in)
     cut_global, mean_pos, qa, qb, qc, pos_radius = _load_params(params_ptr)
     k1 = _word64(key1_lo, key1_hi)
@@ -337,7 +337,7 @@ def _fne_pick_kernel(
     aid = tl.load(aid_ptr + rows_in)
     excluded = (aid[:, None] == tl.load(kid_ptr + cols_in, mask=reach, other=0)) | col_bad
     cut_global, mean_pos, qa, qb, qc, pos_radius = _load_params(params_ptr)
-    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin, CUTDOWN)
+    beta, gamma, row_cut = _row_terms(tl.load(pos_ptr + rows_in), neg_tau2, margin)
     w = _weights(s, excluded, beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc,
                  pos_radius, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN, FAST)
     hardest_col = tl.argmax(tl.where(excluded, float("-inf"), s), axis=1, tie_break_left=True)
