@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from fne_dist.config import differing_keys
 from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
+from fne_dist.model import LOCAL_PATH_KEYS
 from fne_dist.momentum import load_partition_state, partition_state
 
 LATEST = "latest"
@@ -332,9 +333,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def architecture_diffs(saved: dict, current: dict) -> list[str]:
+    """What differs between two model architectures, leaving out where each machine found its trunk files."""
     saved, current = _flatten(saved), _flatten(current)
     return [f"model architecture {k}: {saved.get(k)!r} -> {current.get(k)!r}"
-            for k in sorted(saved.keys() | current.keys()) if saved.get(k) != current.get(k)]
+            for k in sorted((saved.keys() | current.keys()) - set(LOCAL_PATH_KEYS)) if saved.get(k) != current.get(k)]
 
 
 def check_architecture(state: dict, architecture: dict, tag_dir: Path) -> None:

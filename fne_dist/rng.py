@@ -18,7 +18,7 @@ about 1e-7 in each probability).  Rows and block columns must stay below 2^32.
 On tensors the hash runs in int64: multiplications wrap modulo 2^64 (two's complement, as torch's CPU and CUDA
 integer kernels do; a test checks the bits against the Python-int reference) and right shifts are made logical by
 masking.  It runs once per (row, block), not per candidate, so its cost is small.  The Triton kernel computes the
-same bits in uint64 (`fne_kernels.fne_sampler._block_bits`; a test checks them against `block_bits`).
+same bits in uint64 (`fne_kernels.fne_sampler._counter_bits`; a test checks them against `block_bits`).
 """
 from __future__ import annotations
 

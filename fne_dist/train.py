@@ -76,8 +76,9 @@ class BadStepsError(RuntimeError):
 
 
 def deepspeed_config(cfg: Config, total_optimizer_steps: int) -> dict:
-    """The deepspeed section with what the run decides: the micro batch, and the cosine schedule's length."""
-    ds = copy.deepcopy(cfg.deepspeed)
+    """The deepspeed section with what the run decides: the micro batch, and the cosine schedule's length.  A
+    section set to null (`deepspeed.scheduler=null`: a constant learning rate) is left out, as DeepSpeed expects."""
+    ds = {key: value for key, value in copy.deepcopy(cfg.deepspeed).items() if value is not None}
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds.setdefault("gradient_accumulation_steps", 1)
     ds.setdefault("steps_per_print", 2**31 - 1)  # the trainer logs; DeepSpeed's own step prints are noise

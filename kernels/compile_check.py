@@ -6,7 +6,9 @@ Triton compiles ahead of time with its bundled ptxas, no driver needed.  This ca
 cannot (type rules of the compiled path, e.g. the uint64 hash, and code generation failures) and prints per
 variant of the main loop (`_fne_blocks_kernel`) and the pick kernel the registers per thread, the stack bytes, the
 register spill stores, shared memory, whether the dot runs on wgmma and whether TMA (cp.async.bulk.tensor) appears,
-at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen.  `--keys` compiles the mixed case too
+at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen; and the static size of the main loop
+(`_loop_profile`: instructions per candidate tile outside the K loop, per K step, MUFU per tile), which the
+epilogue's cost follows where the dot does not overlap it.  `--keys` compiles the mixed case too
 (keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
 features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
 """
@@ -65,7 +67,26 @@ def _resources(kernel) -> dict:
     return {"regs": int(usage["REG"]), "stack": int(usage["STACK"]), "spills": len(re.findall(r"\bSTL\b", sass)),
             "local": int(usage["LOCAL"]), "shared": kernel.metadata.shared,
             "mma": "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma"),
-            "tma": "yes" if "cp.async.bulk.tensor" in ptx else "no"}
+            "tma": "yes" if "cp.async.bulk.tensor" in ptx else "no", **_loop_profile(sass)}
+
+
+def _loop_profile(sass: str) -> dict:
+    """Static instruction counts of the outermost loop (in the main loop's kernel: over candidate tiles):
+    `tile_ops`, its instructions outside the inner (K) loops, i.e. the epilogue and tile set-up that run once per
+    tile; `k_ops`, the inner loops' instructions per pass; `mufu`, the MUFU (exp2, rcp, log) instructions of
+    `tile_ops`.  Divided by the candidates each thread holds they give the issue cost per candidate."""
+    code = [(int(at, 16), text) for at, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = sorted(((int(target, 16), at) for at, text in code
+                    for target in re.findall(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text) if int(target, 16) < at),
+                   key=lambda span: span[0] - span[1])
+    if not loops:
+        return {"tile_ops": 0, "k_ops": 0, "mufu": 0}
+    start, end = loops[0]
+    inner = [(a, b) for a, b in loops[1:] if start <= a and b <= end]
+    in_inner = lambda at: any(a <= at <= b for a, b in inner)  # noqa: E731
+    body = [text for at, text in code if start <= at <= end and not in_inner(at)]
+    return {"tile_ops": len(body), "k_ops": sum(1 for at, _ in code if in_inner(at)),
+            "mufu": sum(1 for text in body if re.search(r"\bMUFU\.", text))}
 
 
 def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS,

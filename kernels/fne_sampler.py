@@ -35,10 +35,12 @@ posterior matters, so that its rounding stays that of the density form), and the
     the negative density underflows, f = 1 and the posterior branch is taken, as logit2 says);
   - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode;
   - dropped candidates (positives, invalid slots, the cut-down) get exponent -inf, so w = 0.
-Per candidate that is 3 MUFU operations in every mode but hardness (two exp2 and one reciprocal) and about a dozen
-ALU operations, besides the dot product.  Compiled, exp2 and the reciprocal are the bare approximate instructions
-(`ex2.approx.ftz`, `rcp.approx.ftz`: ~2 ulp, and weights below 2^-126 flush to 0 where torch keeps denormals down to
-2^-149; only a hardness exponent tau (s - p)^2 > 87 reaches them); the interpreter uses tl.exp2 and a division.
+Per candidate that is 3 MUFU operations in every mode but hardness (two exp2 and one reciprocal) besides the dot
+product; the official rule works on -logit2 (negated coefficients) and folds its tempering -tau log2(e) into the
+division, so neither costs an instruction per candidate (`compile_check` counts the main loop's SASS per tile).
+Compiled, exp2 and the division are the bare approximate instructions (`ex2.approx.ftz`, `div.approx.ftz`: ~2 ulp,
+and weights below 2^-126 flush to 0 where torch keeps denormals down to 2^-149; only a hardness exponent
+tau (s - p)^2 > 87 reaches them); the interpreter uses tl.exp2 and c * (1 / x).
 Same inputs and stream as the torch path give the same indices except where float rounding (another summation
 order, another exp/log) moves a weight across a threshold or two race keys within an ulp; the tests check
 identical indices at small shapes in the interpreter.
@@ -149,13 +151,13 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _rcp(x, FAST: tl.constexpr):
-    """1 / x; compiled: libdevice's fast division (div.approx: MUFU.RCP and a multiply, ~2 ulp; the weights are
-    sampling odds, not outputs)."""
+def _div(c, x, FAST: tl.constexpr):
+    """c / x; compiled: libdevice's fast division (div.approx.ftz: one MUFU.RCP and a multiply, ~2 ulp; the weights
+    are sampling odds, not outputs); interpreted: c * (1 / x), the rounding the torch statement has."""
     if FAST:
-        return libdevice.fast_dividef(1.0, x)
+        return libdevice.fast_dividef(c, x)
     else:
-        return 1.0 / x
+        return c * (1.0 / x)
 
 
 @triton.jit
@@ -180,15 +182,17 @@ def _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc
         w = _exp2(tl.where(drop, float("-inf"), hard), FAST)
     else:
         dp = s - mean_pos
-        logit2 = tl.fma(tl.fma(dp, qa, qb), dp, qc)
-        if MODE == 0:
-            f = _rcp(1.0 + _exp2(-logit2, FAST), FAST)
-            posterior = (logit2 > official_logit2) & (tl.abs(dp) <= pos_radius)
-            w = _exp2(tl.where(drop, float("-inf"), tl.where(posterior, neg_tau2 * f, hard)), FAST)
+        if MODE == 0:  # the official rule needs -logit2 = log2((1 - f) / f): negated coefficients, no negation per candidate
+            neg_logit2 = tl.fma(tl.fma(dp, -qa, -qb), dp, -qc)
+            posterior = (neg_logit2 < -official_logit2) & (tl.abs(dp) <= pos_radius)
+            tempered = _div(neg_tau2, 1.0 + _exp2(neg_logit2, FAST), FAST)  # -tau log2(e) f
+            w = _exp2(tl.where(drop, float("-inf"), tl.where(posterior, tempered, hard)), FAST)
         elif MODE == 1:
-            w = _exp2(tl.where(drop, float("-inf"), hard), FAST) * _rcp(1.0 + _exp2(logit2, FAST), FAST)
+            logit2 = tl.fma(tl.fma(dp, qa, qb), dp, qc)
+            w = _div(_exp2(tl.where(drop, float("-inf"), hard), FAST), 1.0 + _exp2(logit2, FAST), FAST)
         else:
-            keep = _rcp(1.0 + _exp2(logit2, FAST), FAST) > keep_min
+            logit2 = tl.fma(tl.fma(dp, qa, qb), dp, qc)
+            keep = _div(1.0, 1.0 + _exp2(logit2, FAST), FAST) > keep_min
             w = _exp2(tl.where(drop | ~keep, float("-inf"), hard), FAST)
     return w
 

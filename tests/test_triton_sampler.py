@@ -249,6 +249,11 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "8 kernels compiled for sm_90" in out.stdout, out.stdout  # 4 variants x (main loop, pick)
     assert "wgmma" in out.stdout  # bf16 on Hopper's tensor cores
+    header = out.stdout.splitlines()[0].split()
+    for row in (dict(zip(header, line.split())) for line in out.stdout.splitlines() if line.startswith("   blocks")):
+        per_thread = 128 * 128 // 256  # candidates per thread and tile at 128x128, 8 warps
+        assert 3 * per_thread <= int(row["mufu"]) < 4 * per_thread, row  # two exp2 and one reciprocal per candidate
+        assert int(row["tile_ops"]) > int(row["mufu"]) and int(row["k_ops"]) > 0, row
     capped = subprocess.run([sys.executable, "-m", "fne_kernels.compile_check", "--dtype", "bf16", "--mode", "bayes",
                              "--cutdown", "off", "--blocks", "64,128,64,4,3,168"],
                             env=env, capture_output=True, text=True, timeout=300)
