@@ -9,18 +9,16 @@ the median step time of the slowest rank.  Prints a table and writes a CSV.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fne_dist.bench import rank_file, spawn_ranks
+from fne_dist.bench import append_csv, rank_file, spawn_ranks
 from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
@@ -105,10 +103,4 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases:
         rows.append(measure(case))
         print("  ".join(str(rows[-1][k]) for k in FIELDS), flush=True)
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    append_csv(rows, FIELDS, args.csv)

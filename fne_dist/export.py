@@ -32,12 +32,17 @@ def exported_state_dict(tag_dir: str | Path) -> tuple[dict, dict]:
     """(open_clip state dict in fp32, open_clip model config) of a checkpoint's online towers."""
     from fne_dist.checkpoint import online_state_dict, read_state
 
-    architecture = read_state(tag_dir)["architecture"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in online_state_dict(tag_dir).items()}
+    return exportable(online_state_dict(tag_dir)), read_state(tag_dir)["architecture"]
+
+
+def exportable(state: dict) -> dict:
+    """The towers' state as plain open_clip loads it: fp32, and the trainer's 1-element logit scale (and bias) in
+    open_clip's 0-dim shape."""
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     for key in ("logit_scale", "logit_bias"):
         if key in state:
             state[key] = state[key].reshape(())
-    return state, architecture
+    return state
 
 
 def _atomic_save(obj, path: Path, as_json: bool = False) -> None:

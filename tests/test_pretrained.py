@@ -93,6 +93,27 @@ def test_frozen_towers_are_fixed_functions_and_match_cached_features():
     assert len(list(momentum.parameters())) == len(list(model.parameters()))
 
 
+def test_frozen_towers_export_to_plain_open_clip(tmp_path):
+    """What fne-export writes for frozen pretrained towers (timm's FrozenBatchNorm2d in the trunk, the 1-element
+    logit scale) loads strictly into the CustomTextCLIP open_clip builds from the model config, with the same
+    embeddings up to fp32 rounding (FrozenBatchNorm2d folds its scale before multiplying, BatchNorm2d in eval does
+    not): BatchNorm takes the state without num_batches_tracked."""
+    import open_clip
+
+    from fne_dist.export import exportable
+    from fne_dist.model import tower_architecture
+
+    torch.manual_seed(0)
+    section = tower_config("model.image_tower.freeze=true", "model.text_tower.freeze=true")
+    model = build_towers(section).model.eval()
+    plain = open_clip.CustomTextCLIP(**tower_architecture(section)).eval()
+    plain.load_state_dict(exportable(model.state_dict()), strict=True)
+    images, tokens = torch.randn(2, 3, 224, 224), torch.tensor([[101, 1037, 4937, 102, 0], [101, 4937, 102, 0, 0]])
+    with torch.no_grad():
+        for ours, theirs in zip(model(images, tokens)[:3], plain(images, tokens)[:3]):
+            torch.testing.assert_close(theirs, ours.reshape(theirs.shape), rtol=1e-5, atol=1e-6)
+
+
 def test_wrong_weights_are_refused_with_the_reason(tmp_path):
     model = build_towers(tower_config()).model
     state = dict(model.text.transformer.state_dict())
