@@ -16,6 +16,9 @@ partitions, with no collective.  It reads the online partitions that the forward
 dtype, which DeepSpeed refreshes from its fp32 master weights after every optimizer step), as ZeRO 0-2 read the
 module's weights; not the optimizer's fp32 master partitions, whose flat layout (sub-groups, CPU/NVMe offload) is
 DeepSpeed's internal business.  Checkpoints hold every rank's partitions (`partition_state`), for the same world size.
+
+Frozen pretrained trunks (`TrunkTap`): the momentum trunks compute what the online ones do, so the momentum keys
+are the momentum heads applied to the online forward's pooled trunk outputs: one trunk pass per step, not two.
 """
 from __future__ import annotations
 
@@ -25,6 +28,35 @@ import torch
 from torch import nn
 
 PERSISTENCE_THRESHOLD = 0  # no momentum parameter stays gathered between forwards (the EMA updates partitions)
+
+
+class TrunkTap:
+    """Keys from the online forward's trunk outputs, where both pretrained trunks are frozen.
+
+    A frozen trunk is a fixed function, and the EMA of a weight towards itself leaves it unchanged (a lerp between
+    equal values is exact), so the momentum trunks hold the online trunks' weights: the momentum keys are the
+    momentum heads on the pooled features the online trunks just computed (kept by forward hooks).  In a bf16 run
+    the features are those of the bf16 online trunk, where the momentum towers would have run their fp32 copy
+    under autocast."""
+
+    def __init__(self, online: nn.Module):
+        self.features: dict[str, torch.Tensor] = {}
+        online.visual.trunk.register_forward_hook(self._keep("image"))
+        online.text.pooler.register_forward_hook(self._keep("text"))
+
+    def _keep(self, tower: str):
+        def hook(module, args, output):
+            self.features[tower] = output.detach()
+        return hook
+
+    def momentum_keys(self, momentum: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image keys, text keys) of the batch the online towers last ran, from the momentum heads (a ZeRO-3
+        engine's module hooks gather them)."""
+        from fne_dist.pretrained import project_image, project_text
+
+        momentum = getattr(momentum, "module", momentum)
+        image, text = self.features.pop("image"), self.features.pop("text")
+        return project_image(momentum, image), project_text(momentum, text)
 
 
 def momentum_copy(model: nn.Module) -> nn.Module:

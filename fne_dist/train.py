@@ -40,7 +40,7 @@ from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_si
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
-from fne_dist.momentum import momentum_copy, momentum_update, shard_momentum
+from fne_dist.momentum import TrunkTap, momentum_copy, momentum_update, shard_momentum
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
@@ -132,6 +132,8 @@ class Trainer:
             self.momentum = shard_momentum(self.momentum, ds["zero_optimization"])
         seed_everything(cfg.train.seed + rt.rank)
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
+        towers = (cfg.model.image_tower, cfg.model.text_tower)
+        self.trunk_tap = TrunkTap(self.engine.module) if all(t is not None and t.freeze for t in towers) else None
         self.eval_set = None
         if cfg.data.val and cfg.train.eval_every:
             self.eval_set = load_eval_set(cfg.data.val, preprocess=self.towers.preprocess_val,
@@ -194,9 +196,13 @@ class Trainer:
         device = self.rt.device
         images = batch.images.to(device, non_blocking=True)
         tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
-        with torch.no_grad(), self._autocast():
-            ik, tk, _ = encode(self.momentum, images, tokens)
+        if self.trunk_tap is None:
+            with torch.no_grad(), self._autocast():
+                ik, tk, _ = encode(self.momentum, images, tokens)
         ia, ta, logit_scale = encode(self.engine, images.to(self.dtype), tokens)
+        if self.trunk_tap is not None:  # frozen trunks: the momentum heads on what the online trunks just computed
+            with torch.no_grad(), self._autocast():
+                ik, tk = self.trunk_tap.momentum_keys(self.momentum)
         return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup,
                                    logit_scale=logit_scale)
 

@@ -212,3 +212,62 @@ def test_ema_runs_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(config)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert "EMA-ONCE-PER-OPTIMIZER-STEP-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+FROZEN_CONFIG = """
+model: {{name: null, embed_dim: 32, image_tower: {{freeze: true, image_size: 64}}, text_tower: {{freeze: true}}}}
+data: {{train: unused, batch_size: 4}}   # the test brings its batches
+fne: {{queue_size: 64, momentum: 0.5}}
+train: {{epochs: 1, output_dir: {out}}}
+deepspeed:
+  zero_optimization: {{stage: {stage}}}
+  optimizer: {{type: AdamW, params: {{lr: 0.01, torch_adam: true}}}}
+"""
+
+FROZEN = textwrap.dedent("""
+    import sys, torch
+    import fne_dist.train as T
+    from fne_dist.config import load_config
+    from fne_dist.data import Batch
+    from fne_dist.model import encode
+
+    trainer = T.Trainer(load_config(sys.argv[1]), T.init_distributed(), batches_per_epoch=100)
+    assert trainer.trunk_tap is not None
+    momentum = getattr(trainer.momentum, "module", trainer.momentum)
+    calls = {"online": 0, "momentum": 0}
+    for name, model in (("online", trainer.engine.module), ("momentum", momentum)):
+        model.visual.trunk.register_forward_hook(lambda *a, name=name: calls.__setitem__(name, calls[name] + 1))
+    torch.manual_seed(0)
+    for step in range(3):
+        ids = torch.arange(4) + 4 * step
+        batch = Batch(torch.randn(4, 3, 64, 64), trainer.towers.tokenizer([f"a drawing of {i}" for i in ids.tolist()]),
+                      ids, torch.full((4,), -1))
+        calls.update(online=0, momentum=0)
+        out = trainer.forward_loss(batch, step, warmup=False)
+        assert calls == {"online": 1, "momentum": 0}, calls  # one trunk pass per step
+        with torch.no_grad():
+            ik, tk, _ = encode(trainer.momentum, batch.images, batch.tokens)  # what the momentum towers' own pass gives
+        torch.testing.assert_close(out.keys.image, ik, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.keys.text, tk, rtol=0, atol=1e-6)
+        calls.update(online=0, momentum=0)
+        assert trainer.train_step(batch, step, warmup=False)  # the online heads move, the EMA follows
+        assert calls == {"online": 1, "momentum": 0}, calls
+    print("ONE-TRUNK-PASS-OK", flush=True)
+""")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_frozen_trunks_run_once_per_step(tmp_path, stage):
+    """Pretrained towers with both trunks frozen (EfficientNet-Lite0 and MiniLM from the wheels, 64-pixel images):
+    `Trainer.forward_loss` runs the trunks once, in the online towers, and the momentum keys it forms from their
+    pooled outputs equal what the momentum towers' own full forward gives (atol 1e-6 on unit vectors: the same
+    arithmetic), over three training steps whose EMA moves the heads; under ZeRO-1 and under ZeRO-3 (the momentum
+    towers then sharded, their heads gathered by DeepSpeed's module hooks)."""
+    config = tmp_path / "frozen.yaml"
+    config.write_text(FROZEN_CONFIG.format(out=tmp_path / "run", stage=stage))
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(config)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert "ONE-TRUNK-PASS-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
