@@ -204,14 +204,20 @@ def test_ema_runs_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
     the momentum towers move only at the micro-batch after each optimizer step, by exactly one EMA with momentum m
     towards the online weights of that step (a reference computed by hand, fp32 rounding: rtol 1.3e-6, atol 1e-7),
     not by m^2 (an EMA per micro-batch)."""
-    config = tmp_path / "accumulation.yaml"
-    config.write_text(ACCUMULATION_CONFIG.format(tiny=TINY, out=tmp_path / "run"))
-    script = tmp_path / "accumulation.py"
-    script.write_text(ACCUMULATION)
+    config = ACCUMULATION_CONFIG.format(tiny=TINY, out=tmp_path / "run")
+    assert "EMA-ONCE-PER-OPTIMIZER-STEP-OK" in run_trainer_script(tmp_path, ACCUMULATION, config)
+
+
+def run_trainer_script(tmp_path, script: str, config: str) -> str:
+    """Run `script` with `config` (YAML text) in a fresh one-rank process; its stdout, or a failure with both
+    streams."""
+    (tmp_path / "config.yaml").write_text(config)
+    (tmp_path / "script.py").write_text(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script), str(config)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert "EMA-ONCE-PER-OPTIMIZER-STEP-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(tmp_path / "script.py"), str(tmp_path / "config.yaml")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 FROZEN_CONFIG = """
@@ -263,11 +269,5 @@ def test_frozen_trunks_run_once_per_step(tmp_path, stage):
     pooled outputs equal what the momentum towers' own full forward gives (atol 1e-6 on unit vectors: the same
     arithmetic), over three training steps whose EMA moves the heads; under ZeRO-1 and under ZeRO-3 (the momentum
     towers then sharded, their heads gathered by DeepSpeed's module hooks)."""
-    config = tmp_path / "frozen.yaml"
-    config.write_text(FROZEN_CONFIG.format(out=tmp_path / "run", stage=stage))
-    script = tmp_path / "frozen.py"
-    script.write_text(FROZEN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script), str(config)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert "ONE-TRUNK-PASS-OK" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    config = FROZEN_CONFIG.format(out=tmp_path / "run", stage=stage)
+    assert "ONE-TRUNK-PASS-OK" in run_trainer_script(tmp_path, FROZEN, config)
