@@ -10,7 +10,12 @@
 # writes the fastest into the copy's GPU_CONFIGS (bf16 / fp16), so the tests and benchmarks below run with it; the
 # log's "sweep:" line names it, to be committed to kernels/fne_sampler.py.  GPU_CHECK_SWEEP=0 skips the sweep.
 #
+# GPU_CHECK_BASELINE=FILE also times FILE, the kernels/fne_sampler.py of another revision, at the scale target in the
+# same run (rows "triton (baseline)"): a change to the kernel measured against what it replaces on the same machine.
+#
 #   bash kernels/gpu_check.sh                                    # on the GPU machine, from the repository root
+#   git show REV:kernels/fne_sampler.py > runs/baseline_sampler.py
+#   GPU_CHECK_BASELINE=runs/baseline_sampler.py bash kernels/gpu_check.sh
 #   GPU_CHECK_TINY=1 OUT=/tmp/gpu_check bash kernels/gpu_check.sh   # dry run on the CPU (interpreter, tiny shapes)
 #
 # Writes into $OUT (default runs/gpu_check): sampler-<device>-<date>-results.csv, -time.png, -ratio.png and -log.txt
@@ -20,9 +25,12 @@ set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
+absolute() { echo "$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"; }  # the stages run from a temporary folder
+[[ $PY == */* ]] && PY=$(absolute "$PY")
 OUT=${OUT:-$ROOT/runs/gpu_check}
 TINY=${GPU_CHECK_TINY:-0}
 SWEEP_ON=${GPU_CHECK_SWEEP:-1}
+BASELINE=${GPU_CHECK_BASELINE:+$(absolute "$GPU_CHECK_BASELINE")}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap]): 8 warps on 128 rows hold one program per SM; 4 warps on
 # 64 rows, or a register cap, let two or three share an SM, so that one's epilogue overlaps another's dot.
 SWEEP=(128,128,64,8,3 128,128,64,8,3,128 64,128,64,4,3 64,128,64,4,3,168 64,128,64,4,3,128 64,128,64,4,4
@@ -31,6 +39,8 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 cp -r "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package; the sweep edits it
 export PYTHONPATH="$WORK:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+cd "$WORK"  # `python -m` puts the working directory first on sys.path: a fne_kernels link in the repository root
+            # (the GPU machine's recipe) would shadow the copies
 export HF_HUB_OFFLINE=1
 
 DEVICE=$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
@@ -105,8 +115,15 @@ EOF
 fi
 
 stage tests 240 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
-  tests/test_triton_sampler.py tests/test_sampler.py tests/test_sampler_bench.py
+  "$ROOT/tests/test_triton_sampler.py" "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_sampler_bench.py"
 bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
+if [ -n "$BASELINE" ]; then  # the same benchmark through a copy of kernels/ whose sampler is the baseline's
+  mkdir -p "$WORK/base"
+  cp -r "$ROOT/kernels" "$WORK/base/fne_kernels"
+  cp "$BASELINE" "$WORK/base/fne_kernels/fne_sampler.py"
+  stage baseline 30 env -C "$WORK/base" PYTHONPATH="$WORK/base:$ROOT" $PY -m fne_kernels.bench_sampler \
+    "${BENCH[@]}" --out "$WORK/baseline" "${BIG[@]}" --impl triton
+fi
 bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
 bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
 bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
@@ -122,6 +139,8 @@ rows = []
 for path in sorted(work.glob("*/results.csv")):
     with open(path) as f:
         for r in csv.DictReader(f):
+            if path.parent.name == "baseline":
+                r["impl"] += " (baseline)"
             r.update({k: int(r[k]) for k in ("b", "n", "d")})
             r.update({k: (None if r[k] in ("", "None") else float(r[k])) for k in ("time_ms", "peak_mib", "x_matmul")})
             rows.append(r)
