@@ -92,14 +92,16 @@ class SkipCounter:
 
     def __init__(self):
         self._count = multiprocessing.Value("q", 0)
+        self.counting = True  # per process: off while a resumed reader passes what the interrupted run counted
 
     def __call__(self, exn: BaseException) -> bool:
         self.skip(repr(exn))
         return True
 
     def skip(self, what: str) -> None:
-        with self._count.get_lock():
-            self._count.value += 1
+        if self.counting:
+            with self._count.get_lock():
+                self._count.value += 1
         log.warning("skipped bad shard data: %s", what)
 
     @property
@@ -245,7 +247,9 @@ class _RankStream(IterableDataset):
         reader = (worker + self.skip_batches) % n_readers
         mine = range(reader, self.num_batches, n_readers)
         skip = len(range(reader, min(self.skip_batches, self.num_batches), n_readers))
+        self.skips.counting = False  # the interrupted run counted the bad members before its checkpoint
         pairs = _past_decodable(enumerate(self._pairs(reader, n_readers)), skip * self.batch_size)
+        self.skips.counting = True
         yield from itertools.islice(self._batches(pairs, reader), len(mine) - skip)
 
     def _tag(self, reader: int) -> str:

@@ -196,6 +196,20 @@ def test_bad_members_are_skipped_and_counted(bad_shards, tokenizer, train_tf, ca
         assert where in caplog.text
 
 
+def test_a_resumed_loader_counts_only_the_bad_members_after_its_checkpoint(bad_shards, tokenizer, train_tf):
+    """A resume passes the batches already trained on by reading them again: the bad members among them were
+    counted before the checkpoint (which keeps the count), so the resumed loader does not count them again.  Read in
+    order (a one-pair shuffle buffer), the count after batch k plus a loader resumed at k counts every skip once."""
+    opts = dict(batch_size=1, epoch_pairs=17, shuffle_buffer=1)
+    whole = loader(bad_shards, tokenizer, train_tf, **opts)
+    counted = [0] + [whole.skipped for _ in whole]  # after each batch
+    assert counted[-1] >= 6
+    for k in (2, 6, 12):
+        resumed = loader(bad_shards, tokenizer, train_tf, skip_batches=k, **opts)
+        assert len(list(resumed)) == 17 - k
+        assert counted[k] + resumed.skipped == counted[-1], (k, counted, resumed.skipped)
+
+
 def test_eval_set_counts_skips_exactly(bad_shards, tokenizer):
     ev = load_eval_set(bad_shards, preprocess=image_transform(SIZE, is_train=False), tokenizer=tokenizer)
     assert sorted(zip(ev.image_ids.tolist(), ev.labels.tolist())) == EXPECTED
