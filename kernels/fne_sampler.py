@@ -182,7 +182,7 @@ def _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc
         w = _exp2(tl.where(drop, float("-inf"), hard), FAST)
     else:
         dp = s - mean_pos
-        if MODE == 0:  # the official rule needs -logit2 = log2((1 - f) / f): negated coefficients, no negation per candidate
+        if MODE == 0:  # -logit2 = log2((1 - f) / f) from negated coefficients: no negation per candidate
             neg_logit2 = tl.fma(tl.fma(dp, -qa, -qb), dp, -qc)
             posterior = (neg_logit2 < -official_logit2) & (tl.abs(dp) <= pos_radius)
             tempered = _div(neg_tau2, 1.0 + _exp2(neg_logit2, FAST), FAST)  # -tau log2(e) f

@@ -133,5 +133,6 @@ def test_the_trunk_folder_of_another_venv_is_not_an_architecture_change():
     assert checkpoint.architecture_diffs({"embed_dim": 64, "text_cfg": text_cfg},
                                          {"embed_dim": 64, "text_cfg": moved}) == []
     longer = {**moved, "context_length": 64}
-    assert checkpoint.architecture_diffs({"embed_dim": 64, "text_cfg": text_cfg}, {"embed_dim": 64, "text_cfg": longer}) \
-        == ["model architecture text_cfg.context_length: 32 -> 64"]
+    diffs = checkpoint.architecture_diffs({"embed_dim": 64, "text_cfg": text_cfg},
+                                          {"embed_dim": 64, "text_cfg": longer})
+    assert diffs == ["model architecture text_cfg.context_length: 32 -> 64"]
