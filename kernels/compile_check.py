@@ -10,7 +10,7 @@ at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen; and the st
 (`_loop_profile`: instructions per candidate tile outside the K loop, per K step, MUFU per tile), which the
 epilogue's cost follows where the dot does not overlap it.  `--keys` compiles the mixed case too
 (keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
-features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
+features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16, N a multiple of the tile.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutd
         types = {"a_ptr": f"*{name}", "k_ptr": f"*{keys}", **POINTERS, **{f: "fp32" for f in FLOATS}}
         variant = {"dtype": name if keys == name else f"{name}+{keys}", "mode": mode, "cutdown": cutdown,
                    "valid": has_valid}
-        constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True,
+        constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True, EVEN_N=True,
                          INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
         kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, config.num_warps, config.num_stages,

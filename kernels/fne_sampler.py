@@ -12,7 +12,8 @@ kernels, without writing any [B, N] array:
    The race over blocks (one hash, log and division per (row, block), not per candidate) keeps per row the
    smallest key -log(u) / W_b and its block; the fallback keeps only its best score and block (no running argmax).
    Full tiles load without masks: rows and columns past the end are clamped to the last one and dropped from
-   the result, so only the feature width needs a mask when it is not a multiple of BLOCK_K.
+   the result, so only the feature width needs a mask when it is not a multiple of BLOCK_K; where N is a
+   multiple of BLOCK_N (EVEN_N, the usual power-of-two buffer) the columns need neither clamp nor test.
 2. `_fne_pick_kernel`, a few rows per program: merges the splits in column order (strict comparisons: ties go to
    the lowest block, as one sequential pass), then recomputes the SAMPLE_BLOCK similarities of the one block the
    row needs -- its race winner, or where its weight sum is 0 its fallback block -- and draws inside it by inverse
@@ -204,7 +205,7 @@ def _fne_blocks_kernel(
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, tiles_per_split,
     key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
     MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per row of the anchor block, over one split of candidate tiles: the best block race key and its block, the
     best fallback score and its block, survivors and weight sum."""
@@ -232,7 +233,10 @@ def _fne_blocks_kernel(
     last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
     for t in range(first, last):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1)
+        if EVEN_N:
+            cols_in = cols
+        else:
+            cols_in = tl.minimum(cols, N - 1)
         a_ptrs = a_base
         k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -247,10 +251,15 @@ def _fne_blocks_kernel(
             a_ptrs += BLOCK_K * stride_ak
             k_ptrs += BLOCK_K * stride_kk
 
-        col_bad = cols >= N
         if HAS_VALID:
-            col_bad = col_bad | (tl.load(valid_ptr + cols_in) == 0)
-        excluded = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
+            col_bad = tl.load(valid_ptr + cols_in) == 0
+            if not EVEN_N:
+                col_bad = (cols >= N) | col_bad
+            excluded = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
+        else:
+            excluded = aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]
+            if not EVEN_N:
+                excluded = excluded | (cols >= N)[None, :]
         w = _weights(s, excluded, beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc,
                      pos_radius, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN, FAST)
         score = tl.where(excluded, float("-inf"), s)
@@ -481,7 +490,7 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     flags = dict(MODE=MODE_CODES[cfg.mode], CUTDOWN=CUTDOWN_CODES[cfg.cutdown], HAS_VALID=valid is not None,
                  FAST=compiled)
     _fne_blocks_kernel[(m_blocks, splits)](
-        *inputs, *part, *shape, tiles_per_split, *rule, **flags, EVEN_K=d % block_k == 0,
+        *inputs, *part, *shape, tiles_per_split, *rule, **flags, EVEN_K=d % block_k == 0, EVEN_N=n % block_n == 0,
         INPUT_PRECISION="ieee" if anchors.dtype == torch.float32 else "tf32",  # only read for fp32 operands
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
         **({"maxnreg": blocks.maxnreg} if blocks.maxnreg else {}),

@@ -89,6 +89,16 @@ def test_same_indices_as_torch_streaming(dtype, mode, cutdown):
     assert torch.equal(tri.fallback.nonzero().flatten().cpu(), torch.arange(3 if cutdown == "anchor" else 0))
 
 
+@pytest.mark.parametrize("with_valid", [True, False])
+def test_candidates_in_whole_tiles_agree_with_torch_streaming(with_valid):
+    """N a multiple of the tile (EVEN_N: columns neither clamped nor tested against N), with and without the
+    validity mask."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(n=1024)
+    args = (anchors, keys, pos_sims, anchor_ids, key_ids, valid if with_valid else None)
+    for mode in ("official", "bayes"):
+        assert_same(*both(args, FNEConfig(mode=mode, cutdown="global"), row_offset=5, tile_size=256))
+
+
 def test_stats_not_ready_bayes_uses_the_hardness_weight_without_global_cut():
     cfg = FNEConfig(mode="bayes", cutdown="global")
     tri, ref = both(problem(), cfg, stats=NOT_READY)
