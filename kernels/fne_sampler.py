@@ -205,7 +205,8 @@ def _fne_blocks_kernel(
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, tiles_per_split,
     key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
     MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
-    EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Per row of the anchor block, over one split of candidate tiles: the best block race key and its block, the
     best fallback score and its block, survivors and weight sum."""
