@@ -128,6 +128,20 @@ bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
 bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
 bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
 bench small 25 "${SMALL[@]}" --impl matmul triton torch dense
+# Where the main loop's time goes (pipe use, stall reasons), if Nsight Compute is on the machine: one launch of
+# _fne_blocks_kernel at the scale target, the sections' text in the log.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
+if [ "$TINY" = 1 ]; then
+  :
+elif [ -n "$NCU" ]; then
+  stage profile 120 "$NCU" --kernel-name regex:_fne_blocks_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+    --section Occupancy $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/profile-run" "${BIG[@]}" \
+    --impl triton --repeats 1 --warmup 2
+  rm -rf "$WORK/profile-run"  # its timing ran under the profiler: not a result
+else
+  echo "profile: no ncu on this machine, skipped" | tee -a "$LOG"
+fi
 
 $PY - "$WORK" "$OUT" "$PREFIX" <<'EOF' 2>&1 | tee -a "$LOG"
 """Gather every stage's results.csv into one CSV and two plots, and print the table."""
