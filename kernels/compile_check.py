@@ -10,7 +10,7 @@ at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen; and the st
 (`_loop_profile`: instructions per candidate tile outside the K loop, per K step, MUFU per tile), which the
 epilogue's cost follows where the dot does not overlap it.  `--keys` compiles the mixed case too
 (keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
-features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16, N a multiple of the tile.
+features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def _loop_profile(sass: str) -> dict:
 
 def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutdowns=CUTDOWNS,
           key_dtype: str | None = None, blocks=None) -> list[dict]:
-    """Compile the chosen (dtype, mode, cut-down, validity mask) variants of both kernels at the block sizes
+    """Compile the chosen (dtype, mode, cut-down, validity mask) variants of both kernels (the main loop for whole
+    and partial last tiles) at the block sizes
     `triton_sample` uses for `b` anchors (or at `blocks`, a `fne_sampler.Blocks`); one row of resource use per
     kernel.  `key_dtype`: keys of that dtype (cast on load) instead of the anchors' dtype."""
     from fne_kernels import fne_sampler as fs
@@ -105,16 +106,19 @@ def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutd
         types = {"a_ptr": f"*{name}", "k_ptr": f"*{keys}", **POINTERS, **{f: "fp32" for f in FLOATS}}
         variant = {"dtype": name if keys == name else f"{name}+{keys}", "mode": mode, "cutdown": cutdown,
                    "valid": has_valid}
-        constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True, EVEN_N=True,
-                         INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
-        kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, config.num_warps, config.num_stages,
-                          config.maxnreg)
-        rows.append({"kernel": "blocks", **variant, "blocks": str(config), **_resources(kernel)})
+        for even_n in (True, False):  # N a multiple of the tile (no column tests), or not
+            constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True, EVEN_N=even_n,
+                             INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+            kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, config.num_warps, config.num_stages,
+                              config.maxnreg)
+            rows.append({"kernel": "blocks", **variant, "tiles": "whole" if even_n else "partial",
+                         "blocks": str(config), **_resources(kernel)})
         pick_r, pick_k = fs.PICK_BLOCKS
         kernel = _compile(fs._fne_pick_kernel, types, dict(stride_ak=1, stride_kk=1, **rule, BLOCK_R=pick_r,
                                                              BLOCK_K=pick_k), arch, 4, 1)
-        rows.append({"kernel": "pick", **variant, "blocks": f"{pick_r}x{fs.SAMPLE_BLOCK}x{pick_k}/w4", **_resources(kernel)})
+        rows.append({"kernel": "pick", **variant, "tiles": "-", "blocks": f"{pick_r}x{fs.SAMPLE_BLOCK}x{pick_k}/w4",
+                     **_resources(kernel)})
     return rows
 
 
