@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from fne_dist.config import differing_keys
 from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
-from fne_dist.model import LOCAL_PATH_KEYS
 from fne_dist.momentum import load_partition_state, partition_state
 
 LATEST = "latest"
@@ -330,6 +329,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     for k, v in d.items():
         out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
     return out
+
+
+# Keys of `model.tower_architecture` that say where this machine keeps the text trunk (a folder in this venv's
+# site-packages for the shipped MiniLM), not what the model is: a resume compares the config's
+# model.text_tower.weights instead, so a run resumes or evaluates from another clone or venv.  (Here rather than in
+# fne_dist.model, so that importing the checkpoint code does not import open_clip.)
+LOCAL_PATH_KEYS = ("text_cfg.hf_model_name", "text_cfg.hf_tokenizer_name")
 
 
 def architecture_diffs(saved: dict, current: dict) -> list[str]:

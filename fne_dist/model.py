@@ -66,12 +66,6 @@ def architecture(cfg: ModelSection) -> dict:
     return json.loads(json.dumps(arch))
 
 
-# Keys of `tower_architecture` that say where this machine keeps the text trunk (a folder in this venv's
-# site-packages for the shipped MiniLM), not what the model is: a checkpoint compares the config's
-# model.text_tower.weights instead, so a run resumes or evaluates from another clone or venv.
-LOCAL_PATH_KEYS = ("text_cfg.hf_model_name", "text_cfg.hf_tokenizer_name")
-
-
 def tower_architecture(cfg: ModelSection) -> dict:
     """open_clip's config of a CustomTextCLIP from pretrained towers: timm trunk + linear head, Hugging Face trunk
     (the local folder) + mean pooling + linear head.  The weights are loaded by `build_pretrained_towers`."""
