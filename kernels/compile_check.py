@@ -8,7 +8,8 @@ variant of the main loop (`_fne_blocks_kernel`) and the pick kernel the register
 register spill stores, shared memory, whether the dot runs on wgmma and whether TMA (cp.async.bulk.tensor) appears,
 at the shipped block sizes: how `fne_sampler.GPU_CONFIGS` was chosen; and the static size of the main loop
 (`_loop_profile`: instructions per candidate tile outside the K loop, per K step, MUFU per tile), which the
-epilogue's cost follows where the dot does not overlap it.  `--keys` compiles the mixed case too
+epilogue's cost follows where the dot does not overlap it, and the column pieces the epilogue walks a tile in
+(`fne_sampler.Blocks.halvings`).  `--keys` compiles the mixed case too
 (keys of another dtype, cast tile by tile on load).  Launch-time specialisation is approximated: contiguous
 features (unit inner strides), 16-byte aligned pointers, sizes divisible by 16.
 """
@@ -109,16 +110,17 @@ def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutd
         for even_n in (True, False):  # N a multiple of the tile (no column tests), or not
             constants = dict(stride_ak=1, stride_kk=1, **rule, EVEN_K=True, EVEN_N=even_n,
                              INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k)
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                             HALVINGS=config.halvings)
             kernel = _compile(fs._fne_blocks_kernel, types, constants, arch, config.num_warps, config.num_stages,
                               config.maxnreg)
             rows.append({"kernel": "blocks", **variant, "tiles": "whole" if even_n else "partial",
-                         "blocks": str(config), **_resources(kernel)})
+                         "blocks": str(config), **_resources(kernel), "pieces": 2 ** config.halvings})
         pick_r, pick_k = fs.PICK_BLOCKS
         kernel = _compile(fs._fne_pick_kernel, types, dict(stride_ak=1, stride_kk=1, **rule, BLOCK_R=pick_r,
                                                              BLOCK_K=pick_k), arch, 4, 1)
         rows.append({"kernel": "pick", **variant, "tiles": "-", "blocks": f"{pick_r}x{fs.SAMPLE_BLOCK}x{pick_k}/w4",
-                     **_resources(kernel)})
+                     **_resources(kernel), "pieces": "-"})
     return rows
 
 

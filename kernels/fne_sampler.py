@@ -92,6 +92,17 @@ class Blocks(NamedTuple):
                              "e.g. 128,128,64,8,3")
         return cls(*map(int, parts))
 
+    @property
+    def halvings(self) -> int:
+        """How often the epilogue halves a tile's columns (`_column_pieces`): never where a thread holds at most
+        EPILOGUE_WHOLE similarities of the tile, else until a piece holds EPILOGUE_PIECE (or 16 columns)."""
+        per_thread = self.block_m * self.block_n // (32 * self.num_warps)
+        halvings = 0
+        while (per_thread > EPILOGUE_WHOLE and per_thread >> halvings > EPILOGUE_PIECE
+               and self.block_n >> halvings > 16):
+            halvings += 1
+        return halvings
+
     def __str__(self) -> str:
         cap = f"/r{self.maxnreg}" if self.maxnreg else ""
         return f"{self.block_m}x{self.block_n}x{self.block_k}/w{self.num_warps}/s{self.num_stages}{cap}"
@@ -101,6 +112,11 @@ class Blocks(NamedTuple):
 # docs/benchmarks/README.md); fp32: the largest tiles that compile without register spills
 # (python -m fne_kernels.compile_check).
 GPU_CONFIGS = {2: Blocks(128, 128, 64, 8, 3), 4: Blocks(64, 128, 32, 8, 2)}
+# Similarities per thread that the epilogue takes at once (python -m fne_kernels.compile_check, sm_90): a tile of up
+# to 64 whole (128x128 on 8 warps: fewest instructions), a larger one in pieces of 16 (fewest spills: 128x128 on 4
+# warps, 128x256 on 8 go from ~200 and ~120 spill stores to ~10).
+EPILOGUE_WHOLE = 64
+EPILOGUE_PIECE = 16
 PICK_BLOCKS = (2, 32)  # (rows, K chunk) per program of the pick kernel on the GPU: [2, 128, 32] products
 PROGRAMS_PER_SM = 16  # main-loop programs per SM: many short ones, so that the last wave idles little of the GPU
 INTERPRETER_PROGRAMS = 4
@@ -198,6 +214,70 @@ def _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc
     return w
 
 
+@triton.jit
+def _column_pieces(x, HALVINGS: tl.constexpr):
+    """x [rows, cols] -> a tuple of its 2^HALVINGS column pieces in order, each thread keeping its own elements (the
+    pieces are views of the registers, no data moves)."""
+    pieces = (x,)
+    for _ in tl.static_range(HALVINGS):
+        halved = ()
+        for i in tl.static_range(len(pieces)):
+            piece = pieces[i]
+            pairs = tl.permute(tl.reshape(piece, [piece.shape[0], 2, piece.shape[1] // 2]), (0, 2, 1))
+            first, second = tl.split(pairs)
+            halved = halved + (first, second)
+        pieces = halved
+    return pieces
+
+
+@triton.jit
+def _piece_sums(s, cols, cols_in, ids, rule, BLOCKS: tl.constexpr, MODE: tl.constexpr, CUTDOWN: tl.constexpr,
+                HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr):
+    """The similarities s [rows, W] of the columns `cols` [1, W] (cols_in: clamped to N), cut into BLOCKS equal
+    column groups -> per row and group [rows, BLOCKS]: the weight sum, the survivor count and the best fallback
+    score."""
+    aid, global_rows, col_offset, k1, k2, kid_ptr, valid_ptr, N = ids
+    beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2, official_logit2, keep_min = rule
+    if HAS_VALID:
+        col_bad = tl.load(valid_ptr + cols_in) == 0
+        if not EVEN_N:
+            col_bad = (cols >= N) | col_bad
+        excluded = (aid[:, None] == tl.load(kid_ptr + cols_in)) | col_bad
+    else:
+        excluded = aid[:, None] == tl.load(kid_ptr + cols_in)
+        if not EVEN_N:
+            excluded = excluded | (cols >= N)
+    w = _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2,
+                 official_logit2, keep_min, MODE, CUTDOWN, FAST)
+    score = tl.where(excluded, float("-inf"), s)
+    shape: tl.constexpr = [s.shape[0], BLOCKS, s.shape[1] // BLOCKS]
+    return (tl.sum(tl.reshape(w, shape), axis=2), tl.sum(tl.reshape((w > 0).to(tl.int32), shape), axis=2),
+            tl.max(tl.reshape(score, shape), axis=2))
+
+
+@triton.jit
+def _race(state, sums, block0, ids):
+    """Fold per-row sums [rows, NB] of the sampling blocks block0 .. block0 + NB into the per-row state: survivors,
+    weight sum, the race over the blocks (one uniform each) and the best fallback block."""
+    best_key, best_block, hardest, hardest_block, survivors, weight_sum = state
+    block_w, block_n, block_s = sums
+    aid, global_rows, col_offset, k1, k2, kid_ptr, valid_ptr, N = ids
+    survivors += tl.sum(block_n, axis=1)
+    weight_sum += tl.sum(block_w, axis=1)
+    blocks = block0 + tl.arange(0, block_w.shape[1])
+    bits = _counter_bits(global_rows[:, None], col_offset.to(tl.int64) + blocks[None, :].to(tl.int64) * SB, k1, k2)
+    race = tl.where(block_w > 0, -tl.log(_uniform(bits, 41)) / tl.where(block_w > 0, block_w, 1.0), float("inf"))
+    key, arg = tl.min(race, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    take = key < best_key
+    best_key = tl.where(take, key, best_key)
+    best_block = tl.where(take, block0 + arg, best_block)
+    top, arg = tl.max(block_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    take = top > hardest
+    hardest = tl.where(take, top, hardest)
+    hardest_block = tl.where(take, block0 + arg, hardest_block)
+    return best_key, best_block, hardest, hardest_block, survivors, weight_sum
+
+
 @triton.jit(do_not_specialize=["key1_lo", "key1_hi", "key2_lo", "key2_hi", "row_offset", "col_offset"])
 def _fne_blocks_kernel(
     a_ptr, k_ptr, pos_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr,
@@ -206,11 +286,15 @@ def _fne_blocks_kernel(
     key1_lo, key1_hi, key2_lo, key2_hi, row_offset, col_offset, margin, neg_tau2, official_logit2, keep_min,
     MODE: tl.constexpr, CUTDOWN: tl.constexpr, HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALVINGS: tl.constexpr,
 ):
     """Per row of the anchor block, over one split of candidate tiles: the best block race key and its block, the
-    best fallback score and its block, survivors and weight sum."""
+    best fallback score and its block, survivors and weight sum.  The epilogue walks each tile in 2^HALVINGS column
+    pieces, so that the registers its temporaries need do not grow with the tile."""
     NB: tl.constexpr = BLOCK_N // SB
+    PIECE: tl.constexpr = BLOCK_N >> HALVINGS
+    PIECE_BLOCKS: tl.constexpr = max(1, PIECE // SB)  # sampling blocks per piece, and pieces per block
+    BLOCK_PIECES: tl.constexpr = max(1, SB // PIECE)
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,20 +308,18 @@ def _fne_blocks_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
 
-    best_key = tl.full([BLOCK_M], float("inf"), tl.float32)
-    best_block = tl.zeros([BLOCK_M], tl.int32)
-    hardest = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    hardest_block = tl.zeros([BLOCK_M], tl.int32)
-    survivors = tl.zeros([BLOCK_M], tl.int32)
-    weight_sum = tl.zeros([BLOCK_M], tl.float32)
+    rule = (beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2,
+            official_logit2, keep_min)
+    ids = (aid, global_rows, col_offset, k1, k2, kid_ptr, valid_ptr, N)
+    # per row: best race key and its block, best fallback score and its block, survivors, weight sum
+    state = (tl.full([BLOCK_M], float("inf"), tl.float32), tl.zeros([BLOCK_M], tl.int32),
+             tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.int32),
+             tl.zeros([BLOCK_M], tl.int32), tl.zeros([BLOCK_M], tl.float32))
     first = pid_s * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(N, BLOCK_N))
     for t in range(first, last):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        if EVEN_N:
-            cols_in = cols
-        else:
-            cols_in = tl.minimum(cols, N - 1)
+        cols_in = cols if EVEN_N else tl.minimum(cols, N - 1)
         a_ptrs = a_base
         k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -252,36 +334,21 @@ def _fne_blocks_kernel(
             a_ptrs += BLOCK_K * stride_ak
             k_ptrs += BLOCK_K * stride_kk
 
-        if HAS_VALID:
-            col_bad = tl.load(valid_ptr + cols_in) == 0
-            if not EVEN_N:
-                col_bad = (cols >= N) | col_bad
-            excluded = (aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]) | col_bad[None, :]
-        else:
-            excluded = aid[:, None] == tl.load(kid_ptr + cols_in)[None, :]
-            if not EVEN_N:
-                excluded = excluded | (cols >= N)[None, :]
-        w = _weights(s, excluded, beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc,
-                     pos_radius, neg_tau2, official_logit2, keep_min, MODE, CUTDOWN, FAST)
-        score = tl.where(excluded, float("-inf"), s)
-        block_w = tl.sum(tl.reshape(w, [BLOCK_M, NB, SB]), axis=2)
-        block_n = tl.sum(tl.reshape((w > 0).to(tl.int32), [BLOCK_M, NB, SB]), axis=2)
-        block_s = tl.max(tl.reshape(score, [BLOCK_M, NB, SB]), axis=2)
-        survivors += tl.sum(block_n, axis=1)
-        weight_sum += tl.sum(block_w, axis=1)
+        s_pieces = _column_pieces(s, HALVINGS)
+        col_pieces = _column_pieces(cols[None, :], HALVINGS)
+        in_pieces = _column_pieces(cols_in[None, :], HALVINGS)
+        for g in tl.static_range(len(s_pieces) // BLOCK_PIECES):  # groups of pieces that cover whole blocks
+            for q in tl.static_range(BLOCK_PIECES):
+                more = _piece_sums(s_pieces[g * BLOCK_PIECES + q], col_pieces[g * BLOCK_PIECES + q],
+                                   in_pieces[g * BLOCK_PIECES + q], ids, rule, PIECE_BLOCKS, MODE, CUTDOWN, HAS_VALID,
+                                   FAST, EVEN_N)
+                if q == 0:
+                    sums = more
+                else:
+                    sums = (sums[0] + more[0], sums[1] + more[1], tl.maximum(sums[2], more[2]))
+            state = _race(state, sums, t * NB + g * PIECE_BLOCKS, ids)
 
-        blocks = t * NB + tl.arange(0, NB)
-        bits = _counter_bits(global_rows[:, None], col_offset.to(tl.int64) + blocks[None, :].to(tl.int64) * SB, k1, k2)
-        race = tl.where(block_w > 0, -tl.log(_uniform(bits, 41)) / tl.where(block_w > 0, block_w, 1.0), float("inf"))
-        key, arg = tl.min(race, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        take = key < best_key
-        best_key = tl.where(take, key, best_key)
-        best_block = tl.where(take, t * NB + arg, best_block)
-        top, arg = tl.max(block_s, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        take = top > hardest
-        hardest = tl.where(take, top, hardest)
-        hardest_block = tl.where(take, t * NB + arg, hardest_block)
-
+    best_key, best_block, hardest, hardest_block, survivors, weight_sum = state
     out = pid_s * B + rows
     row_ok = rows < B
     tl.store(out_key_ptr + out, best_key, mask=row_ok)
@@ -493,7 +560,8 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
     _fne_blocks_kernel[(m_blocks, splits)](
         *inputs, *part, *shape, tiles_per_split, *rule, **flags, EVEN_K=d % block_k == 0, EVEN_N=n % block_n == 0,
         INPUT_PRECISION="ieee" if anchors.dtype == torch.float32 else "tf32",  # only read for fp32 operands
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HALVINGS=blocks.halvings, num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages,
         **({"maxnreg": blocks.maxnreg} if blocks.maxnreg else {}),
     )
     pick_r, pick_k = PICK_BLOCKS if compiled else (min(64, triton.next_power_of_2(b)), min(64, fit_k(d)))

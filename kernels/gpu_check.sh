@@ -31,10 +31,11 @@ OUT=${OUT:-$ROOT/runs/gpu_check}
 TINY=${GPU_CHECK_TINY:-0}
 SWEEP_ON=${GPU_CHECK_SWEEP:-1}
 BASELINE=${GPU_CHECK_BASELINE:+$(absolute "$GPU_CHECK_BASELINE")}
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap]): 8 warps on 128 rows hold one program per SM; 4 warps on
-# 64 rows, or a register cap, let two or three share an SM, so that one's epilogue overlaps another's dot.
-SWEEP=(128,128,64,8,3 128,128,64,8,3,128 64,128,64,4,3 64,128,64,4,3,168 64,128,64,4,3,128 64,128,64,4,4
-       128,256,64,8,3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap]).  128x128 on 8 warps holds one program per SM; on 4 warps
+# (255 registers: the epilogue walks the tile in pieces) two share an SM, so that one's epilogue can run beside the
+# other's dot without the 64-row tiles' extra L2 traffic; 128x256 loads a quarter fewer bytes per multiply-add.
+# (docs/benchmarks/README.md, "Where the time goes".)  Register caps measured slower on the H100 (2026-11-26).
+SWEEP=(128,128,64,8,3 128,128,64,4,3 128,128,64,4,2 128,256,64,8,3 128,256,64,8,2 64,128,64,4,3)
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 cp -r "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package; the sweep edits it
@@ -128,16 +129,17 @@ bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
 bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
 bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
 bench small 25 "${SMALL[@]}" --impl matmul triton torch dense
-# Where the main loop's time goes (pipe use, stall reasons), if Nsight Compute is on the machine: one launch of
-# _fne_blocks_kernel at the scale target, the sections' text in the log.
+# Where the main loop's time goes (pipe use, stall reasons, L1/L2 throughput), if Nsight Compute is on the machine:
+# one launch of _fne_blocks_kernel at the scale target under the swept config, the sections' text in the log.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)
 if [ "$TINY" = 1 ]; then
   :
 elif [ -n "$NCU" ]; then
   stage profile 120 "$NCU" --kernel-name regex:_fne_blocks_kernel --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-    --section Occupancy $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/profile-run" "${BIG[@]}" \
-    --impl triton --repeats 1 --warmup 2
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section SchedulerStats --section WarpStateStats --section Occupancy \
+    $PY -m fne_kernels.bench_sampler "${BENCH[@]}" --out "$WORK/profile-run" "${BIG[@]}" --impl triton --repeats 1 \
+    --warmup 2
   rm -rf "$WORK/profile-run"  # its timing ran under the profiler: not a result
 else
   echo "profile: no ncu on this machine, skipped" | tee -a "$LOG"

@@ -132,6 +132,22 @@ def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
     assert_same(tri, ref)
 
 
+@pytest.mark.parametrize("whole, piece", [(10**9, 1), (0, 128), (0, 64), (0, 1)])
+def test_epilogue_pieces_do_not_change_the_draw(monkeypatch, whole, piece):
+    """The epilogue walks a 64x512 tile (4 warps: 256 similarities per thread) whole, in pieces of two sampling
+    blocks, of one block, or of 16 columns (an eighth of a block, whose sums are combined before the race)."""
+    monkeypatch.setattr(fs, "EPILOGUE_WHOLE", whole)
+    monkeypatch.setattr(fs, "EPILOGUE_PIECE", piece)
+    assert fs.Blocks(64, 512, 64, 4, 1).halvings == {10**9: 0, 128: 1, 64: 2, 1: 5}[whole if whole else piece]
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
+    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+                           stream=0xDEADBEEF, row_offset=5, valid=valid)
+    tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+                        stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=512, splits=3)
+    assert_same(tri, ref)
+    assert torch.equal(tri.fallback_index, ref.fallback_index)
+
+
 def test_uniforms_follow_the_global_row():
     """Rank r's anchors at row_offset draw what the same anchors draw inside the whole batch."""
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
