@@ -33,9 +33,9 @@ SWEEP_ON=${GPU_CHECK_SWEEP:-1}
 BASELINE=${GPU_CHECK_BASELINE:+$(absolute "$GPU_CHECK_BASELINE")}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, register cap]).  128x128 on 8 warps holds one program per SM; on 4 warps
 # (255 registers: the epilogue walks the tile in pieces) two share an SM, so that one's epilogue can run beside the
-# other's dot without the 64-row tiles' extra L2 traffic; 128x256 loads a quarter fewer bytes per multiply-add.
-# (docs/benchmarks/README.md, "Where the time goes".)  Register caps measured slower on the H100 (2026-11-26).
-SWEEP=(128,128,64,8,3 128,128,64,4,3 128,128,64,4,2 128,256,64,8,3 128,256,64,8,2 64,128,64,4,3)
+# other's dot without the 64-row tiles' extra L2 traffic; 128x256 and 256x128 load a quarter fewer bytes per
+# multiply-add (docs/benchmarks/README.md, "A second bound").  Register caps measured slower on the H100 (2026-11-26).
+SWEEP=(128,128,64,8,3 128,128,64,4,3 128,128,64,4,2 128,256,64,8,3 128,256,64,8,2 256,128,64,8,3 64,128,64,4,3)
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 cp -r "$ROOT/kernels" "$WORK/fne_kernels"  # the import name, without installing the package; the sweep edits it
