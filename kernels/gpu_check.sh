@@ -115,7 +115,7 @@ print(f"sweep: fastest {best} ({ms:.2f} ms); the stages below use GPU_CONFIGS[2]
 EOF
 fi
 
-stage tests 240 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
+stage tests 300 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
   "$ROOT/tests/test_triton_sampler.py" "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_sampler_bench.py"
 bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
 if [ -n "$BASELINE" ]; then  # the same benchmark through a copy of kernels/ whose sampler is the baseline's

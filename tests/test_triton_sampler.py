@@ -234,6 +234,22 @@ def test_gpu_large_shapes_agree_with_torch(dtype, mode, cutdown):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("blocks", ["128,128,64,4,3", "128,256,64,8,3", "256,128,64,8,3"])
+def test_gpu_epilogue_pieces_agree_with_torch(monkeypatch, blocks):
+    """The launch configs whose epilogue walks the tile in pieces (gpu_check.sh sweeps them), compiled, in bf16 at
+    a partial last tile: the same draws as torch up to the bf16 dot's rounding."""
+    config = fs.Blocks.parse(blocks)
+    assert config.halvings > 0
+    monkeypatch.setitem(fs.GPU_CONFIGS, 2, config)
+    args = problem(b=300, n=70001, d=200, dtype=torch.bfloat16, n_ids=5000)
+    tri, ref = both(args, FNEConfig(), row_offset=1000)
+    assert (tri.index == ref.index).float().mean() >= 0.995
+    assert (tri.survivors - ref.survivors).abs().max() <= 3
+    torch.testing.assert_close(tri.weight_sum, ref.weight_sum, rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_gpu_fallback_is_exact_and_small_batches_fill_the_splits():
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=5, n=100003, d=256, dtype=torch.bfloat16)
     pos_sims = torch.full_like(pos_sims, 2.0)
