@@ -231,13 +231,13 @@ def _column_pieces(x, HALVINGS: tl.constexpr):
 
 
 @triton.jit
-def _piece_sums(s, cols, cols_in, ids, rule, BLOCKS: tl.constexpr, MODE: tl.constexpr, CUTDOWN: tl.constexpr,
+def _piece_sums(s, cols, ids, rule, BLOCKS: tl.constexpr, MODE: tl.constexpr, CUTDOWN: tl.constexpr,
                 HAS_VALID: tl.constexpr, FAST: tl.constexpr, EVEN_N: tl.constexpr):
-    """The similarities s [rows, W] of the columns `cols` [1, W] (cols_in: clamped to N), cut into BLOCKS equal
-    column groups -> per row and group [rows, BLOCKS]: the weight sum, the survivor count and the best fallback
-    score."""
+    """The similarities s [rows, W] of the columns `cols` [1, W], cut into BLOCKS equal column groups -> per row and
+    group [rows, BLOCKS]: the weight sum, the survivor count and the best fallback score."""
     aid, global_rows, col_offset, k1, k2, kid_ptr, valid_ptr, N = ids
     beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2, official_logit2, keep_min = rule
+    cols_in = cols if EVEN_N else tl.minimum(cols, N - 1)  # loads without masks; columns past N are dropped below
     if HAS_VALID:
         col_bad = tl.load(valid_ptr + cols_in) == 0
         if not EVEN_N:
@@ -336,12 +336,10 @@ def _fne_blocks_kernel(
 
         s_pieces = _column_pieces(s, HALVINGS)
         col_pieces = _column_pieces(cols[None, :], HALVINGS)
-        in_pieces = _column_pieces(cols_in[None, :], HALVINGS)
         for g in tl.static_range(len(s_pieces) // BLOCK_PIECES):  # groups of pieces that cover whole blocks
             for q in tl.static_range(BLOCK_PIECES):
-                more = _piece_sums(s_pieces[g * BLOCK_PIECES + q], col_pieces[g * BLOCK_PIECES + q],
-                                   in_pieces[g * BLOCK_PIECES + q], ids, rule, PIECE_BLOCKS, MODE, CUTDOWN, HAS_VALID,
-                                   FAST, EVEN_N)
+                more = _piece_sums(s_pieces[g * BLOCK_PIECES + q], col_pieces[g * BLOCK_PIECES + q], ids, rule,
+                                   PIECE_BLOCKS, MODE, CUTDOWN, HAS_VALID, FAST, EVEN_N)
                 if q == 0:
                     sums = more
                 else:
