@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from fne_dist.config import differing_keys
 from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
-from fne_dist.momentum import load_partition_state, partition_state
+from fne_dist.momentum import is_zero3, load_partition_state, partition_state
 
 LATEST = "latest"
 STATE = "fne_state.pt"
@@ -125,11 +125,6 @@ def _momentum_file(r: int) -> str:
     return f"momentum_rank{r:05d}.pt"
 
 
-def _zero3(engine) -> bool:
-    """ZeRO-3 partitions the momentum towers like the online ones: every rank saves and loads its partitions."""
-    return engine.zero_optimization_stage() == 3
-
-
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
          momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None, metrics_bytes: int = 0,
          keep: int = 0) -> Path:
@@ -138,7 +133,7 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
-    zero3 = _zero3(engine)
+    zero3 = is_zero3(engine)  # then every rank saves its momentum partitions
     _check_space(ckpt_dir, tag_dir)
     try:
         if rank() == 0:
@@ -377,7 +372,7 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {tag_dir}")
-    if _zero3(engine):
+    if is_zero3(engine):
         partitions = tag_dir / _momentum_file(rank())
         load_partition_state(momentum, load_file(partitions, weights_only=True), str(partitions))
     else:

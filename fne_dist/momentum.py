@@ -59,6 +59,11 @@ class TrunkTap:
         return project_image(momentum, image), project_text(momentum, text)
 
 
+def is_zero3(engine) -> bool:
+    """The DeepSpeed engine partitions the online towers (ZeRO-3), so the momentum towers are partitioned too."""
+    return engine.zero_optimization_stage() == 3
+
+
 def momentum_copy(model: nn.Module) -> nn.Module:
     """An fp32 copy of the online towers that no optimizer sees (requires_grad False), in eval mode."""
     momentum = copy.deepcopy(model).float().eval()

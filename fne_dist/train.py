@@ -40,7 +40,7 @@ from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_si
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
-from fne_dist.momentum import TrunkTap, momentum_copy, momentum_update, shard_momentum
+from fne_dist.momentum import TrunkTap, is_zero3, momentum_copy, momentum_update, shard_momentum
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.preemption import StopRequest
 
@@ -127,7 +127,7 @@ class Trainer:
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
         self.dtype = compute_dtype(ds)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
-        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.zero3 = is_zero3(self.engine)
         if self.zero3:  # partitioned like the online towers; the forward gathers them module by module
             self.momentum = shard_momentum(self.momentum, ds["zero_optimization"])
         seed_everything(cfg.train.seed + rt.rank)
