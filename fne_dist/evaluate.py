@@ -17,7 +17,7 @@ from fne_dist import checkpoint
 from fne_dist.cli import ArgumentParser
 from fne_dist.cli import run as run_cli
 from fne_dist.config import ConfigError, load_config
-from fne_dist.data import load_eval_set
+from fne_dist.data.loader import load_eval_set
 from fne_dist.distributed import all_gather_cat, rank, world_size
 from fne_dist.model import build_towers
 from fne_dist.protocols import PROTOCOLS, evaluate_protocol, format_table

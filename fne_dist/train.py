@@ -35,7 +35,7 @@ from fne_dist.checkpoint import Progress
 from fne_dist.cli import ArgumentParser
 from fne_dist.cli import run as run_cli
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, to_dict, to_yaml
-from fne_dist.data import load_eval_set, make_train_loader
+from fne_dist.data.loader import load_eval_set, make_train_loader
 from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.digits import build_demo_shards
 from fne_dist.preemption import StopRequest
 
 ROOT = Path(__file__).resolve().parents[1]

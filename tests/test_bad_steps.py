@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.digits import build_demo_shards
 
 SCRIPT = """
 import sys

@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from fne_dist.bench_buffer import main
+from fne_dist.bench.buffer import main
 
 
 def test_buffer_bench_reports_per_rank_memory_of_n_over_world(tmp_path):

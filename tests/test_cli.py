@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from fne_dist import bench, checkpoint
+from fne_dist import checkpoint
+from fne_dist.bench import cli as bench
 from fne_dist import evaluate as fne_eval
 from fne_dist import train as fne_train
 from fne_dist.config import load_config, to_dict

@@ -11,8 +11,8 @@ import torch
 from open_clip.transform import image_transform
 from PIL import Image
 
-from fne_dist.data import Batch, expand_urls, id_from_key, load_eval_set, make_train_loader, shards_for_reader
-from fne_dist.shards import ShardSample, make_manifest, shard_name, write_manifest, write_shard
+from fne_dist.data.loader import Batch, expand_urls, id_from_key, load_eval_set, make_train_loader, shards_for_reader
+from fne_dist.data.shards import ShardSample, make_manifest, shard_name, write_manifest, write_shard
 
 SIZE = 16
 
@@ -188,7 +188,7 @@ EXPECTED = sorted([(i, -1) for i in [*range(8), 103, *range(1000, 1007)]] + [(55
 
 def test_bad_members_are_skipped_and_counted(bad_shards, tokenizer, train_tf, caplog):
     run = loader(bad_shards, tokenizer, train_tf, batch_size=1, epoch_pairs=17, shuffle_buffer=64)
-    with caplog.at_level("WARNING", logger="fne_dist.data"):
+    with caplog.at_level("WARNING", logger="fne_dist.data.loader"):
         pairs = sorted((i, lab) for b in run for i, lab in zip(b.ids.tolist(), b.labels.tolist()))
     assert pairs == EXPECTED
     assert run.skipped >= 6  # the whole input is buffered before the first pair; 0100's image may come last

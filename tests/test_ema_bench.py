@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from fne_dist.bench_ema import main
+from fne_dist.bench.ema import main
 
 
 def test_ema_bench_reports_half_the_momentum_per_rank_at_world_2(tmp_path):

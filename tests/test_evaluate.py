@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fne_dist import evaluate as ev
-from fne_dist.data import EvalSet
+from fne_dist.data.loader import EvalSet
 
 IMAGES = torch.eye(3)
 # caption -> owning image: 0, 0, 1, 2, 2

@@ -12,8 +12,8 @@ import torch
 
 from fne_dist import checkpoint
 from fne_dist.config import load_config
-from fne_dist.data import load_eval_set
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.loader import load_eval_set
+from fne_dist.data.digits import build_demo_shards
 from fne_dist.evaluate import embed
 from fne_dist.export import exported_state_dict, main
 from fne_dist.model import build_towers

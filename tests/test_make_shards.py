@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fne_dist import make_shards as ms
-from fne_dist.demo_data import build_demo_shards
-from fne_dist.shards import count_pairs, read_manifest, stable_id
+from fne_dist.data import make_shards as ms
+from fne_dist.data.digits import build_demo_shards
+from fne_dist.data.shards import count_pairs, read_manifest, stable_id
 
 
 def save_image(path, seed: int, fmt: str):

@@ -165,7 +165,7 @@ ACCUMULATION = textwrap.dedent("""
     import sys, torch
     import fne_dist.train as T
     from fne_dist.config import load_config
-    from fne_dist.data import Batch
+    from fne_dist.data.loader import Batch
 
     K = 2  # micro-batches per optimizer step
     trainer = T.Trainer(load_config(sys.argv[1], sys.argv[2:]), T.init_distributed(), batches_per_epoch=100)
@@ -234,7 +234,7 @@ FROZEN = textwrap.dedent("""
     import sys, torch
     import fne_dist.train as T
     from fne_dist.config import load_config
-    from fne_dist.data import Batch
+    from fne_dist.data.loader import Batch
     from fne_dist.model import encode
 
     trainer = T.Trainer(load_config(sys.argv[1]), T.init_distributed(), batches_per_epoch=100)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fne_dist import make_shards as ms
-from fne_dist import recipes
-from fne_dist.shards import read_manifest, stable_id
+from fne_dist.data import make_shards as ms
+from fne_dist.data import recipes
+from fne_dist.data.shards import read_manifest, stable_id
 
 DATA = Path(__file__).resolve().parent / "data" / "openclipart"
 

@@ -20,8 +20,8 @@ from slurm_fixtures import ROOT, demo_overrides, read_metrics
 from test_data import loader, same, tokenizer, train_tf, write_set  # noqa: F401 (fixtures)
 
 from fne_dist.config import ConfigError, load_config
-from fne_dist.data import expand_urls
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.loader import expand_urls
+from fne_dist.data.digits import build_demo_shards
 
 N_SHARDS, PAIRS = 8, 12  # equal shards: 2 ranks x 2 workers read 2 shards each, none twice
 FAST = dict(timeout=1.0, retries=1)
@@ -82,7 +82,7 @@ def test_connection_cut_mid_shard_resumes_exactly(local, scheme, tokenizer, trai
     name = Path(local[0][2]).name
     with ShardServer(local[1], faults={name: ("cut", 1)}, ranges=scheme != "http-no-ranges") as server:
         got = read(remote(local, scheme.split("-")[0], server.url), tokenizer, train_tf, **FAST)
-        with caplog.at_level("WARNING", logger="fne_dist.remote"):
+        with caplog.at_level("WARNING", logger="fne_dist.data.remote"):
             batches = list(got)
         tries = [r for n, r in server.requests if n == name]
     assert same(batches, list(read(local[0], tokenizer, train_tf))) and got.skipped == 0

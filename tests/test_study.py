@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fne_dist.study import VARIANTS, Split, StudyBudget, run_study, train_heads
-from fne_dist.study_report import METRICS, SHARES, markdown_table, summary_rows, write_report
+from fne_dist.study.data import Split
+from fne_dist.study.run import VARIANTS, StudyBudget, run_study, train_heads
+from fne_dist.study.report import METRICS, SHARES, markdown_table, summary_rows, write_report
 
 TINY = StudyBudget(embed_dim=16, batch_size=32, epochs=3, queue_size=64)
 
@@ -79,7 +80,7 @@ def test_same_seed_same_run_and_every_variant_sees_the_same_data(data, monkeypat
     again = train_heads(train, test, "FNE official", 0, TINY)
     assert first.metrics == again.metrics and first.history == again.history
     seen = {}
-    import fne_dist.study as study
+    import fne_dist.study.run as study
 
     real = study.Objective.loss
 
@@ -95,7 +96,7 @@ def test_same_seed_same_run_and_every_variant_sees_the_same_data(data, monkeypat
 
 
 def test_posterior_separation_scores_false_negatives(results, data):
-    from fne_dist.study_report import posterior_separation
+    from fne_dist.study.report import posterior_separation
 
     run = results["tiny"]["FNE eliminate"][0]
     got = posterior_separation(run, data["tiny"][0], TINY.section("FNE eliminate").rule())

@@ -25,10 +25,10 @@ import torch
 
 from fne_dist import checkpoint, metrics_log
 from fne_dist.config import load_config, to_dict
-from fne_dist.demo_data import build_demo_shards, render
+from fne_dist.data.digits import build_demo_shards, render
 from fne_dist.distributed import free_port
 from fne_dist.evaluate import main as fne_eval
-from fne_dist.shards import ShardSample, write_shard
+from fne_dist.data.shards import ShardSample, write_shard
 from fne_dist.train import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]

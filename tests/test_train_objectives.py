@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from fne_dist import metrics_log
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.digits import build_demo_shards
 
 
 @pytest.fixture(scope="module")

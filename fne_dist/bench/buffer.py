@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fne_dist.bench import append_csv, rank_file, spawn_ranks
+from fne_dist.bench.common import append_csv, rank_file, spawn_ranks
 from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys

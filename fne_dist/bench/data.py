@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fne_dist.bench import append_csv, print_table
+from fne_dist.bench.common import append_csv, print_table
 from fne_dist.config import ModelSection
-from fne_dist.data import SkipCounter, _decode_image, _read_pairs, make_train_loader
-from fne_dist.remote import Fetch
-from fne_dist.shards import ShardSample, shard_name, write_shard
+from fne_dist.data.loader import SkipCounter, _decode_image, _read_pairs, make_train_loader
+from fne_dist.data.remote import Fetch
+from fne_dist.data.shards import ShardSample, shard_name, write_shard
 
 FIELDS = ("format", "source_px", "image_px", "path", "workers", "samples_s", "per_worker_s", "kb_per_sample")
 CAPTION = "a photo of a small part of a larger scene, cropped and resized"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fne_dist.bench import append_csv, print_table, rank_file, spawn_ranks
+from fne_dist.bench.common import append_csv, print_table, rank_file, spawn_ranks
 
 FIELDS = ("layout", "world", "model", "dtype", "params", "momentum_mib_per_rank", "ema_ms", "keys_ms", "batch")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

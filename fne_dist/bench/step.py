@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fne_dist.bench import append_csv, print_table
-from fne_dist.bench_buffer import fill
+from fne_dist.bench.common import append_csv, print_table
+from fne_dist.bench.buffer import fill
 from fne_dist.config import Config, DataSection, FNESection, ModelSection, TrainSection
-from fne_dist.data import Batch
+from fne_dist.data.loader import Batch
 from fne_dist.model import build_towers, param_groups
 from fne_dist.distributed import init_distributed
 from fne_dist.train import Trainer

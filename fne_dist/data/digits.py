@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fne_dist.shards import ShardSample, is_complete, make_manifest, shard_name, write_manifest, write_shard
+from fne_dist.data.shards import ShardSample, is_complete, make_manifest, shard_name, write_manifest, write_shard
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CLASS_PHRASES = ("the digit {name}", "a handwritten {digit}", "the number {name}", "a scanned {name}",
@@ -121,11 +121,11 @@ def build_demo_shards(out_dir: str | Path, *, image_size: int = 32, captions_per
     return manifest
 
 
-if __name__ == "__main__":  # python -m fne_dist.demo_data OUT_DIR  (what `make demo` runs first)
+if __name__ == "__main__":  # python -m fne_dist.data.digits OUT_DIR  (what `make demo` runs first)
     import sys
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m fne_dist.demo_data OUT_DIR")
+        sys.exit("usage: python -m fne_dist.data.digits OUT_DIR")
     built = build_demo_shards(sys.argv[1])
     for split, info in built["splits"].items():
         print(f"{split}: {info['samples']} images, {info['pairs']} captions -> {Path(sys.argv[1]) / info['pattern']}")

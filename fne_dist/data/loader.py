@@ -23,7 +23,7 @@ lists.  A reader whose shards run out before that starts over on them (reshuffle
 early, so with unequal shards a few pairs repeat or wait for the next epoch: the same choice as open_clip's.
 With `resampled=True` (web scale) each reader draws shards with replacement instead of splitting them.
 
-Remote shards (`pipe:`, `http(s)://`, `s3://`) are opened by fne_dist.remote: every wait has a timeout, a failing
+Remote shards (`pipe:`, `http(s)://`, `s3://`) are opened by fne_dist.data.remote: every wait has a timeout, a failing
 shard is reopened where it stopped (bounded retries), and one that still fails is skipped, logged and counted like
 a bad tar, so a stalled server costs seconds, never the run.  They have no manifest: `epoch_pairs` gives the length.
 """
@@ -47,8 +47,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fne_dist.remote import Fetch, is_remote, open_shards, unsupported_scheme
-from fne_dist.shards import IMAGE_EXTS, count_pairs, stable_id
+from fne_dist.data.remote import Fetch, is_remote, open_shards, unsupported_scheme
+from fne_dist.data.shards import IMAGE_EXTS, count_pairs, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int
     urls: shard pattern(s) for expand_urls; preprocess: PIL image -> [3, H, W] tensor (open_clip's train
     transform); tokenizer: list of str -> [n, L] long (open_clip's); epoch_pairs: global pairs per epoch, default
     from the shards' manifest (required for remote shards and shards without one); skip_batches: batches of this
-    epoch already done; timeout, retries: how remote shards are read (fne_dist.remote).
+    epoch already done; timeout, retries: how remote shards are read (fne_dist.data.remote).
     """
     urls = expand_urls(urls)
     if not 0 <= rank < world_size:

@@ -31,8 +31,8 @@ from typing import Sequence
 from PIL import Image
 from tqdm import tqdm
 
-from fne_dist import recipes
-from fne_dist.shards import (ShardSample, is_complete, make_manifest, read_manifest, shard_name, stable_id,
+from fne_dist.data import recipes
+from fne_dist.data.shards import (ShardSample, is_complete, make_manifest, read_manifest, shard_name, stable_id,
                              write_manifest, write_shard)
 
 PROGRESS = "progress.jsonl"

@@ -10,18 +10,37 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fne_dist.config import ImageTowerSection, ModelSection, TextTowerSection
-from fne_dist.data import load_eval_set
-from fne_dist.shards import read_manifest
-from fne_dist.study import Split
+from fne_dist.data.loader import load_eval_set
+from fne_dist.data.shards import read_manifest
 
 DATASETS = ("openclipart", "emoji")
 FEATURE_BATCH = 64
 CACHE_VERSION = 1
+
+
+@dataclass
+class Split:
+    """Cached features of one split: image [P, Di] and text [P, Dt] per pair, image id [P], group [P] (pairs of
+    one group but different images are false negatives of each other), and for evaluation each caption's image
+    row: text_to_image [P] indexes `image_rows` [I] (the pairs' rows that hold each distinct image once)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    ids: torch.Tensor
+    groups: torch.Tensor
+
+    def eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the distinct images [I], each pair's image index into them [P])."""
+        unique, inverse = torch.unique(self.ids, return_inverse=True)
+        first = torch.full((len(unique),), len(self.ids), dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(len(self.ids)), reduce="amin")
+        return first, inverse
 
 
 def tower_section() -> ModelSection:
@@ -32,7 +51,7 @@ def tower_section() -> ModelSection:
 
 def build_shards(name: str, out: Path) -> dict:
     """The shards of one set (idempotent: an existing complete build is kept); returns the manifest."""
-    from fne_dist.make_shards import main as make_shards
+    from fne_dist.data.make_shards import main as make_shards
 
     if read_manifest(out) is None:
         code = make_shards([name, "--out", str(out), "--quiet"])

@@ -1,13 +1,13 @@
 """Does FNE eliminate false negatives?  The objectives compared on the same frozen towers, budget and data order.
 
 Each run trains only the two projection heads (image and text) over the frozen trunks' pooled features, which
-are computed once and cached (`fne_dist.study_data`), so a run takes seconds on a CPU.  A run goes through the
+are computed once and cached (`fne_dist.study.data`), so a run takes seconds on a CPU.  A run goes through the
 library's own code in one process: `Objective` (with its `SimilarityStats`, `MomentumQueue`, `sample_negatives`
 and losses), `momentum_update` for the momentum heads, and `retrieval_metrics` on the held-out split; it does not
 go through DeepSpeed (one process, nothing to shard).
 
 `python -m fne_dist.study` (what `make study` runs) builds the data, caches the features, trains every variant
-with every seed on both sets and writes runs/study/ (`fne_dist.study_report`).
+with every seed on both sets and writes runs/study/ (`fne_dist.study.report`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from fne_dist.model import clamp_logit_scale
 from fne_dist.momentum import momentum_update
 from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
 from fne_dist.retrieval import retrieval_metrics
+from fne_dist.study.data import DATASETS, Split, load_features
+from fne_dist.study.report import write_report
 
 # name -> the fne section's objective settings; everything else is StudyBudget's and shared by all
 VARIANTS = {
@@ -45,25 +47,6 @@ VARIANTS = {
     # the same loss with the posterior off (a false negative's prior ~0, so 1 - f = 1): what the posterior adds
     "buffer InfoNCE (posterior off)": dict(objective="posterior_infonce", prior_ratio=1e30),
 }
-
-
-@dataclass
-class Split:
-    """Cached features of one split: image [P, Di] and text [P, Dt] per pair, image id [P], group [P] (pairs of
-    one group but different images are false negatives of each other), and for evaluation each caption's image
-    row: text_to_image [P] indexes `image_rows` [I] (the pairs' rows that hold each distinct image once)."""
-
-    image: torch.Tensor
-    text: torch.Tensor
-    ids: torch.Tensor
-    groups: torch.Tensor
-
-    def eval_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows of the distinct images [I], each pair's image index into them [P])."""
-        unique, inverse = torch.unique(self.ids, return_inverse=True)
-        first = torch.full((len(unique),), len(self.ids), dtype=torch.long).scatter_reduce(
-            0, inverse, torch.arange(len(self.ids)), reduce="amin")
-        return first, inverse
 
 
 @dataclass
@@ -185,9 +168,6 @@ def run_study(datasets: dict[str, tuple[Split, Split]], seeds=(0, 1, 2), variant
 
 
 def main(argv=None) -> None:
-    from fne_dist.study_data import DATASETS, load_features
-    from fne_dist.study_report import write_report
-
     parser = argparse.ArgumentParser(prog="python -m fne_dist.study", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/study", help="where the table, CSVs and plots go")
     parser.add_argument("--data", default="runs/study/data", help="shards and the feature cache")
@@ -201,6 +181,3 @@ def main(argv=None) -> None:
     results = run_study(datasets, seeds=tuple(range(args.seeds)), budget=budget, jobs=args.jobs)
     write_report(results, datasets, budget, Path(args.out))
 
-
-if __name__ == "__main__":
-    main()
