@@ -26,8 +26,26 @@ import torch
 
 from fne_dist.distributed import all_gather_cat, all_to_all
 from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
-from fne_dist.queue import GlobalKeys, MomentumQueue, resolve_layout
+from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
+
+LAYOUTS = ("auto", "replicated", "sharded")  # auto: sharded when world > 1
+
+
+def resolve_layout(layout: str, world: int) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"fne.buffer={layout!r} is unknown: use one of {LAYOUTS}")
+    if layout == "auto":
+        return "sharded" if world > 1 else "replicated"
+    return layout
+
+
+def check_queue_size(size: int, global_batch: int, why: str = "world size x per-rank batch") -> None:
+    """The queue must hold a whole global batch, which every step enqueues (the one home of this rule)."""
+    if global_batch > size:
+        raise ValueError(f"fne.queue_size={size} is smaller than the global batch {global_batch} ({why}): set "
+                         f"fne.queue_size to at least {global_batch}, or lower data.batch_size")
+
 
 def block_range(n: int, world: int, rank: int) -> tuple[int, int]:
     """Rank's share [lo, hi) of n columns: whole SAMPLE_BLOCKs (the last one may be short), contiguous, in rank
@@ -98,6 +116,7 @@ class NegativeBuffer:
         return out
 
     def enqueue(self, batch: GlobalKeys) -> None:
+        check_queue_size(self.queue.size, len(batch.ids))
         self.queue.enqueue(batch)
 
     def draw(self, anchors: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor, batch: GlobalKeys,

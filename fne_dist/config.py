@@ -17,7 +17,6 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.queue import LAYOUTS, check_queue_size
 from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
@@ -253,7 +252,7 @@ def validate(cfg: Config) -> None:
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
     _choice("fne.queue_dtype", f.queue_dtype, QUEUE_DTYPES)
-    _choice("fne.buffer", f.buffer, LAYOUTS)
+    _choice("fne.buffer", f.buffer, _buffer().LAYOUTS)
     try:
         f.rule()
     except ValueError as err:
@@ -307,11 +306,19 @@ def _check_towers(m: ModelSection) -> None:
     _positive("model.text_tower.context_length", m.text_tower.context_length, 2)
 
 
+def _buffer():
+    """fne_dist.buffer, which owns the layout and queue-size policy; imported when a config is checked, not with
+    this module, which stays free of the sampler stack (tests/test_layout.py)."""
+    from fne_dist import buffer
+
+    return buffer
+
+
 def check_world(cfg: Config, world_size: int) -> int:
     """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
     global_batch = world_size * cfg.data.batch_size
     try:
-        check_queue_size(cfg.fne.queue_size, global_batch,
+        _buffer().check_queue_size(cfg.fne.queue_size, global_batch,
                          f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
     except ValueError as err:
         raise ConfigError(str(err)) from None

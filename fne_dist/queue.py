@@ -1,5 +1,6 @@
-"""The momentum queue (whole, or one rank's shard of it) that, with the global batch, forms the buffer of
-candidate negatives (fne_dist.buffer)."""
+"""The momentum queue: the ring (whole, or one rank's shard of it) that, with the global batch, forms the buffer of
+candidate negatives.  How the buffer is laid out across ranks and how large the ring must be is fne_dist.buffer's
+policy; the ring only stores."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,24 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from fne_dist.distributed import all_gather_cat
-
-
-LAYOUTS = ("auto", "replicated", "sharded")  # of the buffer (fne_dist.buffer); auto: sharded when world > 1
-
-
-def resolve_layout(layout: str, world: int) -> str:
-    if layout not in LAYOUTS:
-        raise ValueError(f"fne.buffer={layout!r} is unknown: use one of {LAYOUTS}")
-    if layout == "auto":
-        return "sharded" if world > 1 else "replicated"
-    return layout
-
-
-def check_queue_size(size: int, global_batch: int, why: str = "world size x per-rank batch") -> None:
-    """The queue must hold a whole global batch, which every step enqueues (the one home of this rule)."""
-    if global_batch > size:
-        raise ValueError(f"fne.queue_size={size} is smaller than the global batch {global_batch} ({why}): set "
-                         f"fne.queue_size to at least {global_batch}, or lower data.batch_size")
 
 
 @dataclass
@@ -80,7 +63,9 @@ class MomentumQueue:
         """Write the global batch at the pointer, wrapping around (FNE_SPEC step 10); rows whose ring slot lies
         outside this queue's range are left to the shard that holds them.  Slice copies only (no host sync)."""
         g = len(keys.ids)
-        check_queue_size(self.size, g)
+        if g > self.size:
+            raise ValueError(f"a batch of {g} rows does not fit a ring of {self.size} slots (NegativeBuffer checks the "
+                             "queue size against the global batch)")
         start, self.ptr = self.ptr, (self.ptr + g) % self.size
         # the batch covers ring slots [start, start + g) mod size: at most two linear runs; batch row = slot - base
         for base, lo, hi in ((start, start, min(start + g, self.size)), (start - self.size, 0, start + g - self.size)):

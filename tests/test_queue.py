@@ -1,7 +1,9 @@
-"""MomentumQueue: ring-buffer order for any G and Q, validity, shards of the ring, refusal of Q < G, state."""
+"""MomentumQueue: ring-buffer order for any G and Q, validity, shards of the ring, refusal of Q < G (by the buffer,
+with the fix; by the ring itself), state."""
 import pytest
 import torch
 
+from fne_dist.buffer import NegativeBuffer
 from fne_dist.queue import GlobalKeys, MomentumQueue
 
 
@@ -42,6 +44,8 @@ def test_shards_of_the_ring_together_hold_the_whole_ring(q, g):
 
 def test_queue_smaller_than_global_batch_is_refused():
     with pytest.raises(ValueError, match="smaller than the global batch 6.*at least 6"):
+        NegativeBuffer(4, 2, torch.float32, "cpu").enqueue(keys(0, 6))
+    with pytest.raises(ValueError, match="a batch of 6 rows does not fit a ring of 4 slots"):
         MomentumQueue(4, 2).enqueue(keys(0, 6))
 
 
