@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="False Negative Elimination (Li et al., ACM MM 2023) for image-text matching at scale",
     python_requires=">=3.10",
-    packages=["fne_dist", "fne_dist.data", "fne_dist.bench", "fne_dist.study", "fne_kernels"],
+    packages=["fne_dist", "fne_dist.data", "fne_dist.objectives", "fne_dist.bench", "fne_dist.study", "fne_kernels"],
     package_dir={"fne_dist": "fne_dist", "fne_kernels": "kernels"},
     install_requires=[
         "torch>=2.11,<2.15",

@@ -17,11 +17,11 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fne_dist.objectives import REGISTRY
 from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
-OBJECTIVES = ("fne", "vsepp", "clip", "posterior_infonce")  # see fne_dist.objective
 RELEASED_PRIOR_RATIO = 10000.0  # the released code's, the default of mode official
 POSTERIOR_PRIOR_RATIO = 100.0  # the default wherever the posterior eliminates (issue 14's first measurement)
 
@@ -82,7 +82,7 @@ class FNESection:
     """The objective, FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue,
     momentum, stats)."""
 
-    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objective)
+    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objectives.REGISTRY)
     mode: str = "official"
     posterior_hinge: bool = False  # objective fne: multiply the sampled triplet's hinge by 1 - f of the drawn negative
     margin: float = 0.2
@@ -243,7 +243,7 @@ def _positive(key: str, value, minimum=1) -> None:
 def validate(cfg: Config) -> None:
     """Rules that involve one value's range or several values; world size is checked in `check_world`."""
     f, t, d = cfg.fne, cfg.train, cfg.data
-    _choice("fne.objective", f.objective, OBJECTIVES)
+    _choice("fne.objective", f.objective, tuple(REGISTRY))
     _choice("fne.mode", f.mode, MODES)
     if f.posterior_hinge and f.objective != "fne":
         raise ConfigError(f"fne.posterior_hinge weights the sampled triplet's hinge: it needs fne.objective=fne, "

@@ -41,7 +41,9 @@ from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
 from fne_dist.momentum import TrunkTap, is_zero3, momentum_copy, momentum_update, shard_momentum
-from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
+from fne_dist.objective import Objective
+from fne_dist.objectives import objective_class
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.preemption import StopRequest
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint saved; run again with --resume auto
@@ -118,7 +120,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.towers = build_towers(cfg.model)
         model = self.towers.model
-        if cfg.fne.objective not in SCALED_OBJECTIVES:
+        if not objective_class(cfg.fne.objective).scaled:
             freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)  # before deepspeed.initialize partitions `model`
         self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
@@ -211,7 +213,7 @@ class Trainer:
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
-        if self.cfg.fne.objective in SCALED_OBJECTIVES:
+        if self.objective.scaled:
             clamp_logit_scale(self.engine.module, self.zero3)
         stepped = self.engine.global_steps != optimizer_steps
         self.ema_due |= stepped

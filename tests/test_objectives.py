@@ -1,6 +1,7 @@
 """The objectives beside the FNE triplet: CLIP's ClipLoss, the streaming posterior-weighted InfoNCE against its
 dense autograd reference, eliminate rows skipped and counted, the (1 - f) hinge weight, and their config."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,11 @@ from open_clip.loss import ClipLoss
 
 from fne_dist.config import ConfigError, FNESection, load_config
 from fne_dist.infonce import CandidateSet, dense_posterior_infonce, posterior_infonce
-from fne_dist.objective import DIAGNOSTICS, Objective, summarise
+from fne_dist.objective import Objective
+from fne_dist.objectives import REGISTRY
+from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
+from fne_dist.objectives.triplet import VSEpp
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, true_negative_prob
 
@@ -53,6 +58,40 @@ def test_clip_objective_is_open_clips_clip_loss():
 def test_scaled_objectives_need_the_logit_scale():
     with pytest.raises(ValueError, match="logit_scale"):
         objective(objective="posterior_infonce").loss(*features(), step=0, rank=0, warmup=False)
+
+
+class MeanCosine(StepObjective):
+    """A new objective as a user would add it: pull each pair together, nothing else."""
+
+    def __call__(self, x: StepFeatures) -> ObjectiveOutput:
+        loss = 2 - (x.ia * x.tk).sum(1).mean() - (x.ta * x.ik).sum(1).mean()
+        return ObjectiveOutput(loss, torch.zeros(len(DIAGNOSTICS), dtype=torch.float64))
+
+
+def test_a_new_objective_is_one_class_and_one_registry_line(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "mean_cosine", f"{__name__}:MeanCosine")
+    cfg = load_config("configs/demo.yaml", ["fne.objective=mean_cosine"])
+    obj = Objective(replace(cfg.fne, impl="torch"), dim=16, device=torch.device("cpu"), seed=0)
+    ia, ta, ik, tk, ids, labels = features()
+    out = obj.loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=True)
+    out.loss.backward()
+    assert not obj.scaled and ia.grad is not None and ta.grad is not None
+    obj.commit(out)  # its keys enter the buffer like any objective's
+    assert int(obj.buffer.queue.valid.sum()) == len(ids)
+
+
+def test_only_objectives_with_a_warm_up_change_during_it():
+    """fne runs VSE++ in its warm-up with the statistics kept; the others run as they are."""
+    ia, ta, ik, tk, ids, labels = features()
+    for name, warm_class in (("fne", VSEpp), ("vsepp", None), ("clip", None)):
+        obj = objective(objective=name)
+        assert (type(obj.warmup_objective) if obj.warmup_objective else None) is warm_class
+        scale = torch.tensor([10.0]) if obj.scaled else None
+        warm = obj.loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=True, logit_scale=scale)
+        assert (warm.stats is obj.stats) == (warm_class is not None)
+    vsepp = objective(objective="vsepp").loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=False)
+    fne_warm = objective(objective="fne").loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=True)
+    assert torch.equal(vsepp.loss, fne_warm.loss)
 
 
 def candidate_set(b, n, d, seed, n_ids=40):
@@ -189,14 +228,14 @@ def test_objective_config_choices_and_prior_ratio_defaults():
 
 
 def test_at_risk_rows_are_those_with_a_false_negative_candidate():
-    from fne_dist.objective import _has_false_candidate
+    from fne_dist.objectives.diagnostics import has_false_candidate
 
     g = torch.Generator().manual_seed(0)
     cand_ids = torch.randint(0, 60, (300,), generator=g)
     group_of = torch.randint(-1, 25, (60,), generator=g)  # an image id has one label (-1: unknown)
     valid = torch.rand(300, generator=g) > 0.3
     ids = torch.randint(0, 60, (40,), generator=g)
-    got = _has_false_candidate(ids, group_of[ids], cand_ids, group_of[cand_ids], valid)
+    got = has_false_candidate(ids, group_of[ids], cand_ids, group_of[cand_ids], valid)
     want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
                                           for j in range(300))) for i in ids.tolist()]
     assert got.tolist() == want and 0 < sum(want) < 40

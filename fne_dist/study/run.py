@@ -29,7 +29,9 @@ from torch import nn
 from fne_dist.config import FNESection
 from fne_dist.model import clamp_logit_scale
 from fne_dist.momentum import momentum_update
-from fne_dist.objective import DIAGNOSTICS, SCALED_OBJECTIVES, Objective, summarise
+from fne_dist.objective import Objective
+from fne_dist.objectives import objective_class
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.retrieval import retrieval_metrics
 from fne_dist.study.data import DATASETS, Split, load_features
 from fne_dist.study.report import write_report
@@ -94,7 +96,7 @@ def train_heads(train: Split, test: Split, variant: str, seed: int, budget: Stud
     heads = Heads(train.image.shape[1], train.text.shape[1], budget.embed_dim)
     momentum_heads = copy.deepcopy(heads).requires_grad_(False)
     cfg = budget.section(variant)
-    if cfg.objective not in SCALED_OBJECTIVES:
+    if not objective_class(cfg.objective).scaled:
         heads.logit_scale.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=budget.lr)
     objective = Objective(cfg, budget.embed_dim, torch.device("cpu"), seed)

@@ -1,0 +1,53 @@
+"""The interface every objective implements: one step's loss and diagnostics from the step's features."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fne_dist.buffer import NegativeBuffer
+from fne_dist.config import FNESection
+from fne_dist.queue import GlobalKeys
+from fne_dist.stats import SimilarityStats
+from fne_dist.weights import FNEConfig
+
+
+@dataclass
+class StepFeatures:
+    """What a step hands its objective.  ia, ta [b, D]: this rank's online features (with gradient); ik, tk [b, D]:
+    its momentum keys; ids, labels [b]; keys: the global batch's keys (all ranks); stats: the statistics to weigh
+    with (this step's, or the kept ones during a warm-up); logit_scale: exp of the model's logit scale (with
+    gradient) for objectives with a temperature, else None."""
+
+    ia: torch.Tensor
+    ta: torch.Tensor
+    ik: torch.Tensor
+    tk: torch.Tensor
+    ids: torch.Tensor
+    labels: torch.Tensor
+    keys: GlobalKeys
+    stats: SimilarityStats
+    step: int
+    rank: int
+    logit_scale: torch.Tensor | None
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # 0-dim, with gradient
+    diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's anchors (both directions)
+    index: torch.Tensor | None = None  # [2, b] drawn global columns per direction, for objectives that sample
+
+
+class StepObjective:
+    """One objective.  `scaled`: it uses the model's logit scale (a temperature; otherwise the trainer freezes it).
+    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up)."""
+
+    scaled = False
+    warmup: type[StepObjective] | None = None
+
+    def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
+        self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
+
+    def __call__(self, x: StepFeatures) -> ObjectiveOutput:
+        raise NotImplementedError

@@ -1,0 +1,86 @@
+"""What every objective reports besides its loss: the DIAGNOSTICS sums (picks, false negatives among them, loss mass
+on false negatives) and their shares (`summarise`).  Labels only measure false negatives; no loss reads them."""
+from __future__ import annotations
+
+import torch
+
+from fne_dist.losses import false_negative_mask
+
+DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled", "false_negatives",
+               "at_risk", "loss_mass", "loss_false_negatives")
+
+
+def join_segments(segments, fields) -> list[torch.Tensor]:
+    """The named fields of the buffer's segments, joined in global column order (valid None: all valid)."""
+    def field(segment, name):
+        value = getattr(segment, name)
+        return torch.ones_like(segment.ids, dtype=torch.bool) if value is None else value
+
+    return [torch.cat([field(s, name) for s in segments]) for name in fields]
+
+
+def has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
+    """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
+    without [b, N]: known candidates of the anchor's label minus those of its id (an image id has one label); by
+    sorting all candidates and counting the known ones with a running sum, so no boolean indexing (a host sync)."""
+    known = (valid & (cand_labels >= 0)).long()
+
+    def count_known(values, queries):
+        order = values.argsort()
+        sorted_values = values[order]
+        seen = torch.cat([known.new_zeros(1), known[order].cumsum(0)])
+        return seen[torch.searchsorted(sorted_values, queries, right=True)] - seen[torch.searchsorted(sorted_values, queries)]
+
+    return (labels >= 0) & (count_known(cand_labels, labels) > count_known(cand_ids, ids))
+
+
+def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
+    """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
+    SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives
+    among them and the picks of anchors at risk (with a false negative among their candidates: only those can pick
+    one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false
+    negatives."""
+    labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
+    false_neg = has_neg & false_negative_mask(ids, labels, neg_ids, neg_labels)
+    picks = None
+    if sampled is not None:
+        rows = torch.full((), float(len(sampled.index)), dtype=torch.float64, device=hinges.device)
+        picks = (rows, sampled.fallback.sum(), sampled.survivors.sum(), (~sampled.has_negative).sum())
+    return _diagnostics(picks, (labelled.sum(), false_neg.sum(), (labelled & at_risk).sum()),
+                        (hinges.sum(), torch.where(false_neg, hinges, 0.0).sum()))
+
+
+def softmax_diagnostics(row_losses, false_prob) -> torch.Tensor:
+    """DIAGNOSTICS sums of a softmax loss: each row's negative mass 1 - P(positive) = 1 - exp(-loss) and the part
+    of it on false negatives (no picks)."""
+    return _diagnostics(None, None, ((1 - (-row_losses).exp()).sum(), false_prob.sum()))
+
+
+def _diagnostics(picks, labels, loss) -> torch.Tensor:
+    """The [len(DIAGNOSTICS)] float64 vector from its three groups of 0-dim sums (None: zeros), stacked on the
+    device: setting elements from device tensors one by one would wait for the GPU."""
+    zero = torch.zeros((), dtype=torch.float64, device=loss[0].device)
+    groups = (picks or (zero,) * 4, labels or (zero,) * 3, loss)
+    return torch.stack([t.double() for group in groups for t in group])
+
+
+def summarise(sums: dict[str, float]) -> dict[str, float]:
+    """Shares and means from DIAGNOSTICS sums (summed over steps and ranks), where they are defined.
+
+    false_negative_share: picked negatives that are false negatives (of those with known labels);
+    at_risk_false_negative_share: the same over the anchors that had a false negative among their candidates;
+    false_negative_loss_share: the part of what pushes negatives away that pushes false negatives, measured as
+    hinge values for the triplet objectives and as softmax mass for the InfoNCE ones.
+    """
+    out = {}
+    if sums["sampled_rows"]:
+        out["fallback_share"] = sums["fallback"] / sums["sampled_rows"]
+        out["mean_survivors"] = sums["survivors"] / sums["sampled_rows"]
+        out["no_negative_share"] = sums["no_negative"] / sums["sampled_rows"]
+    if sums["labelled"]:
+        out["false_negative_share"] = sums["false_negatives"] / sums["labelled"]
+    if sums["at_risk"]:
+        out["at_risk_false_negative_share"] = sums["false_negatives"] / sums["at_risk"]
+    if sums["loss_mass"]:
+        out["false_negative_loss_share"] = sums["loss_false_negatives"] / sums["loss_mass"]
+    return out

@@ -1,0 +1,62 @@
+"""The triplet objectives: FNE's sampled negative (FNE_SPEC steps 7-9) and VSE++'s hardest in-batch negative."""
+from __future__ import annotations
+
+import torch
+
+from fne_dist.losses import triplet_hinges, vsepp_hardest
+from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, has_false_candidate, join_segments, pick_diagnostics
+from fne_dist.weights import true_negative_prob
+
+
+class VSEpp(StepObjective):
+    """VSE++: each anchor's hardest in-batch negative, both directions (FNE's warm-up, and a baseline)."""
+
+    def __call__(self, x: StepFeatures) -> ObjectiveOutput:
+        ia, ta, ids, labels = x.ia.float(), x.ta.float(), x.ids, x.labels
+        (cost_i2t, col_i2t), (cost_t2i, row_t2i) = vsepp_hardest(ia, ta, ids, self.rule.margin)
+        # a zero-cost row's argmax is arbitrary; what VSE++ pushes there is nothing, so only costed rows count as picks
+        at_risk = has_false_candidate(ids, labels, ids, labels, torch.ones_like(ids, dtype=torch.bool))
+        diagnostics = sum(pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, at_risk, cost.detach())
+                          for cost, j in ((cost_i2t, col_i2t), (cost_t2i, row_t2i)))
+        return ObjectiveOutput((cost_i2t + cost_t2i).mean(), diagnostics)
+
+
+class FNETriplet(StepObjective):
+    """One negative per anchor and direction, drawn from [global batch ; queue] by fne.mode (official, bayes,
+    hardness, eliminate); triplet hinge, weighted by the drawn candidate's 1 - f with fne.posterior_hinge."""
+
+    warmup = VSEpp
+
+    def __call__(self, x: StepFeatures) -> ObjectiveOutput:
+        loss = x.ia.new_zeros((), dtype=torch.float32)
+        diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=x.ia.device)
+        index = []
+        at_risk = self._at_risk(x)
+        # direction 0: image anchors against text candidates; 1: text anchors against image candidates
+        for direction, (features, pos_keys) in enumerate(((x.ia, x.tk), (x.ta, x.ik))):
+            anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
+            pos_keys = pos_keys.float()  # row rank*b + i of the gathered keys is this rank's row i
+            pos_sims = (anchors.detach() * pos_keys).sum(1)
+            neg = self.buffer.draw(features.detach(), pos_sims, x.ids, x.keys, x.stats, self.rule,
+                                   row_offset=x.rank * len(x.ids), seed=self.seed, step=x.step, direction=direction,
+                                   impl=self.cfg.impl)
+            has = neg.sample.has_negative
+            neg_keys = neg.keys.float()
+            weight = has.float()
+            if self.cfg.posterior_hinge:
+                weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(1), x.stats, self.rule)
+            hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
+            loss = loss + hinges.mean()
+            diagnostics += pick_diagnostics(x.ids, x.labels, neg.ids, neg.labels, has, at_risk, hinges.detach(),
+                                            sampled=neg.sample)
+            index.append(neg.sample.index)
+        return ObjectiveOutput(loss, diagnostics, torch.stack(index))
+
+    def _at_risk(self, x: StepFeatures) -> torch.Tensor:
+        """[b] bool: the anchor has a false negative among its candidates.  Measured with the replicated buffer
+        (every candidate is here); with the sharded one a rank holds a shard only, and no anchor is counted."""
+        if self.buffer.sharded:
+            return torch.zeros_like(x.ids, dtype=torch.bool)
+        joined = join_segments(self.buffer.segments(x.keys), ("ids", "labels", "valid"))
+        return has_false_candidate(x.ids, x.labels, *joined)
