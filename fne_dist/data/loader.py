@@ -1,4 +1,4 @@
-"""WebDataset input pipeline for image-text pairs in img2dataset's layout (see fne_dist/shards.py).
+"""WebDataset input pipeline for image-text pairs in img2dataset's layout (see fne_dist/data/shards.py).
 
 A sample is `key.{jpg,jpeg,png,webp}` + `key.txt` + optional `key.json` with `image_id`, `label` and `captions`.
 Without `image_id` the id is the key's integer value when the key is numeric (img2dataset's keys are), else a

@@ -9,7 +9,7 @@ Four inputs:
             captions.  Downloading from urls is img2dataset's job, whose shards the loader reads as they are.
   openclipart, emoji
             real captioned images with known false negatives, built offline from Debian packages by the recipes
-            of fne_dist/recipes.py: train and test splits (by group), label = group id.
+            of fne_dist/data/recipes.py: train and test splits (by group), label = group id.
 
 Missing or undecodable images are skipped and listed in the manifest with the reason, never fatal.  Each shard is
 one task for the worker pool, so the output does not depend on the number of workers, and a shard is written
