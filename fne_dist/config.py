@@ -74,6 +74,7 @@ class DataSection:
     epoch_pairs: Optional[int] = None  # pairs per epoch over all ranks; None: the manifest's count (local shards)
     timeout: float = 60.0  # remote shards: seconds any wait for bytes may last before the shard is reopened
     retries: int = 3  # remote shards: reopenings per shard before it is skipped (logged, counted in data_skipped)
+    min_rate: float = 65536.0  # remote shards: bytes/s; a read of n bytes that lasts timeout + n / min_rate s reopens
     augment: bool = True  # open_clip's random-resized-crop training transform; False: the eval transform
 
 
@@ -275,6 +276,9 @@ def validate(cfg: Config) -> None:
     if not d.timeout > 0:
         raise ConfigError(f"data.timeout={d.timeout} must be > 0 seconds (a stalled shard server is given up on "
                           "after it)")
+    if not d.min_rate > 0:
+        raise ConfigError(f"data.min_rate={d.min_rate} must be > 0 bytes/s (a read of n bytes is given up after "
+                          "data.timeout + n / data.min_rate seconds)")
     if t.overwrite and t.resume in ("latest", "auto"):
         raise ConfigError(f"train.overwrite=true deletes the checkpoints that train.resume={t.resume} would resume "
                           "from: give only one of them")

@@ -140,7 +140,7 @@ class Trainer:
         if cfg.data.val and cfg.train.eval_every:
             self.eval_set = load_eval_set(cfg.data.val, preprocess=self.towers.preprocess_val,
                                           tokenizer=self.towers.tokenizer, timeout=cfg.data.timeout,
-                                          retries=cfg.data.retries)
+                                          retries=cfg.data.retries, min_rate=cfg.data.min_rate)
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
         self.stop = StopRequest(rt.device)
         self.stop_agreed = False  # some rank was asked to stop, as all ranks agreed in the last step
@@ -160,7 +160,7 @@ class Trainer:
             rank=self.rt.rank, world_size=self.rt.world_size, resampled=cfg.data.resampled,
             shuffle_buffer=cfg.data.shuffle_buffer, num_workers=cfg.data.workers,
             epoch_pairs=epoch_pairs(cfg, self.global_batch), skip_batches=skip, timeout=cfg.data.timeout,
-            retries=cfg.data.retries)
+            retries=cfg.data.retries, min_rate=cfg.data.min_rate)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def _autocast(self):

@@ -2,8 +2,10 @@
 
 `ShardServer`: a threaded HTTP server over a folder that answers Range requests (206) and plays faults per file
 name: "missing" (404), "stall" (accepts the request, never answers), ("cut", n) (the first n answers announce the
-whole length, send half and close); with ranges=False it answers every request whole (200), as servers without
-range support do.  Every request is recorded, so a test can tell who read which shard.
+whole length, send half and close), ("trickle", n) (the first n answers send TRICKLE_FAST body bytes at once, then
+one byte every TRICKLE_S seconds); with ranges=False it answers every request whole (200), as servers without
+range support do; with upstream=URL it forwards every request there (moto's S3: its answers, with the faults
+played on them).  Every request is recorded, so a test can tell who read which shard.
 `self_signed` makes a certificate for HTTPS on 127.0.0.1; `s3_server`: moto's S3 emulator in a thread, with the environment a user sets for an S3-compatible store.
 """
 from __future__ import annotations
@@ -16,9 +18,14 @@ import re
 import ssl
 import subprocess
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-STALL_LIMIT_S = 30  # a stalled answer ends at the latest when the server stops, or after this
+STALL_LIMIT_S = 30  # a stalled or trickled answer ends at the latest when the server stops, or after this
+TRICKLE_FAST, TRICKLE_S = 1000, 0.4  # a trickled answer: this many body bytes at once, then one byte per TRICKLE_S
+HOP_BY_HOP = {"connection", "content-length", "date", "keep-alive", "server", "transfer-encoding"}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -32,20 +39,51 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault == "stall":
             self.server.stopping.wait(STALL_LIMIT_S)
             return
-        path = self.server.root / name
-        if fault == "missing" or not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted and self.server.ranges else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start))
+        if self.server.upstream is not None:
+            status, headers, body = self._forward()
+        else:
+            path = self.server.root / name
+            if fault == "missing" or not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            start = int(re.fullmatch(r"bytes=(\d+)-", wanted).group(1)) if wanted and self.server.ranges else 0
+            status, body = 206 if start else 200, data[start:]
+            headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if start else {}
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        body = data[start:]
-        self.wfile.write(body[:len(body) // 2] if fault == "cut" else body)
+        if fault == "trickle":
+            self._trickle(body)
+        else:
+            self.wfile.write(body[:len(body) // 2] if fault == "cut" else body)
         self.close_connection = True
+
+    def _forward(self) -> tuple[int, dict, bytes]:
+        """The upstream server's answer to this request: status, end-to-end headers, body."""
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        request = urllib.request.Request(self.server.upstream + self.path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                status, head, body = answer.status, answer.headers, answer.read()
+        except urllib.error.HTTPError as err:
+            status, head, body = err.code, err.headers, err.read()
+        return status, {k: v for k, v in head.items() if k.lower() not in HOP_BY_HOP}, body
+
+    def _trickle(self, body: bytes) -> None:
+        self.wfile.write(body[:TRICKLE_FAST])
+        self.wfile.flush()
+        end = time.monotonic() + STALL_LIMIT_S
+        for i in range(TRICKLE_FAST, len(body)):
+            if self.server.stopping.wait(TRICKLE_S) or time.monotonic() > end:
+                return
+            try:
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+            except OSError:  # the reader gave up and closed the connection
+                return
 
     def log_message(self, *args):  # quiet: the tests read `requests`
         pass
@@ -54,9 +92,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class ShardServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path, faults: dict | None = None, ranges: bool = True, tls: tuple | None = None):
+    def __init__(self, root: Path, faults: dict | None = None, ranges: bool = True, tls: tuple | None = None,
+                 upstream: str | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.root, self.faults, self.ranges, self.scheme = Path(root), dict(faults or {}), ranges, "http"
+        self.upstream = upstream
         if tls is not None:  # (certificate, key) files: HTTPS
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
@@ -74,7 +114,7 @@ class ShardServer(http.server.ThreadingHTTPServer):
     def take_fault(self, name: str):
         with self._lock:
             fault = self.faults.get(name)
-            if isinstance(fault, tuple):  # ("cut", n): n times, then served whole
+            if isinstance(fault, tuple):  # ("cut", n), ("trickle", n): n times, then served whole
                 kind, times = fault
                 self.faults[name] = (kind, times - 1) if times > 1 else None
                 return kind

@@ -1,12 +1,14 @@
 """Shards from servers on the loopback address: HTTP(S) (urllib and `pipe:curl`) and S3 (moto's emulator).
 
-Remote batches equal the local ones; a connection cut mid-shard is resumed exactly; a shard that answers 404, one
-cut every time and a stalled server are skipped, named in the log and counted, in bounded time; ranks and workers
-split remote shards without overlap; resampled remote shards resume exactly; fne-train trains from both servers.
+Remote batches equal the local ones; a connection cut mid-shard is resumed exactly, and so is a server that trickles
+bytes, once a read lasts past its deadline; a shard that answers 404, one cut every time and a stalled server are
+skipped, named in the log and counted, in bounded time; ranks and workers split remote shards without overlap;
+resampled remote shards resume exactly; fne-train trains from both servers.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from loopback import ShardServer, s3_server, self_signed
+from loopback import TRICKLE_FAST, ShardServer, s3_server, self_signed
 from slurm_fixtures import ROOT, demo_overrides, read_metrics
 from test_data import loader, same, tokenizer, train_tf, write_set  # noqa: F401 (fixtures)
 
 from fne_dist.config import ConfigError, load_config
 from fne_dist.data.loader import expand_urls
 from fne_dist.data.digits import build_demo_shards
+from fne_dist.data.remote import _s3_client
 
 N_SHARDS, PAIRS = 8, 12  # equal shards: 2 ranks x 2 workers read 2 shards each, none twice
 FAST = dict(timeout=1.0, retries=1)
@@ -127,6 +130,35 @@ def test_stalled_server_times_out_and_is_skipped(local, s3, scheme, tokenizer, t
     assert got.skipped >= 1 and stalled in caplog.text and "after 2 attempts" in caplog.text
 
 
+@pytest.mark.parametrize("scheme", ["http", pytest.param("curl", marks=needs_curl), "s3"])
+def test_trickling_server_is_given_up_and_resumed_from_the_byte(local, s3, scheme, tokenizer, train_tf, caplog,
+                                                                 monkeypatch, request):
+    """One byte every 0.4 s keeps every wait under the 1 s timeout: the first 64 KiB read is given up after
+    timeout + 64 KiB / min_rate = 2 s, and the shard reopened after the bytes it got (the retry is served whole)."""
+    name = Path(local[0][3]).name
+    upstream = s3["AWS_ENDPOINT_URL"] if scheme == "s3" else None
+    fault = f"shards/{name}" if scheme == "s3" else name  # S3 asks for /bucket/key
+    with ShardServer(local[1], faults={fault: ("trickle", 1)}, upstream=upstream) as server:
+        if scheme == "s3":  # boto3 reaches moto through the trickling server: a client made for it
+            monkeypatch.setenv("AWS_ENDPOINT_URL", server.url)
+            _s3_client.cache_clear()
+            request.addfinalizer(_s3_client.cache_clear)
+        urls = [u.replace("curl ", "curl -N ") for u in remote(local, scheme, server.url)]  # curl: byte by byte
+        got = read(urls, tokenizer, train_tf, min_rate=65536, **FAST)
+        start = time.monotonic()
+        with caplog.at_level("WARNING", logger="fne_dist.remote"):
+            batches = list(got)
+        seconds = time.monotonic() - start
+        tries = [r for n, r in server.requests if n == fault]
+    # 2 s for the trickled read, 1 s pause, the rest at full speed; before the deadline: 30 s, until the server cut
+    assert seconds < 10, f"took {seconds:.0f} s"
+    assert "too slow" in caplog.text and "retry 1 of 1" in caplog.text and got.skipped == 0
+    assert same(batches, list(read(local[0], tokenizer, train_tf)))
+    assert len(tries) == 2 and (tries[1] is None) == (scheme == "curl")  # curl is re-run, the bytes read dropped
+    if scheme != "curl":  # a range request after the bytes that came: the first 1,000 and a few trickled ones
+        assert TRICKLE_FAST < int(re.fullmatch(r"bytes=(\d+)-", tries[1]).group(1)) <= TRICKLE_FAST + 25
+
+
 def test_ranks_and_workers_split_remote_shards(local, tokenizer, train_tf):
     with ShardServer(local[1]) as server:
         runs = [list(read(remote(local, "http", server.url), tokenizer, train_tf, rank=r, world_size=2,
@@ -158,6 +190,8 @@ def test_remote_settings_are_checked(local):
         load_config(overrides=["data.train=x", "data.timeout=0"])
     with pytest.raises(ConfigError, match="data.retries=-1 must be >= 0"):
         load_config(overrides=["data.train=x", "data.retries=-1"])
+    with pytest.raises(ConfigError, match="data.min_rate=0.0 must be > 0 bytes/s"):
+        load_config(overrides=["data.train=x", "data.min_rate=0"])
 
 
 def test_train_from_http_and_s3(tmp_path, port):

@@ -340,13 +340,13 @@ class TrainLoader:
 def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int, epoch: int, rank: int,
                       world_size: int, resampled: bool = False, shuffle_buffer: int = 1000, num_workers: int = 0,
                       epoch_pairs: int | None = None, skip_batches: int = 0, timeout: float = Fetch.timeout,
-                      retries: int = Fetch.retries) -> TrainLoader:
+                      retries: int = Fetch.retries, min_rate: float = Fetch.min_rate) -> TrainLoader:
     """This rank's training batches for `epoch` (see the module docstring for the guarantees).
 
     urls: shard pattern(s) for expand_urls; preprocess: PIL image -> [3, H, W] tensor (open_clip's train
     transform); tokenizer: list of str -> [n, L] long (open_clip's); epoch_pairs: global pairs per epoch, default
     from the shards' manifest (required for remote shards and shards without one); skip_batches: batches of this
-    epoch already done; timeout, retries: how remote shards are read (fne_dist.data.remote).
+    epoch already done; timeout, retries, min_rate: how remote shards are read (fne_dist.data.remote).
     """
     urls = expand_urls(urls)
     if not 0 <= rank < world_size:
@@ -372,18 +372,19 @@ def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int
     return TrainLoader(_RankStream(
         urls, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,
         world_size=world_size, resampled=resampled, shuffle_buffer=shuffle_buffer, num_workers=num_workers,
-        num_batches=num_batches, skip_batches=skip_batches, skips=SkipCounter(), fetch=Fetch(timeout, retries)))
+        num_batches=num_batches, skip_batches=skip_batches, skips=SkipCounter(),
+        fetch=Fetch(timeout, retries, min_rate)))
 
 
 def load_eval_set(urls, *, preprocess, tokenizer, timeout: float = Fetch.timeout,
-                  retries: int = Fetch.retries) -> EvalSet:
+                  retries: int = Fetch.retries, min_rate: float = Fetch.min_rate) -> EvalSet:
     """All pairs of the shards grouped by image id: images decoded once, every caption kept, in shard order."""
     urls = expand_urls(urls)
     skips = SkipCounter()
     row_of: dict[int, int] = {}
     bad_ids: set[int] = set()
     images, image_ids, labels, captions, owner = [], [], [], [], []
-    for pair in _read_pairs(urls, skips, Fetch(timeout, retries)):
+    for pair in _read_pairs(urls, skips, Fetch(timeout, retries, min_rate)):
         if pair.image_id in bad_ids:
             continue
         if pair.image_id not in row_of:

@@ -7,11 +7,14 @@ which takes credentials, region and endpoint from its usual sources: AWS_ACCESS_
 for remote urls: its https opener runs curl with connection timeouts only, so a server that accepts and then stalls
 blocks the reader forever (seen: a run stuck at one step until killed).
 
-A remote shard is read through `ShardStream`.  Every wait for bytes (connecting, each read, a command's exit) gives
-up after `timeout` seconds.  A failure (timeout, reset connection, a body shorter than announced, a command's
-non-zero exit) reopens the url at the byte where the stream stopped (HTTP / S3 range request; for a command or a
-server without ranges the bytes are read again and dropped), at most `retries` times per shard, waiting 1, 2, 4 ...
-seconds (never more than `timeout`) in between.  The tar reader above sees one unbroken stream, so a shard that
+A remote shard is read through `ShardStream`.  Every wait for bytes (connecting, each receive, a command's exit)
+gives up after `timeout` seconds, and every read of n bytes after `timeout + n / min_rate` seconds: a server that
+trickles bytes, each receive well within the timeout, would otherwise hold a 64 KiB read for hours (checked as
+bytes arrive, so a read ends at the latest one `timeout` after its deadline).  A failure (timeout, too slow a read,
+reset connection, a body shorter than announced, a command's non-zero exit) keeps the bytes read so far and reopens
+the url at the byte where the stream stopped (HTTP / S3 range request; for a command or a server without ranges the
+bytes are read again and dropped), at most `retries` times per shard, waiting 1, 2, 4 ... seconds (never more than
+`timeout`) in between.  The tar reader above sees one unbroken stream, so a shard that
 recovers yields exactly the samples it holds.  Permanent answers (HTTP 4xx but 408 / 429, S3 NoSuchKey or
 AccessDenied) are not retried.  A shard that still fails raises `ShardError` once, naming the url, and then reads as
 ended: the loader logs it, counts it and goes on with the next shard.
@@ -40,8 +43,9 @@ SCHEMES = ("pipe:", "http://", "https://", "s3://", "file://")
 class Fetch:
     """How long to wait for shard bytes, and how often to reopen a failing shard."""
 
-    timeout: float = 60.0  # seconds, per wait (connect, each read)
+    timeout: float = 60.0  # seconds, per wait (connect, each receive)
     retries: int = 3  # reopenings per shard after the first attempt
+    min_rate: float = 65536.0  # bytes / s: a read of n bytes is given up after timeout + n / min_rate seconds
 
 
 class ShardError(OSError):
@@ -65,7 +69,9 @@ def unsupported_scheme(url: str) -> str | None:
             f"a command instead, e.g. 'pipe:gsutil cat gs://bucket/x.tar' or 'pipe:aws s3 cp s3://bucket/x.tar -'")
 
 
-# ---- one attempt per scheme: (body with .read(n) and .close(), byte the body starts at, total length or None) ----
+# ---- one attempt per scheme: (body, byte the body starts at, total length or None); a body has .close() and
+# .read1(n), which returns up to n bytes after at most one wait (b"" at the end), so that ShardStream can watch the
+# clock while a read fills ----
 
 def _http_status_is_permanent(status: int) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
@@ -108,7 +114,8 @@ def _open_s3(url: str, offset: int, timeout: float):
         if _http_status_is_permanent(status):
             raise _Permanent(f"S3 {err.response.get('Error', {}).get('Code')} (HTTP {status})") from err
         raise
-    return answer["Body"], offset, offset + answer["ContentLength"]
+    # botocore's StreamingBody reads until it has all it was asked for; its urllib3 response reads once (read1)
+    return answer["Body"]._raw_stream, offset, offset + answer["ContentLength"]
 
 
 class _Command:
@@ -119,7 +126,7 @@ class _Command:
         self.proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      start_new_session=True)
 
-    def read(self, n: int) -> bytes:
+    def read1(self, n: int) -> bytes:
         fd = self.proc.stdout.fileno()
         if not select.select([fd], [], [], self.timeout)[0]:
             raise TimeoutError(f"no output for {self.timeout:g} s")
@@ -155,6 +162,7 @@ class ShardStream(io.RawIOBase):
         self._body = None
         self._length: int | None = None
         self._dead = False
+        self._error: ShardError | None = None  # why the shard was given up, until a read has raised it
         self.offset = 0
         self.failures = 0
 
@@ -165,49 +173,76 @@ class ShardStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        while not self._dead:
+        """Fills `buffer` (less at the shard's end), reopening the shard after the last byte read when it fails.  A
+        shard given up hands over the bytes that came first; the next read raises the error, once."""
+        view, start = memoryview(buffer).cast("B"), self.offset
+        while not self._dead and self.offset - start < len(view):
             try:
                 if self._body is None:
                     self._reopen()
-                data = self._body.read(len(buffer))
-                if not data and self._length is not None and self.offset < self._length:
-                    raise ConnectionError(f"connection closed at byte {self.offset} of {self._length}")
-                buffer[:len(data)] = data
-                self.offset += len(data)
-                return len(data)
+                if not self._fill(view[self.offset - start:]):
+                    break  # the shard's end
             except _Permanent as err:
                 self._give_up(err)
-            except Exception as err:  # timeouts, resets, short bodies, a command's failure: try again
+            except Exception as err:  # timeouts, slow reads, resets, short bodies, a command's failure: try again
                 self._failed(err)
-        return 0
+        if self.offset == start and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self.offset - start
+
+    def _fill(self, view: memoryview) -> bool:
+        """Reads into `view` until it is full (True) or the body ends (False); every byte read counts at once."""
+        done = 0
+        for data in self._pieces(len(view)):
+            view[done:done + len(data)] = data
+            done += len(data)
+            self.offset += len(data)
+        if done < len(view) and self._length is not None and self.offset < self._length:
+            raise ConnectionError(f"connection closed at byte {self.offset} of {self._length}")
+        return done == len(view)
+
+    def _pieces(self, n: int) -> Iterator[bytes]:
+        """The body's next n bytes (fewer at its end) as they come, within timeout + n / min_rate seconds."""
+        begin = time.monotonic()
+        allowed = self.fetch.timeout + n / self.fetch.min_rate
+        left = n
+        while left > 0:
+            data = self._body.read1(min(left, 1 << 20))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+            if left and time.monotonic() - begin > allowed:
+                raise TimeoutError(f"too slow: {n - left} of {n} bytes in {time.monotonic() - begin:.1f} s (a read "
+                                   f"of n bytes may last timeout + n / min_rate = {allowed:.1f} s)")
 
     def _reopen(self) -> None:
         body, start, length = self._open(self.url, self.offset, self.fetch.timeout)
         self._body, self._length = body, length
-        left = self.offset - start
-        while left > 0:  # no range support: drop the bytes already delivered
-            chunk = body.read(min(left, 1 << 20))
-            if not chunk:
-                raise ConnectionError(f"connection closed at byte {self.offset - left} while skipping to "
-                                      f"{self.offset}")
-            left -= len(chunk)
+        skip = self.offset - start  # no range support: drop the bytes already delivered
+        skipped = sum(len(chunk) for chunk in self._pieces(skip))
+        if skipped < skip:
+            raise ConnectionError(f"connection closed at byte {start + skipped} while skipping to {self.offset}")
 
     def _failed(self, err: Exception) -> None:
         self._close_body()
         self.failures += 1
         if self.failures > self.fetch.retries:
             self._give_up(err)
+            return
         delay = min(2.0 ** (self.failures - 1), self.fetch.timeout)
         log.warning("shard %s: %r at byte %d; retry %d of %d in %g s", self.url, err, self.offset, self.failures,
                     self.fetch.retries, delay)
         time.sleep(delay)
 
-    def _give_up(self, err: Exception):
+    def _give_up(self, err: Exception) -> None:
         self._close_body()
         self._dead = True
         tries = "" if isinstance(err, _Permanent) else f" after {self.failures} attempts"
-        raise ShardError(f"shard {self.url}: {err}{tries}, at byte {self.offset}; the rest of the shard is "
-                         "skipped") from err
+        self._error = ShardError(f"shard {self.url}: {err}{tries}, at byte {self.offset}; the rest of the shard is "
+                                 "skipped")
+        self._error.__cause__ = err
 
     def _close_body(self) -> None:
         body, self._body = self._body, None
