@@ -146,7 +146,7 @@ def test_trickling_server_is_given_up_and_resumed_from_the_byte(local, s3, schem
         urls = [u.replace("curl ", "curl -N ") for u in remote(local, scheme, server.url)]  # curl: byte by byte
         got = read(urls, tokenizer, train_tf, min_rate=65536, **FAST)
         start = time.monotonic()
-        with caplog.at_level("WARNING", logger="fne_dist.remote"):
+        with caplog.at_level("WARNING", logger="fne_dist.data.remote"):
             batches = list(got)
         seconds = time.monotonic() - start
         tries = [r for n, r in server.requests if n == fault]
