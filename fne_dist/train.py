@@ -211,9 +211,9 @@ class Trainer:
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
-        if self.cfg.fne.objective in SCALED_OBJECTIVES:
-            clamp_logit_scale(self.engine.module, self.zero3)
         stepped = self.engine.global_steps != optimizer_steps
+        if stepped and self.cfg.fne.objective in SCALED_OBJECTIVES:  # the weights moved: clamp every copy
+            clamp_logit_scale(self.engine.module, self.zero3)
         self.ema_due |= stepped
         self.objective.commit(out)
         for tally in (self.window, self.epoch_tally):
