@@ -140,7 +140,7 @@ class Trainer:
                                           tokenizer=self.towers.tokenizer, timeout=cfg.data.timeout,
                                           retries=cfg.data.retries)
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
-        self.stop = StopRequest(rt.device)
+        self.stop = StopRequest()
         self.stop_agreed = False  # some rank was asked to stop, as all ranks agreed in the last step
         self.ema_due = True  # an optimizer step (or the start, or a resume after one) awaits its EMA
         self.window, self.epoch_tally = Tally(rt.device), Tally(rt.device)  # since the last log / in this epoch

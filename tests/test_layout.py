@@ -1,5 +1,6 @@
 """The module layout: no import cycles between the trainer and the job, a config that does not pull in the
 samplers, one home for helpers that were written several times."""
+import ast
 import re
 import subprocess
 import sys
@@ -31,3 +32,19 @@ def test_free_port_is_written_once():
     sources = [p for d in ("fne_dist", "tests", "kernels") for p in (ROOT / d).rglob("*.py")]
     homes = [p.name for p in sources if re.search(r"def _?free_port\(", p.read_text())]
     assert homes == ["distributed.py"]
+
+
+def test_stop_request_keeps_no_method_for_the_tests_alone():
+    """Every public member of StopRequest is used by the package's code (not only by tests, as `should_stop` was
+    while job.py said the trainer used it), and every `StopRequest.name` that the package or the docs mention
+    exists."""
+    from fne_dist.preemption import StopRequest
+
+    texts = [p.read_text() for p in (ROOT / "fne_dist").rglob("*.py")]
+    used = {node.attr for text in texts for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Attribute)}
+    public = {name for name in vars(StopRequest) if not name.startswith("_")}
+    assert public - used == set()
+    readmes = [ROOT / "README.md", ROOT / "slurm" / "README.md", *ROOT.glob("docs/**/*.md")]
+    docs = [*texts, *(p.read_text() for p in readmes)]
+    mentioned = {name for text in docs for name in re.findall(r"StopRequest\.(\w+)", text)}
+    assert mentioned - set(dir(StopRequest)) == set()
