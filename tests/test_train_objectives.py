@@ -1,5 +1,6 @@
 """The trainer runs the objectives with a temperature (the logit scale then trains): one CPU rank, a few steps of the tiny model on the demo digits, finite
-losses and the false-negative share of the loss in the log (the digit class is the label)."""
+losses and the false-negative share of the loss in the log (the digit class is the label); and the logit scale's
+clamp in every copy DeepSpeed keeps (two gloo ranks, ZeRO-1 and ZeRO-3)."""
 import math
 import os
 import subprocess
