@@ -6,8 +6,9 @@ rank 0 only, inside the signal, possibly in the middle of a collective, while a 
 in the main loop.  The order of events on a stop signal is:
 
 1. The trainer's `StopRequest` handlers (SIGTERM, SIGUSR2) replace submitit's and only set a flag.
-2. At the next step boundary every rank sees the flag through `StopRequest.should_stop()` (one all-reduce), all
-   ranks save a checkpoint together, and `train()` returns a summary with `"preempted": True`.
+2. At the next step boundary every rank sees the flag through `StopRequest.agree()` (the step's one all-reduce,
+   shared with its non-finite check), all ranks save a checkpoint together, and `train()` returns a summary with
+   `"preempted": True`.
 3. Back here: after SIGUSR2 (submitit's time-limit / preemption notice, `#SBATCH --signal=USR2@90`) global rank 0
    calls submitit's own handler, kept aside before training started.  It asks `checkpoint()` for the submission to
    requeue, dumps it, runs `scontrol requeue` (LocalExecutor: exit code 144) and exits.  After a bare SIGTERM

@@ -139,15 +139,22 @@ MAX_LOGIT_SCALE = math.log(100)  # open_clip's training clamps the learned tempe
 
 @torch.no_grad()
 def clamp_logit_scale(model: nn.Module, zero3: bool = False) -> None:
-    """After an optimizer step, as open_clip's training does: 0 <= logit_scale <= log(100)."""
+    """After an optimizer step, as open_clip's training does: 0 <= logit_scale <= log(100), in every copy this rank
+    holds.  DeepSpeed steps an fp32 master copy (ZeRO 1-3, or bf16) and copies it over the module's weight at each
+    step, so the master is clamped too: else it would climb past the bound, the next step would start from there,
+    and the checkpoint and its export (ZeRO-3 exports the master) would hold it.  Each rank clamps what it holds (the
+    whole weight, or under ZeRO-3 its partitions and the gathered copy a small parameter persists): no collective.
+    DeepSpeed exposes no master copy at ZeRO stage 0 with fp16 (its FP16_Optimizer), where the weight alone is
+    clamped."""
     param = model.logit_scale
+    param.clamp_(0, MAX_LOGIT_SCALE)  # ZeRO-3: the persisted gathered copy, or an empty tensor
     if zero3:
-        import deepspeed
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.clamp_(0, MAX_LOGIT_SCALE)
-    else:
-        param.clamp_(0, MAX_LOGIT_SCALE)
+        param.ds_tensor.clamp_(0, MAX_LOGIT_SCALE)  # what the next gather reads
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp_(0, MAX_LOGIT_SCALE))
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO 1-2, bf16: this rank's piece of the fp32 master
+        param._hp_mapping.get_hp_fragment().clamp_(0, MAX_LOGIT_SCALE)
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict]:

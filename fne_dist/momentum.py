@@ -77,10 +77,15 @@ def shard_momentum(momentum: nn.Module, zero_config: dict) -> nn.Module:
     engine's `zero_optimization` section, whose parameter offload the momentum towers share (their partitions live
     where the online ones do); no momentum parameter persists gathered (`PERSISTENCE_THRESHOLD`).  No bf16/fp16
     section: the towers stay fp32.
+
+    `overlap_comm` off: DeepSpeed then gathers on the default stream, where the EMA (and a resume) writes the
+    partitions.  With it on (stage 3's default) the gathers copy the partitions out on DeepSpeed's own stream, which
+    never waits for the default one, so the momentum forward could read partitions the EMA has not finished.  The
+    collectives themselves still run on NCCL's own stream, so a prefetch still overlaps the compute queued after it.
     """
     import deepspeed
 
-    zero = {"stage": 3, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD, "overlap_comm": False}
     if "offload_param" in zero_config:
         zero["offload_param"] = zero_config["offload_param"]
     config = {"train_micro_batch_size_per_gpu": 1,  # never trained: the batch settings are unused

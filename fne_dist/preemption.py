@@ -3,8 +3,8 @@
 SLURM and submitit deliver preemption and time-limit signals to some ranks only (submitit's handler acts on global
 rank 0 only), while a DeepSpeed checkpoint needs every rank.  So a signal handler here does nothing but set a local
 flag (saving inside a handler would interrupt the main loop in the middle of a step, possibly inside a collective);
-`agree()` all-reduces the flag (max) once per step together with the step's non-finite check (`should_stop()` alone
-where there is none), so all ranks see the same answer at the same step, save together in the main loop, and leave.
+`agree()` all-reduces the flag (max) once per step together with the step's non-finite check, so all ranks see the
+same answer at the same step, save together in the main loop, and leave.
 
 The request remembers which signals arrived, because the right exit depends on them (see fne_dist/job.py): after
 SIGUSR2 (submitit's time-limit / preemption notice) the job requeues itself, after SIGTERM SLURM is already ending or
@@ -27,10 +27,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 class StopRequest:
     _installed: ClassVar[Optional["StopRequest"]] = None
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self):
         self.requested = False
         self.signals: list[str] = []  # names of the signals received, in order
-        self.device = device
         self._previous: dict = {}  # the handlers that `install` replaced
 
     def request(self, signum: int | None = None, frame=None) -> None:
@@ -62,10 +61,6 @@ class StopRequest:
     def installed(cls) -> Optional["StopRequest"]:
         """The request whose handlers were installed last in this process, or None."""
         return cls._installed
-
-    def should_stop(self) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce; call it on every rank, every step)."""
-        return self.agree(torch.zeros((), device=self.device))[1]
 
     def agree(self, bad: torch.Tensor) -> tuple[bool, bool]:
         """(any rank's `bad` is true, any rank was asked to stop): both from one all-reduce and one host sync, so a

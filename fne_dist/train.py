@@ -142,7 +142,7 @@ class Trainer:
                                           tokenizer=self.towers.tokenizer, timeout=cfg.data.timeout,
                                           retries=cfg.data.retries, min_rate=cfg.data.min_rate)
         self.metrics = MetricsLog(self.out_dir, enabled=rt.rank == 0)
-        self.stop = StopRequest(rt.device)
+        self.stop = StopRequest()
         self.stop_agreed = False  # some rank was asked to stop, as all ranks agreed in the last step
         self.ema_due = True  # an optimizer step (or the start, or a resume after one) awaits its EMA
         self.window, self.epoch_tally = Tally(rt.device), Tally(rt.device)  # since the last log / in this epoch
@@ -213,9 +213,9 @@ class Trainer:
         self.engine.backward(out.loss)
         optimizer_steps = self.engine.global_steps
         self.engine.step()
-        if self.objective.scaled:
-            clamp_logit_scale(self.engine.module, self.zero3)
         stepped = self.engine.global_steps != optimizer_steps
+        if stepped and self.objective.scaled:  # the weights moved: clamp every copy
+            clamp_logit_scale(self.engine.module, self.zero3)
         self.ema_due |= stepped
         self.objective.commit(out)
         for tally in (self.window, self.epoch_tally):

@@ -133,7 +133,7 @@ def toy_train(cfg) -> dict:
                 f.write(json.dumps({"step": step, "loss": value.item() / world}) + "\n")
         if t.checkpoint_every and step % t.checkpoint_every == 0:
             save(step)
-        if stop.should_stop():
+        if stop.agree(torch.tensor(False))[1]:  # as the trainer: with the step's non-finite check
             save(step)
             summary["preempted"] = True
             break
@@ -154,7 +154,7 @@ def agree_on_stop(rank: int, world: int, port: int, out_dir: str, signal_rank: i
     for step in range(1, 50):
         if rank == signal_rank and step == signal_step:
             os.kill(os.getpid(), signal.SIGTERM)
-        if stop.should_stop():
+        if stop.agree(torch.tensor(False))[1]:
             stopped_at = step
             break
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"step": stopped_at, "signals": stop.signals}))

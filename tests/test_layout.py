@@ -109,3 +109,19 @@ def test_the_graph_sees_the_packages():
             "fne_kernels.fne_sampler"} <= set(graph)
     assert "fne_dist.data.remote" in graph["fne_dist.data.loader"]
     assert "fne_dist.train" in reachable(graph, "fne_dist.job")
+
+
+def test_stop_request_keeps_no_method_for_the_tests_alone():
+    """Every public member of StopRequest is used by the package's code (not only by tests, as `should_stop` was
+    while job.py said the trainer used it), and every `StopRequest.name` that the package or the docs mention
+    exists."""
+    from fne_dist.preemption import StopRequest
+
+    texts = [p.read_text() for p in (ROOT / "fne_dist").rglob("*.py")]
+    used = {node.attr for text in texts for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Attribute)}
+    public = {name for name in vars(StopRequest) if not name.startswith("_")}
+    assert public - used == set()
+    readmes = [ROOT / "README.md", ROOT / "slurm" / "README.md", *ROOT.glob("docs/**/*.md")]
+    docs = [*texts, *(p.read_text() for p in readmes)]
+    mentioned = {name for text in docs for name in re.findall(r"StopRequest\.(\w+)", text)}
+    assert mentioned - set(dir(StopRequest)) == set()

@@ -75,6 +75,8 @@ SHARDED_EMA = textwrap.dedent("""
               "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=towers.model, model_parameters=towers.model.parameters(), config=config)
     momentum = shard_momentum(momentum, config["zero_optimization"])
+    # its gathers run on the stream that writes its partitions (see test_gpu_momentum_forward_waits_for_the_ema)
+    assert not momentum.zero_overlap_comm() and engine.zero_overlap_comm()
 
     params = list(momentum.parameters())
     whole = sum(p.ds_numel for p in params)
@@ -142,13 +144,69 @@ def test_zero3_momentum_towers_are_sharded_and_equal_the_full_copy_ema(tmp_path,
     between them) the partitioned EMA equals a full-copy EMA of the gathered online weights to fp32 rounding
     (rtol 1.3e-6, atol 1e-7: the same lerp per element), without a collective, and so do the keys its
     layer-by-layer forward gives (atol 1e-6); a rank's partitions round-trip through `partition_state`, and
-    partitions of another shape (another world size) are refused."""
+    partitions of another shape (another world size) are refused.  The momentum engine has overlap_comm off (the
+    online one keeps stage 3's default), the wiring that the GPU test below checks in effect."""
     script = tmp_path / "sharded_ema.py"
     script.write_text(SHARDED_EMA)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), str(script), dtype, TINY], env=env, capture_output=True, text=True, timeout=300)
     assert done.stdout.count("SHARDED-EMA-OK") == 2, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+EMA_THEN_GATHER = textwrap.dedent("""
+    import copy, os, sys, torch, deepspeed
+    import torch.distributed as dist
+    from fne_dist.config import ModelSection
+    from fne_dist.model import build_towers, encode
+    from fne_dist.momentum import momentum_copy, momentum_update, shard_momentum
+
+    gpus, tiny = torch.cuda.device_count(), sys.argv[1]
+    os.environ["LOCAL_RANK"] = str(int(os.environ["RANK"]) % gpus)  # with one GPU both ranks share it
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if gpus >= 2 else "gloo", verbose=False)
+    torch.manual_seed(0)  # the same towers, noise and batch on every rank
+    towers = build_towers(ModelSection(name=tiny))
+    momentum = momentum_copy(towers.model)
+    with torch.no_grad():
+        for p in momentum.parameters():
+            p.add_(torch.randn_like(p))  # far from the online towers: the EMA moves every weight a lot
+    reference = copy.deepcopy(momentum).cuda()  # the same EMA on whole weights
+    online = towers.model.cuda()
+    config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=online, model_parameters=online.parameters(), config=config)
+    momentum = shard_momentum(momentum.cuda(), config["zero_optimization"])
+    images = torch.randn(4, 3, 32, 32).cuda()
+    tokens = towers.tokenizer([f"the digit {i}" for i in range(4)]).cuda()
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        momentum_update(engine.module, reference, 0.5)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2**31 - 1)  # ~1 s of work on the compute stream, ahead of the EMA's lerp
+    momentum_update(engine.module, momentum, 0.5, zero3=True)
+    with torch.no_grad():
+        keys, want = encode(momentum, images, tokens), encode(reference, images, tokens)
+    for key, reference_key in zip(keys, want):
+        torch.testing.assert_close(key, reference_key, rtol=1e-4, atol=1e-4)
+    print("EMA-BEFORE-GATHER-OK", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the race is between CUDA streams)")
+def test_gpu_momentum_forward_waits_for_the_ema(tmp_path, port):
+    """Two ZeRO-3 ranks (NCCL on two GPUs, or gloo sharing one): with the compute stream kept busy ahead of the
+    EMA, the momentum forward that follows gives the keys of a whole-weight EMA (atol 1e-4), not those of the
+    partitions before it.  DeepSpeed's gather copies the partitions out on the stream it gathers on; with stage 3's
+    default `overlap_comm` that is its own stream, which does not wait for the EMA's lerp."""
+    script = tmp_path / "ema_then_gather.py"
+    script.write_text(EMA_THEN_GATHER)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), TINY], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("EMA-BEFORE-GATHER-OK") == 2, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 ACCUMULATION_CONFIG = """
