@@ -52,7 +52,7 @@ CLAMP = textwrap.dedent('''
     import fne_dist.train as T
     from fne_dist.checkpoint import Progress
     from fne_dist.config import load_config
-    from fne_dist.data import Batch
+    from fne_dist.data.loader import Batch
     from fne_dist.export import exported_state_dict
     from fne_dist.model import MAX_LOGIT_SCALE
 
