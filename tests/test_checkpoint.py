@@ -202,15 +202,21 @@ def test_a_checkpoint_without_resolved_settings_compares_the_raw_ones(tmp_path):
 WAIT = 20  # seconds a rank that stopped waits for the other's verdict (NCCL ranks would wait in the barrier)
 
 
-def write_fails_on_rank_1(rank: int, port: int, out: str) -> None:
-    """Save twice on 2 gloo ranks; rank 1 cannot write its generator states the second time.  Each rank records
-    what it raised and when, then stays alive until the other has too (an NCCL peer does not see a rank exit)."""
+def two_rank_checkpoints(rank: int, port: int, out: str) -> None:
+    """Save twice on 2 gloo ranks under fne.buffer=auto: check that `sharded` resumes the first checkpoint; rank 1
+    cannot write its generator states the second time.  Each rank records what it raised and when, then stays alive
+    until the other has too (an NCCL peer does not see a rank exit)."""
     from datetime import timedelta
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=3 * WAIT))
     out = Path(out)
-    save(out / "checkpoints", 10)
+    first = save(out / "checkpoints", 10)
+    try:
+        check_resume(first, FNESection(queue_size=8, buffer="sharded"))
+        sharded = "resumes"
+    except Exception as err:  # recorded: the failure scenario below runs either way
+        sharded = f"{type(err).__name__}: {err}"
     if rank == 1:
         real_save = torch.save
 
@@ -226,21 +232,31 @@ def write_fails_on_rank_1(rank: int, port: int, out: str) -> None:
         verdict = {"error": None}
     except checkpoint.CheckpointWriteError as err:
         verdict = {"error": str(err), "every_rank": not err.rank_specific}
-    (out / f"rank{rank}.json").write_text(json.dumps({**verdict, "time": time.time()}))
+    (out / f"rank{rank}.json").write_text(json.dumps({**verdict, "time": time.time(), "sharded": sharded}))
     deadline = time.time() + WAIT
     while not (out / f"rank{1 - rank}.json").exists() and time.time() < deadline:
         time.sleep(0.1)
 
 
-def test_a_write_that_fails_on_one_rank_stops_every_rank_together(tmp_path):
-    context = mp.spawn(write_fails_on_rank_1, args=(free_port(), str(tmp_path)), nprocs=2, join=False)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("two_ranks")
+    context = mp.spawn(two_rank_checkpoints, args=(free_port(), str(out)), nprocs=2, join=False)
     deadline = time.time() + 4 * WAIT
     while not context.join(timeout=1):
         if time.time() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail("the ranks did not finish")
-    verdicts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_auto_resumes_as_sharded_on_two_ranks(two_ranks):
+    assert [v["sharded"] for v in two_ranks[1]] == ["resumes", "resumes"]
+
+
+def test_a_write_that_fails_on_one_rank_stops_every_rank_together(two_ranks):
+    tmp_path, verdicts = two_ranks
     assert abs(verdicts[0]["time"] - verdicts[1]["time"]) < WAIT / 2, verdicts  # together, not after a timeout
     assert verdicts[1]["error"].startswith(f"rank 1: writing checkpoint {tmp_path / 'checkpoints'}/step000000020 "
                                            "failed: OSError: [Errno 5] Input/output error")
