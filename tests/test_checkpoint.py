@@ -279,7 +279,8 @@ def test_a_resume_that_would_reshape_the_learning_rate_schedule_is_refused(tmp_p
     manifest = build_demo_shards(tmp_path / "shards")
     run = [f"data.train={tmp_path}/shards/{manifest['splits']['train']['pattern']}", "data.val=null",
            "data.batch_size=8", "fne.queue_size=64", "train.steps_per_epoch=2", "train.log_every=1",
-           f"train.output_dir={tmp_path}/run", "deepspeed.scheduler.params.warmup_num_steps=1"]
+           f"train.output_dir={tmp_path}/run", "deepspeed.optimizer.params.lr=0.001",
+           "deepspeed.scheduler.params.warmup_num_steps=1", "deepspeed.scheduler.params.cos_min_ratio=0.01"]
     first = fne_train(*run, "train.epochs=1")  # a schedule of 2 optimizer steps
     assert first.returncode == 0, first.stderr[-3000:]
     longer = fne_train(*run, "train.epochs=2", "--resume", "latest")
@@ -291,5 +292,5 @@ def test_a_resume_that_would_reshape_the_learning_rate_schedule_is_refused(tmp_p
     assert pinned.returncode == 0, pinned.stderr[-3000:]
     records = metrics_log.read(tmp_path / "run" / "metrics.jsonl", "train")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    floor = 1e-3 * 0.01  # demo.yaml's lr x cos_min_ratio: the saved curve has ended
+    floor = 0.001 * 0.01  # lr x cos_min_ratio: the saved curve has ended
     assert all(math.isclose(r["lr"], floor) for r in records[2:]), records
