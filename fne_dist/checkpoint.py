@@ -4,15 +4,18 @@ Layout of `<output_dir>/checkpoints/`:
 ```
 latest                      the tag of the newest complete checkpoint (replaced atomically, written last)
 step000000200/              one tag per saved step
-    fne_state.pt            rank 0: config, model architecture, world size, progress, momentum towers
-                            (ZeRO 0-2), similarity statistics
+    fne_state.pt            rank 0: config, resolved settings, schedule length, model architecture, world size,
+                            progress, momentum towers (ZeRO 0-2), similarity statistics
     momentum_rank00000.pt   ZeRO-3: every rank its fp32 partitions of the momentum towers (and their buffers)
     buffer_rank00000.pt     the negative buffer (keys, ids, labels, pointer, validity): every rank its shard
                             (fne.buffer=sharded), or rank 0 the whole queue (replicated)
     rng_rank00000.pt        every rank: its python / numpy / torch (/ cuda) generator states
     mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed: online towers, optimizer, scheduler
 ```
-Every rank calls `save`.  Our files go into the tag folder first; DeepSpeed then writes its own with
+Every rank calls `save`.  Our files go into the tag folder first, and the ranks agree (one all-reduce) that every
+rank wrote its own: a write that failed on one rank then stops every rank at once, rather than leaving the others
+in DeepSpeed's save barrier until the collective timeout (DeepSpeed's own writes are not covered: its save has
+barriers of its own; the space check below guards them).  DeepSpeed then writes its own files with
 `save_latest=False`, because DeepSpeed writes `latest` from rank 0 without waiting for the other ranks and not
 atomically.  Only after a barrier that follows every rank's writes does rank 0 replace `latest` (temporary
 file + rename), so a crash at any point leaves `latest` naming a complete checkpoint.
@@ -20,6 +23,10 @@ file + rename), so a crash at any point leaves `latest` naming a complete checkp
 Before writing, every rank checks that the disk has room for another checkpoint as large as the last one; a write
 that fails anyway (disk full) removes the partial tag folder and says so.  After `latest` moved, rank 0 deletes
 the tags older than the newest `keep` ones, except the one `latest` names and any holding a file named `pinned`.
+
+A resume compares what the saved state means, so `fne_state.pt` also holds `resolved` (the values the run's `auto`
+and null settings took: buffer layout, queue dtype, prior ratio, ZeRO stage) and `schedule_steps` (the
+learning-rate schedule's length, which DeepSpeed's scheduler state lacks: it keeps only the step count).
 """
 from __future__ import annotations
 
@@ -35,8 +42,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fne_dist.config import differing_keys
-from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, world_size
+from fne_dist.config import STATE_SHAPING_KEYS, differing_keys, lookup
+from fne_dist.distributed import any_rank, is_distributed, rank, rank_from_env, ranks_where, world_size
 from fne_dist.momentum import is_zero3, load_partition_state, partition_state
 
 LATEST = "latest"
@@ -66,6 +73,12 @@ class CheckpointWriteError(OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class PeerWriteError(CheckpointWriteError):
+    """Another rank failed to write its part of the checkpoint (its own error line says why); this one stopped too."""
+
+    rank_specific = False  # every rank knows it: rank 0 says it
 
 
 class NoRoomForCheckpoint(CheckpointWriteError):
@@ -126,22 +139,23 @@ def _momentum_file(r: int) -> str:
 
 
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
-         momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None, metrics_bytes: int = 0,
-         keep: int = 0) -> Path:
+         momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None,
+         schedule_steps: int | None = None, metrics_bytes: int = 0, keep: int = 0) -> Path:
     """Write a checkpoint of this step (collective: every rank calls it), move `latest` to it, then keep the newest
-    `keep` tags (0: all).  `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to."""
+    `keep` tags (0: all).  `schedule_steps`: the learning-rate schedule's length in optimizer steps (None: no
+    schedule with a length); `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
     zero3 = is_zero3(engine)  # then every rank saves its momentum partitions
     _check_space(ckpt_dir, tag_dir)
+    error = None
     try:
-        if rank() == 0:
-            tag_dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        tag_dir.mkdir(parents=True, exist_ok=True)
         if rank() == 0:
             torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
-                        "progress": asdict(progress), "batches_per_epoch": batches_per_epoch,
+                        "resolved": resolved_settings(engine, objective), "progress": asdict(progress),
+                        "batches_per_epoch": batches_per_epoch, "schedule_steps": schedule_steps,
                         "metrics_bytes": metrics_bytes, "momentum": None if zero3 else momentum.state_dict(),
                         "stats": objective.stats.state_dict()},
                        tag_dir / STATE)
@@ -150,8 +164,14 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
         if objective.buffer.sharded or rank() == 0:
             torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
         torch.save(rng_state(), tag_dir / _rng_file(rank()))
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+        error = err
+    failed = ranks_where(error is not None)  # before DeepSpeed's save, which starts with a barrier
+    if failed:
+        raise _write_failed(error, ckpt_dir, tag_dir, failed) from error
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)  # collective; ends with a barrier
+    except (OSError, RuntimeError) as err:
         raise _write_failed(err, ckpt_dir, tag_dir) from err
     _barrier()
     if rank() == 0:
@@ -194,14 +214,21 @@ def _check_space(ckpt_dir: Path, tag_dir: Path) -> None:
             "bounds how many checkpoints stay) and resume with --resume latest")
 
 
-def _write_failed(err: BaseException, ckpt_dir: Path, tag_dir: Path) -> CheckpointWriteError:
-    """Remove the partial tag folder (unless `latest` names it) and say what happened."""
+def _write_failed(err: BaseException | None, ckpt_dir: Path, tag_dir: Path,
+                  failed: list[int] | None = None) -> CheckpointWriteError:
+    """Remove the partial tag folder (unless `latest` names it) and say what happened: `err` on this rank, or (None)
+    the failure of the ranks `failed`, which they say themselves."""
     last = _latest(ckpt_dir)
     if last is None or last.resolve() != tag_dir.resolve():
         shutil.rmtree(tag_dir, ignore_errors=True)
+    previous = f"`latest` still names {last.name}" if last is not None else "there is no earlier checkpoint"
+    if err is None:
+        return PeerWriteError(
+            errno.EIO, f"writing checkpoint {tag_dir} failed on rank {', '.join(map(str, failed))} (its error line "
+            f"says why), so every rank stopped. The partial folder was removed and {previous}; fix the cause and "
+            "resume with --resume latest")
     disk_full = getattr(err, "errno", None) == errno.ENOSPC or _free_bytes(ckpt_dir) < 2**20
     what = "no space left on device" if disk_full else f"{type(err).__name__}: {str(err).splitlines()[0]}"
-    previous = f"`latest` still names {last.name}" if last is not None else "there is no earlier checkpoint"
     return CheckpointWriteError(
         errno.ENOSPC if disk_full else errno.EIO,
         f"rank {rank()}: writing checkpoint {tag_dir} failed: {what}. The partial folder was removed and {previous}; "
@@ -349,20 +376,53 @@ def check_architecture(state: dict, architecture: dict, tag_dir: Path) -> None:
                                    "was trained with.")
 
 
-def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: Path,
-                     batches_per_epoch: int | None = None) -> None:
-    """Refuse, naming every differing setting, a checkpoint whose state cannot continue under this config."""
-    diffs = differing_keys(state["config"], config) + architecture_diffs(state["architecture"], architecture)
+def resolved_settings(engine, objective) -> dict:
+    """The values that settings a config may leave to `auto` or null took in this run: what its state means.  A
+    resume compares these, not the raw values (`fne.buffer=auto` is `sharded` on two ranks, a bf16 ring is not a
+    float32 one although both configs say `fne.queue_dtype=auto`)."""
+    return {"fne.buffer": objective.buffer.layout, "fne.queue_dtype": str(objective.buffer.dtype).split(".")[-1],
+            "fne.prior_ratio": objective.cfg.resolved_prior_ratio(),
+            "deepspeed.zero_optimization.stage": engine.zero_optimization_stage()}
+
+
+def _resolved_diffs(state: dict, config: dict, resolved: dict) -> list[str]:
+    """What differs among the settings both runs resolved, with the raw value beside each resolved one that it is
+    not; the other settings are compared raw (so are all in checkpoints that predate `resolved`)."""
+    saved_config, saved = state["config"], state.get("resolved", {})
+    both = [k for k in STATE_SHAPING_KEYS if k in saved and k in resolved]
+
+    def shown(raw, value) -> str:
+        return repr(value) if raw == value else f"{raw!r} (= {value!r})"
+
+    return differing_keys(saved_config, config, [k for k in STATE_SHAPING_KEYS if k not in both]) + [
+        f"{k}: {shown(lookup(saved_config, k), saved[k])} -> {shown(lookup(config, k), resolved[k])}"
+        for k in both if saved[k] != resolved[k]]
+
+
+def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: Path, resolved: dict,
+                     batches_per_epoch: int | None = None, schedule_steps: int | None = None) -> None:
+    """Refuse, naming every differing setting, a checkpoint whose state cannot continue under this config.
+    `resolved`: this run's `resolved_settings`; `schedule_steps`: its learning-rate schedule's length (see `save`)."""
+    diffs = _resolved_diffs(state, config, resolved) + architecture_diffs(state["architecture"], architecture)
     if state["world_size"] != world_size():
         diffs.append(f"world size: {state['world_size']} -> {world_size()}")
     saved_epoch = state.get("batches_per_epoch")
     if None not in (saved_epoch, batches_per_epoch) and saved_epoch != batches_per_epoch:
         diffs.append(f"batches per epoch (from the shards' manifest): {saved_epoch} -> {batches_per_epoch}")
+    saved_schedule = state.get("schedule_steps")
+    if None not in (saved_schedule, schedule_steps) and saved_schedule != schedule_steps:
+        diffs.append(
+            f"the learning-rate schedule's length: {saved_schedule} -> {schedule_steps} optimizer steps (set by "
+            "train.epochs and train.steps unless deepspeed.scheduler.params.total_num_steps is; DeepSpeed keeps only "
+            "the step count, so the curve would be reshaped and jump): keep train.epochs and train.steps, or keep "
+            "the saved curve whatever the run's length with "
+            f"deepspeed.scheduler.params.total_num_steps={saved_schedule}")
     if diffs:
         raise CheckpointMismatch(
             f"cannot resume from {tag_dir}: this run differs in " + "; ".join(diffs)
-            + ". Resume with the checkpoint's settings (its config is stored in the checkpoint), "
-              "or start a fresh run in another train.output_dir.")
+            + ". Resume with the checkpoint's settings (its config is stored in the checkpoint; where an auto or "
+              "null setting took another value, '(= value)', set it to the checkpoint's), or start a fresh run in "
+              "another train.output_dir.")
 
 
 def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module, objective) -> Progress:

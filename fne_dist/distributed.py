@@ -54,8 +54,15 @@ def all_to_all(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on any rank (one all-reduce: call it on every rank)."""
+    return bool(ranks_where(flag))
+
+
+def ranks_where(flag: bool) -> list[int]:
+    """On every rank, the ranks where `flag` is True (one all-reduce: call it on every rank)."""
     device = "cuda" if is_distributed() and dist.get_backend() == "nccl" else "cpu"
-    return bool(all_reduce(torch.tensor([float(flag)], device=device), op=dist.ReduceOp.MAX).item())
+    flags = torch.zeros(world_size(), device=device)
+    flags[rank()] = float(flag)
+    return all_reduce(flags).nonzero().flatten().tolist()
 
 
 def rank_from_env() -> int:

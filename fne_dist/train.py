@@ -34,7 +34,7 @@ from fne_dist import checkpoint
 from fne_dist.checkpoint import Progress
 from fne_dist.cli import ArgumentParser
 from fne_dist.cli import run as run_cli
-from fne_dist.config import Config, check_world, epoch_pairs, load_config, to_dict, to_yaml
+from fne_dist.config import Config, check_world, epoch_pairs, load_config, lookup, to_dict, to_yaml
 from fne_dist.data.loader import load_eval_set, make_train_loader
 from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
@@ -127,6 +127,7 @@ class Trainer:
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
+        self.schedule_steps = lookup(ds, "scheduler.params.total_num_steps")  # a resume must not reshape it
         self.dtype = compute_dtype(ds)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
         self.zero3 = is_zero3(self.engine)
@@ -278,7 +279,8 @@ class Trainer:
         path = checkpoint.save(self.engine, self.ckpt_dir, progress=progress, config=to_dict(self.cfg),
                                architecture=self.towers.architecture, momentum=self.momentum,
                                objective=self.objective, batches_per_epoch=self.batches_per_epoch,
-                               metrics_bytes=self.metrics.size(), keep=self.cfg.train.keep_checkpoints)
+                               schedule_steps=self.schedule_steps, metrics_bytes=self.metrics.size(),
+                               keep=self.cfg.train.keep_checkpoints)
         self.last_saved = progress.step
         return path
 
@@ -306,7 +308,8 @@ class Trainer:
             return Progress()
         state = checkpoint.read_state(tag_dir)
         checkpoint.check_compatible(state, config=to_dict(self.cfg), architecture=self.towers.architecture,
-                                    tag_dir=tag_dir, batches_per_epoch=self.batches_per_epoch)
+                                    tag_dir=tag_dir, resolved=checkpoint.resolved_settings(self.engine, self.objective),
+                                    batches_per_epoch=self.batches_per_epoch, schedule_steps=self.schedule_steps)
         progress = checkpoint.load(self.engine, tag_dir, state=state, momentum=self.momentum,
                                    objective=self.objective)
         if self.rt.rank == 0:

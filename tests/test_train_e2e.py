@@ -179,10 +179,13 @@ def test_incompatible_resume_is_refused(runs):
     other = to_dict(load_config(runs["config"], ["fne.queue_size=128", "fne.mode=official"]))
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"fne\.mode: 'bayes' -> 'official'.*"
                                                             r"fne\.queue_size: 64 -> 128"):
-        checkpoint.check_compatible(state, config=other, architecture=state["architecture"], tag_dir=tag)
+        checkpoint.check_compatible(state, config=other, architecture=state["architecture"], tag_dir=tag,
+                                    resolved=state["resolved"])
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"world size: 2 -> 1"):  # this test runs as one rank
-        checkpoint.check_compatible(state, config=state["config"], architecture=state["architecture"], tag_dir=tag)
+        checkpoint.check_compatible(state, config=state["config"], architecture=state["architecture"], tag_dir=tag,
+                                    resolved=state["resolved"])
     wider = {**state["architecture"], "embed_dim": 32}
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"model architecture embed_dim: 64 -> 32"):
-        checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag)
+        checkpoint.check_compatible(state, config=state["config"], architecture=wider, tag_dir=tag,
+                                    resolved=state["resolved"])
     assert torch.equal(torch.load(tag / "buffer_rank00000.pt")["valid"], torch.ones(64, dtype=torch.bool))
