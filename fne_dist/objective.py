@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from open_clip.loss import ClipLoss
 
-from fne_dist.buffer import NegativeBuffer
+from fne_dist.buffer import NegativeBuffer, Segment, false_candidate_counts, has_false_candidate
 from fne_dist.config import FNESection, queue_dtype
 from fne_dist.distributed import rank as this_rank
 from fne_dist.distributed import world_size
@@ -95,7 +95,7 @@ class Objective:
         loss = ia.new_zeros((), dtype=torch.float32)
         diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
         index = []
-        at_risk = self._at_risk(ids, labels, keys)
+        at_risk = self.buffer.at_risk(ids, labels, keys, row_offset=rank * len(ids))
         # direction 0: image anchors against text candidates; 1: text anchors against image candidates
         for direction, (features, pos_keys) in enumerate(((ia, tk), (ta, ik))):
             anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
@@ -116,19 +116,12 @@ class Objective:
             index.append(neg.sample.index)
         return loss, diagnostics, torch.stack(index)
 
-    def _at_risk(self, ids, labels, keys) -> torch.Tensor:
-        """[b] bool: the anchor has a false negative among its candidates.  Measured with the replicated buffer
-        (every candidate is here); with the sharded one a rank holds a shard only, and no anchor is counted."""
-        if self.buffer.sharded:
-            return torch.zeros_like(ids, dtype=torch.bool)
-        joined = _join(self.buffer.segments(keys), ("ids", "labels", "valid"))
-        return _has_false_candidate(ids, labels, *joined)
-
     def _vsepp(self, ia, ta, ids, labels):
         """VSE++ (the warm-up and a baseline): each anchor's hardest in-batch negative, both directions."""
         (cost_i2t, col_i2t), (cost_t2i, row_t2i) = vsepp_hardest(ia, ta, ids, self.rule.margin)
         # a zero-cost row's argmax is arbitrary; what VSE++ pushes there is nothing, so only costed rows count as picks
-        at_risk = _has_false_candidate(ids, labels, ids, labels, torch.ones_like(ids, dtype=torch.bool))
+        in_batch = [Segment(0, ia, ta, ids, labels, None)]  # this rank's batch: VSE++'s candidates
+        at_risk = has_false_candidate(labels, false_candidate_counts(ids, labels, in_batch))
         diagnostics = sum(_pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, at_risk, cost.detach())
                           for cost, j in ((cost_i2t, col_i2t), (cost_t2i, row_t2i)))
         return (cost_i2t + cost_t2i).mean(), diagnostics
@@ -167,21 +160,6 @@ def _join(segments, fields) -> list[torch.Tensor]:
         return torch.ones_like(segment.ids, dtype=torch.bool) if value is None else value
 
     return [torch.cat([field(s, name) for s in segments]) for name in fields]
-
-
-def _has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
-    """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
-    without [b, N]: known candidates of the anchor's label minus those of its id (an image id has one label); by
-    sorting all candidates and counting the known ones with a running sum, so no boolean indexing (a host sync)."""
-    known = (valid & (cand_labels >= 0)).long()
-
-    def count_known(values, queries):
-        order = values.argsort()
-        sorted_values = values[order]
-        seen = torch.cat([known.new_zeros(1), known[order].cumsum(0)])
-        return seen[torch.searchsorted(sorted_values, queries, right=True)] - seen[torch.searchsorted(sorted_values, queries)]
-
-    return (labels >= 0) & (count_known(cand_labels, labels) > count_known(cand_ids, ids))
 
 
 def _pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
