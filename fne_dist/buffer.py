@@ -14,6 +14,8 @@ one, bit for bit); the shares differ by at most one block.  Per direction and st
      fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
      anchor's rank;
   4. the anchor's rank merges the world partials (`merge_samples`) and keeps the key of the part whose choice won.
+The at-risk count (`at_risk`, a diagnostic) is additive: each rank counts its candidates for all G anchors, and one
+all-reduce of 2 x G int32 sums the shards' counts.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
 (G x (D + 8) numbers) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
 the buffer size; memory is the ring / world per rank plus the G batch keys.
@@ -21,10 +23,11 @@ the buffer size; memory is the ring / world per rank plus the G batch keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
-from fne_dist.distributed import all_gather_cat, all_to_all
+from fne_dist.distributed import all_gather_cat, all_reduce, all_to_all
 from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
 from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
@@ -126,10 +129,21 @@ class NegativeBuffer:
         step, direction, impl (see `sample_negatives`).  Collective when sharded."""
         segments = self.segments(batch)
         if not self.sharded:
-            return _draw(segments, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset, **sampling)
-        everyone = _draw(segments, all_gather_cat(anchors), all_gather_cat(pos_sims), batch.ids, stats, rule,
-                         row_offset=0, **sampling)
+            return _draw(segments, self.dtype, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset,
+                         **sampling)
+        everyone = _draw(segments, self.dtype, all_gather_cat(anchors), all_gather_cat(pos_sims), batch.ids, stats,
+                         rule, row_offset=0, **sampling)
         return _merge_ranks(everyone, len(anchors), self.world, rule)
+
+    def at_risk(self, ids: torch.Tensor, labels: torch.Tensor, batch: GlobalKeys, *, row_offset: int) -> torch.Tensor:
+        """[b] bool: this rank's anchor (global row row_offset + i) has a false negative among the whole buffer's
+        candidates (`has_false_candidate`).  Sharded: each rank counts its own candidates for all G anchors and one
+        all-reduce of the [2, G] counts sums them (collective), so both layouts give the same answer."""
+        segments = self.segments(batch)
+        if not self.sharded:
+            return has_false_candidate(labels, false_candidate_counts(ids, labels, segments))
+        counts = all_reduce(false_candidate_counts(batch.ids, batch.labels, segments))
+        return has_false_candidate(labels, counts[:, row_offset:row_offset + len(ids)])
 
     def state_dict(self) -> dict:
         return self.queue.state_dict() | {"layout": self.layout}
@@ -141,14 +155,42 @@ class NegativeBuffer:
         self.queue.load_state_dict(state)
 
 
-def _draw(segments: list[Segment], anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int, direction: int,
-          **sampling) -> Negatives:
-    """Each anchor's draw over these segments (one sampler call per segment, merged) and its choice's key."""
+def false_candidate_counts(ids: torch.Tensor, labels: torch.Tensor, segments: Iterable[Segment]) -> torch.Tensor:
+    """[2, n] int32 for n anchors (ids, labels): how many valid candidates with a known label have the anchor's
+    label (row 0) and its id (row 1).  Sums over disjoint candidate sets (segments, shards) add up."""
+    counts = torch.zeros(2, len(ids), dtype=torch.int32, device=ids.device)
+    for seg in segments:
+        known = seg.labels >= 0 if seg.valid is None else seg.valid & (seg.labels >= 0)
+        counts[0] += _count_equal(labels, seg.labels, known)
+        counts[1] += _count_equal(ids, seg.ids, known)
+    return counts
+
+
+def has_false_candidate(labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[n] bool from `false_candidate_counts`: the anchor's label is known and a candidate has it under another id
+    (an image id has one label, so that is more candidates of its label than of its id)."""
+    return (labels >= 0) & (counts[0] > counts[1])
+
+
+def _count_equal(queries: torch.Tensor, values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """[n] how many `values` (where `where`) equal each of the n queries.  Sorts the few queries and looks every
+    value up among them: no sort or copy of the values (a whole ring), no [n, N], no host synchronisation."""
+    ordered = queries.sort().values
+    at = torch.searchsorted(ordered, values, out_int32=True).clamp_(max=len(ordered) - 1)
+    # counted at the first of each run of equal queries, which is where every query of the run looks
+    counts = torch.zeros_like(ordered, dtype=torch.int32).index_add_(0, at, (where & (ordered[at] == values)).int())
+    return counts[torch.searchsorted(ordered, queries)]
+
+
+def _draw(segments: list[Segment], dtype: torch.dtype, anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int,
+          direction: int, **sampling) -> Negatives:
+    """Each anchor's draw over these segments (one sampler call per segment, merged) and its choice's key, in the
+    buffer's dtype (`dtype`) even with no segment: the sharded exchange needs every rank's keys alike."""
     parts = [sample_negatives(anchors, seg.keys(direction), pos_sims, anchor_ids, seg.ids, stats, rule,
                               direction=direction, row_offset=row_offset, col_offset=seg.col_offset, valid=seg.valid,
                               **sampling) for seg in segments]
     sample = merge_samples(parts, rule) if parts else _nothing(len(anchors), anchors.device)
-    return Negatives(sample, *_take(segments, sample.index, direction, len(anchors), anchors.shape[1]))
+    return Negatives(sample, *_take(segments, sample.index, direction, len(anchors), anchors.shape[1], dtype))
 
 
 def _nothing(b: int, device) -> SampleResult:
@@ -159,11 +201,10 @@ def _nothing(b: int, device) -> SampleResult:
                         torch.zeros(b, device=device), inf, -inf, none)
 
 
-def _take(segments: list[Segment], index: torch.Tensor, direction: int, b: int, dim: int):
-    """Keys [b, D], ids and labels [b] of the chosen global columns, zero / -1 where no segment holds the column
-    (gathers and selects only: no host synchronisation)."""
+def _take(segments: list[Segment], index: torch.Tensor, direction: int, b: int, dim: int, dtype: torch.dtype):
+    """Keys [b, D] (dtype: the buffer's, which its segments hold), ids and labels [b] of the chosen global columns,
+    zero / -1 where no segment holds the column (gathers and selects only: no host synchronisation)."""
     device = index.device
-    dtype = segments[0].keys(direction).dtype if segments else torch.float32
     keys = torch.zeros(b, dim, dtype=dtype, device=device)
     ids = torch.full((b,), -1, dtype=torch.long, device=device)
     labels = torch.full_like(ids, -1)

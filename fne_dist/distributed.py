@@ -33,12 +33,13 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 @torch.no_grad()
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally shaped tensors of every rank along dim 0, in rank order (no gradient)."""
+    """Concatenate equally shaped tensors of every rank along dim 0, in rank order (no gradient): one collective
+    straight into the result (t itself in one process)."""
     if not is_distributed():
         return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    out = t.new_empty((dist.get_world_size() * len(t), *t.shape[1:]))
+    dist.all_gather_single(out, t.contiguous())
+    return out
 
 
 @torch.no_grad()

@@ -23,9 +23,19 @@ class GlobalKeys:
     @classmethod
     def gather(cls, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor,
                labels: torch.Tensor | None = None) -> "GlobalKeys":
-        """All-gather this rank's keys, ids and labels (FNE_SPEC step 3)."""
+        """All-gather this rank's keys, ids and labels (FNE_SPEC step 3) in one collective: a row packs its image
+        and text keys and its int64 id and label viewed as the keys' dtype (lossless); the keys returned are views
+        of the gathered rows."""
         labels = torch.full_like(ids, -1) if labels is None else labels
-        return cls(*(all_gather_cat(t.detach()) for t in (image, text, ids, labels)))
+        dtype, (n, dim) = torch.promote_types(image.dtype, text.dtype), image.shape
+        tail = 2 * 8 // dtype.itemsize  # the id and the label in the keys' dtype
+        # the row is padded to 2 D + 16 elements: aligned rows for the sampler kernel, which reads the keys in place
+        rows = image.new_zeros(n, 2 * dim + 16, dtype=dtype)
+        rows[:, :dim], rows[:, dim:2 * dim] = image.detach(), text.detach()
+        rows[:, 2 * dim:2 * dim + tail] = torch.stack([ids, labels], 1).view(dtype)
+        rows = all_gather_cat(rows)
+        ids, labels = rows[:, 2 * dim:2 * dim + tail].contiguous().view(torch.int64).T.contiguous()
+        return cls(rows[:, :dim], rows[:, dim:2 * dim], ids, labels)
 
 
 class MomentumQueue:

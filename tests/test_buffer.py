@@ -14,7 +14,7 @@ from fne_dist import checkpoint
 from fne_dist.buffer import NegativeBuffer, block_range
 from fne_dist.config import FNESection
 from fne_dist.fne import SAMPLE_BLOCK
-from fne_dist.objective import Objective
+from fne_dist.objective import DIAGNOSTICS, Objective
 from fne_dist.queue import GlobalKeys, MomentumQueue
 
 G, D, Q, STEPS, RESUME_AT = 160, 8, 640, 6, 3  # 6 x 160 = 960 keys into 640 slots: the ring wraps at step 4
@@ -23,26 +23,28 @@ RULE = FNESection(queue_size=Q, mode="bayes", min_count=20, cutdown="global", st
 STATELESS = replace(RULE, mode="hardness", cutdown="anchor")  # weights that do not read the statistics
 
 
-def batch(step: int, rows: slice):
-    """Rows of the global batch of a step: ia, ta, ik, tk [n, D], ids (some shared across rows), labels."""
-    g = torch.Generator().manual_seed(step)
-    feats = [F.normalize(torch.randn(G, D, generator=g), dim=1) for _ in range(4)]
-    ids = torch.randint(0, 3 * G, (G,), generator=g) + 10_000 * step
+def batch(step: int, rows: slice, g: int = G):
+    """Rows of the global batch (g rows) of a step: ia, ta, ik, tk [n, D], ids (some shared across rows), labels."""
+    gen = torch.Generator().manual_seed(step)
+    feats = [F.normalize(torch.randn(g, D, generator=gen), dim=1) for _ in range(4)]
+    ids = torch.randint(0, 3 * g, (g,), generator=gen) + 10_000 * step
     return (*(t[rows] for t in feats), ids[rows], ids[rows] % 7)
 
 
-def run(cfg: FNESection, rank: int, world: int, steps: range, objective: Objective | None = None):
-    """Steps of Objective.loss + enqueue on this rank's rows: (objective, losses, indices per step)."""
-    b = G // world
+def run(cfg: FNESection, rank: int, world: int, steps: range, objective: Objective | None = None, g: int = G):
+    """Steps of Objective.loss + enqueue on this rank's rows of a g-row global batch: (objective, losses, indices
+    per step, diagnostics per step)."""
+    b = g // world
     objective = objective or Objective(cfg, D, torch.device("cpu"), seed=5)
-    losses, indices = [], []
+    losses, indices, diagnostics = [], [], []
     for step in steps:
-        ia, ta, ik, tk, ids, labels = batch(step, slice(rank * b, (rank + 1) * b))
+        ia, ta, ik, tk, ids, labels = batch(step, slice(rank * b, (rank + 1) * b), g)
         out = objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=rank, warmup=False)
         objective.commit(out)
         losses.append(out.loss)
         indices.append(out.index)
-    return objective, torch.stack(losses), torch.stack(indices)
+        diagnostics.append(out.diagnostics)
+    return objective, torch.stack(losses), torch.stack(indices), torch.stack(diagnostics)
 
 
 class FakeEngine:
@@ -63,18 +65,19 @@ def worker(rank: int, world: int, port: int, out: str):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
     for layout in ("replicated", "sharded"):
-        objective, losses, indices = run(replace(RULE, buffer=layout), rank, world, range(STEPS))
-        results[layout] = {"losses": losses, "indices": indices, "queue": objective.buffer.state_dict()}
-        results[f"{layout}-stateless"] = run(replace(STATELESS, buffer=layout), rank, world, range(STEPS))[1:]
+        objective, losses, indices, diagnostics = run(replace(RULE, buffer=layout), rank, world, range(STEPS))
+        results[layout] = {"losses": losses, "indices": indices, "diagnostics": diagnostics,
+                           "queue": objective.buffer.state_dict()}
+        results[f"{layout}-stateless"] = run(replace(STATELESS, buffer=layout), rank, world, range(STEPS))[1:3]
     # sharded: save after RESUME_AT steps, restore into a fresh objective, continue
     cfg = replace(RULE, buffer="sharded")
-    objective, _, _ = run(cfg, rank, world, range(RESUME_AT))
+    objective = run(cfg, rank, world, range(RESUME_AT))[0]
     saved = checkpoint.save(FakeEngine(), f"{out}/ckpt", progress=checkpoint.Progress(step=RESUME_AT), config={},
                             architecture={}, momentum=torch.nn.Linear(1, 1), objective=objective)
     fresh = Objective(cfg, D, torch.device("cpu"), seed=5)
     checkpoint.load(FakeEngine(), saved, state=checkpoint.read_state(saved), momentum=torch.nn.Linear(1, 1),
                     objective=fresh)
-    results["resumed"] = run(cfg, rank, world, range(RESUME_AT, STEPS), fresh)[1:]
+    results["resumed"] = run(cfg, rank, world, range(RESUME_AT, STEPS), fresh)[1:3]
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -95,7 +98,10 @@ def test_sharded_buffer_draws_and_holds_what_the_replicated_one_does(ranks):
         rep, shard = got["replicated"], got["sharded"]
         assert torch.equal(shard["indices"], rep["indices"]), f"rank {rank}"
         assert torch.equal(shard["losses"], rep["losses"]), f"rank {rank}"
-        assert (rep["indices"] >= G).any() and (rep["indices"][..., :] < G).any()  # both segments are drawn from
+        assert torch.equal(shard["diagnostics"], rep["diagnostics"]), f"rank {rank}"  # the at-risk count too
+        assert rep["diagnostics"][:, DIAGNOSTICS.index("at_risk")].sum() > 0
+        drawn = rep["indices"]
+        assert (drawn >= G).any() and ((drawn >= 0) & (drawn < G)).any()  # both segments are drawn from
     # the shards, in rank order, are the replicated queue; each rank holds about Q / world slots
     whole = results[0]["replicated"]["queue"]
     shards = [got["sharded"]["queue"] for got in results]
@@ -116,7 +122,7 @@ def test_sharded_checkpoint_resumes_bitwise(ranks):
 
 def test_ranks_draw_and_lose_what_one_process_does_on_the_concatenated_batch(ranks):
     world, results = ranks
-    _, want_losses, want_indices = run(STATELESS, 0, 1, range(STEPS))  # one process, the whole global batch
+    _, want_losses, want_indices, _ = run(STATELESS, 0, 1, range(STEPS))  # one process, the whole global batch
     b = G // world
     for layout in ("replicated-stateless", "sharded-stateless"):
         losses = torch.stack([got[layout][0] for got in results])
@@ -124,6 +130,29 @@ def test_ranks_draw_and_lose_what_one_process_does_on_the_concatenated_batch(ran
         assert torch.equal(indices, want_indices), layout
         torch.testing.assert_close(losses.mean(0), want_losses, rtol=1e-6, atol=1e-7)
         assert indices.shape[-1] == world * b
+
+
+def small_ring_worker(rank: int, world: int, port: int, out: str, queue_dtype: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    cfg = replace(RULE, queue_size=SAMPLE_BLOCK, queue_dtype=queue_dtype)
+    results = {layout: run(replace(cfg, buffer=layout), rank, world, range(3), g=SAMPLE_BLOCK)[1:]
+               for layout in ("replicated", "sharded")}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("queue_dtype", ["bfloat16", "float32"])
+def test_a_rank_without_candidates_draws_what_the_replicated_buffer_does(queue_dtype, tmp_path, port):
+    """A ring and a global batch of one block each on 2 ranks: rank 1 holds no candidates, and its placeholder
+    partials must match the others' in dtype and shape (else the all-to-all's byte counts differ: gloo aborts,
+    NCCL hangs)."""
+    mp.spawn(small_ring_worker, args=(2, port, str(tmp_path), queue_dtype), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for rep, shard in zip(got["replicated"], got["sharded"]):  # losses, indices, diagnostics
+            assert torch.equal(shard, rep), f"rank {rank}"
+        assert (got["replicated"][1] >= 0).all()  # every anchor got a negative
 
 
 def test_shards_are_whole_blocks_that_cover_the_segment():

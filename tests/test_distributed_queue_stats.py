@@ -1,7 +1,8 @@
 """Two gloo processes: replicated queues stay identical through wrap-around and merged statistics equal
-those of one process that sees every rank's batches."""
+those of one process that sees every rank's batches; the key gather is one collective that loses nothing."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -50,3 +51,41 @@ def test_two_ranks_keep_identical_queues_and_merge_statistics(tmp_path, port):
         assert torch.allclose(got["stats"]["moments"], stats.state_dict()["moments"], rtol=1e-12)
     assert queue.ptr == (STEPS * WORLD * B) % Q and queue.valid.all()
     assert stats.count_pos > 0 and stats.count_neg > 0
+
+
+COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_object", "broadcast",
+               "all_reduce", "all_to_all_single")
+
+
+def step_keys(rank: int, dtype: torch.dtype, n: int = 3, dim: int = 5):
+    """A rank's keys (odd width, the given dtype), ids beyond what a float holds exactly, labels with -1."""
+    g = torch.Generator().manual_seed(rank)
+    image, text = (torch.randn(n, dim, generator=g).to(dtype) for _ in range(2))
+    ids = torch.arange(n) + 2**62 + 2**40 * rank + 1
+    return image, text, ids, torch.tensor([-1, 7, 2**53 + 1])[:n] - rank
+
+
+def gather_worker(rank: int, port: int, out: str, dtype: torch.dtype):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    calls = []
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+        setattr(dist, name, lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
+    keys = GlobalKeys.gather(*step_keys(rank, dtype))
+    torch.save({"keys": vars(keys), "calls": calls}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_key_gather_is_one_collective_equal_to_gathering_each_tensor(dtype, tmp_path, port):
+    mp.spawn(gather_worker, args=(port, str(tmp_path), dtype), nprocs=WORLD)
+    want = [torch.cat(parts) for parts in zip(*(step_keys(r, dtype) for r in range(WORLD)))]
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert len(got["calls"]) == 1, got["calls"]  # one collective, not one per tensor
+        for name, value in zip(("image", "text", "ids", "labels"), want):
+            assert got["keys"][name].dtype == value.dtype and torch.equal(got["keys"][name], value), name
+    alone = GlobalKeys.gather(*step_keys(0, dtype))  # one process, no process group
+    assert all(torch.equal(getattr(alone, name), value)
+               for name, value in zip(("image", "text", "ids", "labels"), step_keys(0, dtype)))

@@ -228,14 +228,18 @@ def test_objective_config_choices_and_prior_ratio_defaults():
 
 
 def test_at_risk_rows_are_those_with_a_false_negative_candidate():
-    from fne_dist.objectives.diagnostics import has_false_candidate
+    from fne_dist.buffer import Segment, false_candidate_counts, has_false_candidate
 
     g = torch.Generator().manual_seed(0)
     cand_ids = torch.randint(0, 60, (300,), generator=g)
     group_of = torch.randint(-1, 25, (60,), generator=g)  # an image id has one label (-1: unknown)
     valid = torch.rand(300, generator=g) > 0.3
-    ids = torch.randint(0, 60, (40,), generator=g)
-    got = has_false_candidate(ids, group_of[ids], cand_ids, group_of[cand_ids], valid)
+    ids = torch.randint(0, 60, (40,), generator=g)  # repeated ids and labels among the anchors too
+    keys = torch.zeros(300, 2)
+    segments = [Segment(0, keys[:100], keys[:100], cand_ids[:100], group_of[cand_ids[:100]], None),  # all valid
+                Segment(100, keys[100:], keys[100:], cand_ids[100:], group_of[cand_ids[100:]], valid[100:])]
+    valid[:100] = True
+    got = has_false_candidate(group_of[ids], false_candidate_counts(ids, group_of[ids], segments))
     want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
                                           for j in range(300))) for i in ids.tolist()]
     assert got.tolist() == want and 0 < sum(want) < 40

@@ -1,8 +1,9 @@
 """`fne-bench buffer`: per-rank memory and step time of the negative buffer against world size and buffer size.
 
-Spawns `world` CPU processes in a gloo group; each runs `Objective.loss` + `commit` (the trainer's FNE part of a
-step: key all-gather, statistics, the draw from the whole buffer in both directions, the loss, the enqueue) on
-random unit features against a full buffer, with the Bayes rule on.  Two sweeps: world sizes at a fixed global
+Spawns `world` CPU processes in a gloo group (`--backend nccl`: an NCCL group, one GPU per rank); each runs
+`Objective.loss` + `commit` (the trainer's FNE part of a step: key all-gather, statistics, the draw from the whole
+buffer in both directions, the loss, the enqueue) on random unit features against a full buffer, with the Bayes
+rule on.  Two sweeps: world sizes at a fixed global
 buffer, and buffer sizes at a fixed world.  Reported per run: the buffer bytes a rank holds (its ring slots) and
 the median step time of the slowest rank.  Prints a table and writes a CSV.
 """
@@ -11,20 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fne_dist.bench.common import append_csv, rank_file, spawn_ranks
+from fne_dist.bench.common import (Timer, add_backend_argument, append_csv, check_backend, rank_device, rank_file,
+                                   spawn_ranks)
 from fne_dist.config import FNESection
 from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
 
-FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms")
+FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms", "backend")
 
 
 def parse_args(argv):
@@ -38,7 +39,10 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=64, help="anchors per rank")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed)")
     parser.add_argument("--csv", default="runs/bench/buffer.csv")
-    return parser.parse_args(argv)
+    add_backend_argument(parser)
+    args = parser.parse_args(argv)
+    check_backend(parser, args.backend, max(args.world, *(int(w) for w in args.worlds.split(","))))
+    return args
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Case:
     dim: int
     batch: int
     steps: int
+    backend: str
 
 
 def fill(objective, dim: int, device: torch.device) -> None:
@@ -66,24 +71,27 @@ def fill(objective, dim: int, device: torch.device) -> None:
 def _worker(rank: int, case: Case, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=case.world)
-    cfg = FNESection(queue_size=case.queue, mode="bayes", buffer=case.layout, impl="torch")
-    objective = Objective(cfg, case.dim, torch.device("cpu"), seed=0)
-    fill(objective, case.dim, torch.device("cpu"))
+    device = rank_device(case.backend, rank)
+    dist.init_process_group(case.backend, rank=rank, world_size=case.world)
+    cfg = FNESection(queue_size=case.queue, mode="bayes", buffer=case.layout, impl="auto")  # triton on a GPU
+    objective = Objective(cfg, case.dim, device, seed=0)
+    fill(objective, case.dim, device)
     g = torch.Generator().manual_seed(1)
-    unit = lambda n: F.normalize(torch.randn(n, case.dim, generator=g), dim=1)  # noqa: E731 (same stream everywhere)
-    times = []
+    # the same stream on every rank
+    unit = lambda n: F.normalize(torch.randn(n, case.dim, generator=g), dim=1).to(device)  # noqa: E731
+    timer, times = Timer(device), []
     for step in range(case.steps + 1):
         feats = [unit(case.batch) for _ in range(4)]
-        ids = torch.arange(case.batch) + case.batch * (case.world * step + rank)
+        ids = torch.arange(case.batch, device=device) + case.batch * (case.world * step + rank)
+
+        def fne_part():
+            objective.commit(objective.loss(*feats, ids, torch.full_like(ids, -1), step=step, rank=rank, warmup=False))
+
         dist.barrier()
-        start = time.perf_counter()
-        out_step = objective.loss(*feats, ids, torch.full_like(ids, -1), step=step, rank=rank, warmup=False)
-        objective.commit(out_step)
-        times.append(time.perf_counter() - start)
+        times.append(timer(fne_part))
     q = objective.buffer.queue
     held = sum(getattr(q, name).nbytes for name in q.BUFFERS)
-    torch.save({"ms": 1000 * statistics.median(times[1:]), "bytes": held}, rank_file(out, rank))
+    torch.save({"ms": statistics.median(times[1:]), "bytes": held}, rank_file(out, rank))
     dist.destroy_process_group()
 
 
@@ -91,13 +99,15 @@ def measure(case: Case) -> dict:
     ranks = spawn_ranks(_worker, case, case.world)
     return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
             "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
-            "step_ms": round(max(r["ms"] for r in ranks), 1)}
+            "step_ms": round(max(r["ms"] for r in ranks), 1), "backend": case.backend}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cases = [Case(args.layout, int(w), args.queue, args.dim, args.batch, args.steps) for w in args.worlds.split(",")]
-    cases += [Case(args.layout, args.world, int(q), args.dim, args.batch, args.steps) for q in args.queues.split(",")]
+    cases = [Case(args.layout, int(w), args.queue, args.dim, args.batch, args.steps, args.backend)
+             for w in args.worlds.split(",")]
+    cases += [Case(args.layout, args.world, int(q), args.dim, args.batch, args.steps, args.backend)
+              for q in args.queues.split(",")]
     rows = []
     print("  ".join(FIELDS))
     for case in cases:

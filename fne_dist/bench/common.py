@@ -3,7 +3,10 @@ multi-rank benchmarks."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
+
+BACKENDS = ("gloo", "nccl")  # of the spawned ranks' process group (`fne-bench buffer`, `fne-bench ema`)
 
 
 def print_table(rows: list[dict], fields) -> None:
@@ -26,9 +29,51 @@ def append_csv(rows: list[dict], fields, path: str | Path) -> None:
     print(f"appended to {path}")
 
 
+def add_backend_argument(parser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="gloo",
+                        help="process group of the ranks: gloo (CPU) or nccl (one CUDA GPU per rank)")
+
+
+def check_backend(parser, backend: str, world: int) -> None:
+    """Before any rank starts: nccl needs a CUDA GPU per rank, else one usage error (exit 2)."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if backend == "nccl" and gpus < world:
+        parser.error(f"--backend nccl needs one CUDA GPU per rank ({world} ranks, {gpus} GPUs here): use "
+                     "--backend gloo (CPU), or fewer ranks")
+
+
+def rank_device(backend: str, rank: int):
+    """The device of a spawned rank: its own GPU under nccl (made current), else the CPU."""
+    import torch
+
+    if backend != "nccl":
+        return torch.device("cpu")
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        """Milliseconds of fn(), the device drained before and after."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return 1000 * (time.perf_counter() - start)
+
+
 def spawn_ranks(worker, case, world: int) -> list[dict]:
-    """Run `worker(rank, case, port, out)` in `world` spawned CPU processes (one gloo group on a free port); each
-    saves its result dict to `rank_file(out, rank)`.  Returns the results in rank order."""
+    """Run `worker(rank, case, port, out)` in `world` spawned processes (the worker joins them in one process group
+    on a free port); each saves its result dict to `rank_file(out, rank)`.  Returns the results in rank order."""
     import tempfile
 
     import torch

@@ -1,8 +1,9 @@
 """`fne-bench ema`: under ZeRO-3, the momentum towers' memory per rank, their EMA and their forward, sharded against a
 full copy per rank.
 
-Spawns `world` CPU processes in a gloo group; each builds the towers (`--model`, open_clip name or JSON), wraps
-them in a ZeRO-3 engine (fp32 or bf16) and times, per optimizer step:
+Spawns `world` CPU processes in a gloo group (`--backend nccl`: an NCCL group, one GPU per rank); each builds the
+towers (`--model`, open_clip name or JSON), wraps them in a ZeRO-3 engine (fp32 or bf16) and times, per optimizer
+step:
   sharded  the trainer's way: fp32 momentum towers partitioned by DeepSpeed (`shard_momentum`), the EMA on each
            rank's partitions (`momentum_update(..., zero3=True)`), the keys from a forward that gathers them;
   full     a full fp32 copy on every rank, the EMA reading the online weights inside `GatheredParameters` (a gather
@@ -15,15 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from fne_dist.bench.common import append_csv, print_table, rank_file, spawn_ranks
+from fne_dist.bench.common import (Timer, add_backend_argument, append_csv, check_backend, print_table, rank_device,
+                                     rank_file, spawn_ranks)
 
-FIELDS = ("layout", "world", "model", "dtype", "params", "momentum_mib_per_rank", "ema_ms", "keys_ms", "batch")
+FIELDS = ("layout", "world", "model", "dtype", "params", "momentum_mib_per_rank", "ema_ms", "keys_ms", "batch",
+          "backend")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -35,7 +37,10 @@ def parse_args(argv):
     parser.add_argument("--batch", type=int, default=8, help="samples per rank for the momentum forward")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (after one untimed)")
     parser.add_argument("--csv", default="runs/bench/ema.csv")
-    return parser.parse_args(argv)
+    add_backend_argument(parser)
+    args = parser.parse_args(argv)
+    check_backend(parser, args.backend, args.world)
+    return args
 
 
 @dataclass
@@ -46,13 +51,7 @@ class Case:
     dtype: str
     batch: int
     steps: int
-
-
-def _timed(fn) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    fn()
-    return 1000 * (time.perf_counter() - start)
+    backend: str
 
 
 def _worker(rank: int, case: Case, port: int, out: str) -> None:
@@ -65,10 +64,11 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(case.world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    device = rank_device(case.backend, rank)
+    deepspeed.init_distributed(dist_backend=case.backend, verbose=False)
     torch.manual_seed(0)
     towers = build_towers(ModelSection(name=case.model))
-    momentum = momentum_copy(towers.model)
+    momentum = momentum_copy(towers.model).to(device)  # before deepspeed.initialize partitions the towers
     config = {"train_micro_batch_size_per_gpu": case.batch, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": case.dtype == "bf16"}, "steps_per_print": 2**31 - 1,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
@@ -86,13 +86,15 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
                 momentum_update(online, momentum, 0.995)
     size = towers.architecture["vision_cfg"]["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
-    images = torch.randn(case.batch, 3, *size)
-    tokens = towers.tokenizer([f"a photo of thing number {i}" for i in range(case.batch)])
-    ema_ms, keys_ms = [], []
+    images = torch.randn(case.batch, 3, *size, device=device)
+    tokens = towers.tokenizer([f"a photo of thing number {i}" for i in range(case.batch)]).to(device)
+    timer, ema_ms, keys_ms = Timer(device), [], []
     for _ in range(case.steps + 1):
-        ema_ms.append(_timed(ema))
+        dist.barrier()
+        ema_ms.append(timer(ema))
+        dist.barrier()
         with torch.no_grad():
-            keys_ms.append(_timed(lambda: encode(momentum, images, tokens)))
+            keys_ms.append(timer(lambda: encode(momentum, images, tokens)))
     torch.save({"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]), "bytes": held,
                 "params": sum(p.ds_numel for p in online.parameters())}, rank_file(out, rank))
     dist.barrier()
@@ -104,12 +106,12 @@ def measure(case: Case) -> dict:
     return {"layout": case.layout, "world": case.world, "model": os.path.basename(case.model), "dtype": case.dtype,
             "params": ranks[0]["params"], "momentum_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
             "ema_ms": round(max(r["ema_ms"] for r in ranks), 2), "keys_ms": round(max(r["keys_ms"] for r in ranks), 1),
-            "batch": case.batch}
+            "batch": case.batch, "backend": case.backend}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = [measure(Case(layout, args.model, args.world, args.dtype, args.batch, args.steps))
+    rows = [measure(Case(layout, args.model, args.world, args.dtype, args.batch, args.steps, args.backend))
             for layout in ("full", "sharded")]
     print_table(rows, FIELDS)
     append_csv(rows, FIELDS, args.csv)

@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from fne_dist.bench.common import append_csv, print_table
+from fne_dist.bench.common import Timer, append_csv, print_table
 from fne_dist.bench.buffer import fill
 from fne_dist.config import Config, DataSection, FNESection, ModelSection, TrainSection
 from fne_dist.data.loader import Batch
@@ -47,21 +46,6 @@ def parse_args(argv):
                         help="buffer layout (one rank: sharded exercises the all-to-all path on itself)")
     parser.add_argument("--csv", default="runs/bench/step.csv", help="CSV to append the result row to")
     return parser.parse_args(argv)
-
-
-class Timer:
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, fn) -> float:
-        """Milliseconds of fn(), the device drained before and after."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return 1000 * (time.perf_counter() - start)
 
 
 def config(args, out_dir: str) -> Config:

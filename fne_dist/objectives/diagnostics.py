@@ -19,21 +19,6 @@ def join_segments(segments, fields) -> list[torch.Tensor]:
     return [torch.cat([field(s, name) for s in segments]) for name in fields]
 
 
-def has_false_candidate(ids, labels, cand_ids, cand_labels, valid) -> torch.Tensor:
-    """[b] bool: the anchor's label is known and some valid candidate has it under another image id.  Counted
-    without [b, N]: known candidates of the anchor's label minus those of its id (an image id has one label); by
-    sorting all candidates and counting the known ones with a running sum, so no boolean indexing (a host sync)."""
-    known = (valid & (cand_labels >= 0)).long()
-
-    def count_known(values, queries):
-        order = values.argsort()
-        sorted_values = values[order]
-        seen = torch.cat([known.new_zeros(1), known[order].cumsum(0)])
-        return seen[torch.searchsorted(sorted_values, queries, right=True)] - seen[torch.searchsorted(sorted_values, queries)]
-
-    return (labels >= 0) & (count_known(cand_labels, labels) > count_known(cand_ids, ids))
-
-
 def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
     """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
     SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives

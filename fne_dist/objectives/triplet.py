@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from fne_dist.buffer import Segment, false_candidate_counts, has_false_candidate
 from fne_dist.losses import triplet_hinges, vsepp_hardest
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
-from fne_dist.objectives.diagnostics import DIAGNOSTICS, has_false_candidate, join_segments, pick_diagnostics
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, pick_diagnostics
 from fne_dist.weights import true_negative_prob
 
 
@@ -16,7 +17,8 @@ class VSEpp(StepObjective):
         ia, ta, ids, labels = x.ia.float(), x.ta.float(), x.ids, x.labels
         (cost_i2t, col_i2t), (cost_t2i, row_t2i) = vsepp_hardest(ia, ta, ids, self.rule.margin)
         # a zero-cost row's argmax is arbitrary; what VSE++ pushes there is nothing, so only costed rows count as picks
-        at_risk = has_false_candidate(ids, labels, ids, labels, torch.ones_like(ids, dtype=torch.bool))
+        in_batch = [Segment(0, ia, ta, ids, labels, None)]  # this rank's batch: VSE++'s candidates
+        at_risk = has_false_candidate(labels, false_candidate_counts(ids, labels, in_batch))
         diagnostics = sum(pick_diagnostics(ids, labels, ids[j], labels[j], cost > 0, at_risk, cost.detach())
                           for cost, j in ((cost_i2t, col_i2t), (cost_t2i, row_t2i)))
         return ObjectiveOutput((cost_i2t + cost_t2i).mean(), diagnostics)
@@ -32,7 +34,7 @@ class FNETriplet(StepObjective):
         loss = x.ia.new_zeros((), dtype=torch.float32)
         diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=x.ia.device)
         index = []
-        at_risk = self._at_risk(x)
+        at_risk = self.buffer.at_risk(x.ids, x.labels, x.keys, row_offset=x.rank * len(x.ids))
         # direction 0: image anchors against text candidates; 1: text anchors against image candidates
         for direction, (features, pos_keys) in enumerate(((x.ia, x.tk), (x.ta, x.ik))):
             anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
@@ -52,11 +54,3 @@ class FNETriplet(StepObjective):
                                             sampled=neg.sample)
             index.append(neg.sample.index)
         return ObjectiveOutput(loss, diagnostics, torch.stack(index))
-
-    def _at_risk(self, x: StepFeatures) -> torch.Tensor:
-        """[b] bool: the anchor has a false negative among its candidates.  Measured with the replicated buffer
-        (every candidate is here); with the sharded one a rank holds a shard only, and no anchor is counted."""
-        if self.buffer.sharded:
-            return torch.zeros_like(x.ids, dtype=torch.bool)
-        joined = join_segments(self.buffer.segments(x.keys), ("ids", "labels", "valid"))
-        return has_false_candidate(x.ids, x.labels, *joined)
