@@ -32,7 +32,7 @@ setup(
     ],
     extras_require={
         # s3:// shards are read with boto3 (credentials and endpoint: boto3's usual AWS_* variables); urllib3 2.2
-        # brought the response's read1, which the per-read deadline needs (fne_dist.remote)
+        # brought the response's read1, which the per-read deadline needs (fne_dist.data.remote)
         "s3": ["boto3", "urllib3>=2.2"],
         # moto[s3] + flask, flask-cors: the S3 emulator the loopback tests start on 127.0.0.1 (its server mode)
         "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[s3]", "flask", "flask-cors"],

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT
 from fne_dist import checkpoint, metrics_log
 from fne_dist.config import FNESection
-from fne_dist.demo_data import build_demo_shards
+from fne_dist.data.digits import build_demo_shards
 from fne_dist.distributed import free_port
 from fne_dist.objective import Objective
 
