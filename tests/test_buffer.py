@@ -14,7 +14,8 @@ from fne_dist import checkpoint
 from fne_dist.buffer import NegativeBuffer, block_range
 from fne_dist.config import FNESection
 from fne_dist.fne import SAMPLE_BLOCK
-from fne_dist.objective import DIAGNOSTICS, Objective
+from fne_dist.objective import Objective
+from fne_dist.objectives.diagnostics import DIAGNOSTICS
 from fne_dist.queue import GlobalKeys, MomentumQueue
 
 G, D, Q, STEPS, RESUME_AT = 160, 8, 640, 6, 3  # 6 x 160 = 960 keys into 640 slots: the ring wraps at step 4
