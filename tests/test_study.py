@@ -12,7 +12,7 @@ import torch
 
 from fne_dist.study import run as study
 from fne_dist.study.data import Split, false_negative_density, split_by_group, study_splits
-from fne_dist.study.report import SHARES, markdown_table, summary_rows, write_report
+from fne_dist.study.report import SHARES, markdown_table, oracle_verdicts, summary_rows, write_report
 from fne_dist.study.run import (FN_PER_ROW, VARIANTS, StudyBudget, grid_points, queue_for, run_study, study_variants,
                                 sweep_name, train_heads)
 
@@ -125,6 +125,21 @@ def test_oracle_and_sweep_variants(data, tmp_path):
     with (tmp_path / "runs.csv").open() as f:
         names = {r["objective"]: int(r["queue_size"]) for r in csv.DictReader(f)}
     assert "posterior InfoNCE oracle @ 4 FN/row" in names and names["CLIP InfoNCE oracle"] == TINY.queue_size
+    assert (tmp_path / "sweep_tiny.png").stat().st_size > 0
+    assert "\n- tiny: " in (tmp_path / "table.md").read_text()
+
+
+def test_oracle_verdict_says_where_elimination_can_matter():
+    def row(dataset, objective, d, se):
+        return {"dataset": dataset, "objective": objective, "d_rsum": d, "d_rsum_se": se}
+
+    rows = [row("a", "CLIP InfoNCE", 0.0, 0.0), row("a", "CLIP InfoNCE oracle", 2.8, 0.2),
+            row("a", "VSE++ oracle", -3.0, 1.0), row("b", "CLIP InfoNCE", 0.0, 0.0),
+            row("b", "CLIP InfoNCE oracle", 0.15, 0.27), row("b", "posterior InfoNCE", 5.0, 0.1)]
+    assert oracle_verdicts(rows) == (
+        "- a: elimination can matter (CLIP InfoNCE oracle: +2.8 ± 0.2 rsum over CLIP, more than 2 SE)\n"
+        "- b: no oracle beats CLIP by more than 2 SE (best CLIP InfoNCE oracle: +0.1 ± 0.3 rsum): eliminating false "
+        "negatives cannot help here\n")
 
 
 def test_false_negative_density_and_the_sweeps_queue_size():

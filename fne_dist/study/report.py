@@ -24,6 +24,8 @@ ROW_SHARES = {"fallback_share": "rows falling back", "no_negative_share": "rows 
 GAUSSIAN_VARIANT = "FNE bayes"  # whose statistics and similarities the Gaussian plot shows (seed 0)
 POSTERIOR_OFF = 1e20  # a prior ratio this large turns the posterior off (f = 0): nothing to score
 BASELINE = "CLIP InfoNCE"
+ORACLE = " oracle"  # the name of a variant run with fne.oracle
+SWEEP = " @ "  # "<variant> @ <t> FN/row": a variant of the buffer sweep
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,7 +58,7 @@ def summary_rows(results: dict) -> list[dict]:
     for dataset, variants in results.items():
         for variant, runs in variants.items():
             row = {"dataset": dataset, "objective": variant, "settings": settings_text(runs[0].settings),
-                   "seeds": len(runs)}
+                   "queue_size": runs[0].cfg.queue_size, "seeds": len(runs)}
             for key in metrics:
                 row[key], row[f"{key}_std"] = mean_std([r.metrics[key] for r in runs])
             for key in PAIRED:
@@ -105,6 +107,24 @@ def plain_table(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |"
               for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def oracle_verdicts(rows: list[dict]) -> str:
+    """Per set, whether eliminating false negatives can matter there: the best oracle's paired difference from
+    CLIP (group-aware where measured) against twice its standard error."""
+    key = next((f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0]), None)
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows) if key else ():
+        oracles = [r for r in rows if r["dataset"] == dataset and ORACLE in r["objective"] and not math.isnan(r[key])]
+        if not oracles:
+            continue
+        best = max(oracles, key=lambda r: r[key])
+        gain = f"{best['objective']}: {best[key]:+.1f} ± {best[f'{key}_se']:.1f} {key[2:]}"
+        lines.append(f"- {dataset}: elimination can matter ({gain} over CLIP, more than 2 SE)"
+                     if best[key] > 2 * best[f"{key}_se"] else
+                     f"- {dataset}: no oracle beats CLIP by more than 2 SE (best {gain}): eliminating false "
+                     "negatives cannot help here")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def density_rows(datasets: dict, budget) -> list[dict]:
@@ -232,6 +252,31 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
     plt.close(fig)
 
 
+def plot_sweep(path: Path, dataset: str, rows: list[dict]) -> None:
+    """The buffer sweep: each swept variant's paired difference from CLIP (+- SE) against the false negatives per
+    row of its [batch ; queue]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["objective"].split(SWEEP)[0] for r in rows):
+        points = sorted((r["fn_per_row"], r[key], r[f"{key}_se"]) for r in rows
+                        if r["objective"].startswith(name + SWEEP))
+        ax.errorbar(*zip(*points), marker="o", capsize=3, label=name)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("false negatives per row of [batch ; queue] (training split)")
+    ax.set_ylabel(f"Δ {key[2:]} vs CLIP (paired, ± SE)")
+    ax.set_title(f"{dataset}: buffer sweep", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(study, datasets: dict, budget, out: Path) -> list[dict]:
     """table.md (the protocol, the sets, the table), table.csv, runs.csv, grid.csv, sets.csv, posterior.csv (seed
     0 of each variant), history.json and the plots under `out`; returns the summary rows."""
@@ -243,7 +288,7 @@ def write_report(study, datasets: dict, budget, out: Path) -> list[dict]:
               f"{study.grid[0]['selected_by']}; then {len(study.seeds)} seeds per objective, test read once per run; "
               f"Δ: paired by seed against {BASELINE}, ± standard error (other columns ± std).\n\n"
               + plain_table(sets) + "\n")
-    (out / "table.md").write_text(header + markdown_table(rows))
+    (out / "table.md").write_text(header + markdown_table(rows) + "\n" + oracle_verdicts(rows))
     write_csv(out / "table.csv", rows)
     write_csv(out / "runs.csv", run_rows(results, study.seeds))
     write_csv(out / "grid.csv", study.grid)
@@ -258,6 +303,11 @@ def write_report(study, datasets: dict, budget, out: Path) -> list[dict]:
         write_csv(out / "posterior.csv", posterior)
     for dataset, variants in results.items():
         plot_shares(out / f"fn_share_{dataset}.png", dataset, variants)
+        per_row = false_negative_density(datasets[dataset]["train"])
+        swept = [dict(r, fn_per_row=per_row * (budget.batch_size + r["queue_size"] - 1)) for r in rows
+                 if r["dataset"] == dataset and SWEEP in r["objective"]]
+        if swept:
+            plot_sweep(out / f"sweep_{dataset}.png", dataset, swept)
         if GAUSSIAN_VARIANT in variants:
             plot_gaussians(out / f"gaussians_{dataset}.png", dataset, variants[GAUSSIAN_VARIANT][0],
                            datasets[dataset]["train"], budget.batch_size)

@@ -48,7 +48,7 @@ from fne_dist.objectives import objective_class
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.retrieval import retrieval_metrics
 from fne_dist.study.data import DATASETS, Split, false_negative_density, load_features, shard_features
-from fne_dist.study.report import settings_text, write_report
+from fne_dist.study.report import ORACLE, SWEEP, settings_text, write_report
 
 # name -> the fne section's objective settings; everything else is StudyBudget's and shared by all
 VARIANTS = {
@@ -67,13 +67,11 @@ VARIANTS = {
 PRIOR_RATIOS = (10.0, 100.0, 1000.0)
 GRIDS = {name: {"prior_ratio": PRIOR_RATIOS}
          for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")}
-BASELINE = "CLIP InfoNCE"  # what every objective's paired difference is taken from
-ORACLE = " oracle"
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
 
 
 def sweep_name(name: str, fn_per_row: float) -> str:
-    return f"{name} @ {fn_per_row:g} FN/row"
+    return f"{name}{SWEEP}{fn_per_row:g} FN/row"
 
 
 def study_variants(names=tuple(VARIANTS), oracle: bool = True, sweep=(), fn_per_row=FN_PER_ROW) -> dict:
