@@ -132,3 +132,44 @@ def test_oracle_needs_every_label_and_is_a_config_setting():
     assert load_config("configs/demo.yaml", ["fne.oracle=true"]).fne.oracle is True
     with pytest.raises(ConfigError, match="fne.oracle"):
         load_config("configs/demo.yaml", ["fne.oracle=maybe"])
+
+
+def two_rank_worker(rank: int, port: int, out: str):
+    """Rank r holds pairs [8r, 8r + 8) of one global batch of 16 (labels in groups of 4, across the ranks)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ia, ta, ik, tk, ids, labels = step(b=16, group=4)
+    ids, labels = ids.remainder(16), (ids + 2).remainder(16) // 4  # groups 1 and 3 straddle the ranks
+    mine = slice(8 * rank, 8 * rank + 8)
+    clip = objective(objective="clip", oracle=True).loss(
+        ia[mine].detach(), ta[mine].detach(), ik[mine], tk[mine], ids[mine], labels[mine], step=0, rank=rank,
+        warmup=False, logit_scale=torch.tensor([10.0]))
+    obj = objective(objective="fne", mode="hardness", oracle=True, buffer="sharded")
+    picks = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64)
+    for n in range(3):
+        out_n = obj.loss(ia[mine].detach(), ta[mine].detach(), ik[mine], tk[mine], ids[mine] + 100 * n, labels[mine],
+                         step=n, rank=rank, warmup=False)
+        obj.commit(out_n)
+        picks += out_n.diagnostics
+    torch.save({"clip": clip.loss, "picks": dict(zip(DIAGNOSTICS, picks.tolist()))}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_oracle_on_two_ranks_masks_across_the_global_batch_and_the_sharded_buffer(tmp_path, port):
+    """CLIP's oracle over the gathered batch equals the one-process oracle over all 16 pairs; the FNE sampler over
+    the sharded buffer draws no false negative, though each group has members on the other rank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(two_rank_worker, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ia, ta, ik, tk, ids, labels = step(b=16, group=4)
+    ids, labels = ids.remainder(16), (ids + 2).remainder(16) // 4
+    want = objective(objective="clip", oracle=True).loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=False,
+                                                          logit_scale=torch.tensor([10.0])).loss
+    for got in ranks:
+        torch.testing.assert_close(got["clip"], want, rtol=1e-6, atol=1e-6)
+        assert got["picks"]["labelled"] == 3 * 2 * 8 and got["picks"]["false_negatives"] == 0

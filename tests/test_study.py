@@ -100,6 +100,8 @@ def test_the_test_split_is_read_once_per_run_and_chooses_nothing(data, monkeypat
     second = run_study({"tiny": {**data["tiny"], "test": scrambled}}, variants, seeds=(0, 1, 2), select_seeds=2,
                        budget=budget, **QUIET)
     assert first.grid == second.grid
+    with pytest.raises(ValueError, match="--select-seeds 3 must lie between 1 and the number of seeds"):
+        run_study(data, variants, seeds=(0, 1), select_seeds=3, budget=budget, **QUIET)
     assert [r.metrics for r in first.runs["tiny"]["VSE++"]] != [r.metrics for r in second.runs["tiny"]["VSE++"]]
 
 

@@ -240,6 +240,8 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
               log=functools.partial(print, flush=True)) -> StudyResults:
     """The protocol of the module docstring.  datasets: {name: {"train", "val", "test": Split}}; variants: name ->
     (settings, grid) (`study_variants`); `jobs` > 1 runs that many runs at once in worker processes."""
+    if not 1 <= select_seeds <= len(seeds):
+        raise ValueError(f"--select-seeds {select_seeds} must lie between 1 and the number of seeds ({len(seeds)})")
     budget = budget or StudyBudget()
     select = tuple(seeds[:select_seeds])
     points = {v: grid_points(grid) for v, (_, grid) in variants.items()}
@@ -274,6 +276,7 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
                 grid += [{"dataset": name, "objective": v, "settings": settings_text(points[v][n]), "seed": seed,
                           "selected_by": metric, "chosen": n == chosen[name, v], **m}
                          for n in range(len(scores)) for seed, m in zip(select, scores[n])]
+        tried = {key: run for key, run in tried.items() if key[2] == chosen[key[:2]]}  # the other points' heads go
         # 3. the chosen point with every seed, each run scored on test once; the selection seeds' runs are reused
         fresh = runs([((name, v, seed), splits["train"], splits["test"], variants[v][0], points[v][chosen[name, v]],
                        seed, budget)
