@@ -284,6 +284,6 @@ def test_study_on_anyones_shards_end_to_end(tmp_path, capsys):
                                                 "fn_share_mine.png", "gaussians_mine.png"}
     assert "| mine | FNE bayes oracle |" in (out / "table.md").read_text()
     capsys.readouterr()
-    assert study.main(["--shards", str(tmp_path / "img")]) == 2
+    assert study.main(["--shards", str(tmp_path / "img"), "--variants", "VSE++"]) == 2  # nothing swept by default
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m fne_dist.study: error:") and "no manifest.json" in err[0]

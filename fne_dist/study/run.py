@@ -68,6 +68,7 @@ PRIOR_RATIOS = (10.0, 100.0, 1000.0)
 GRIDS = {name: {"prior_ratio": PRIOR_RATIOS}
          for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")}
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
+SWEPT = ("posterior InfoNCE",)  # what `python -m fne_dist.study` sweeps unless told
 
 
 def sweep_name(name: str, fn_per_row: float) -> str:
@@ -309,8 +310,8 @@ def main(argv=None) -> int:
                         help=f"objectives to compare (default: all of {', '.join(VARIANTS)})")
     parser.add_argument("--no-oracle", dest="oracle", action="store_false",
                         help="leave out each variant's oracle twin (the true false negatives masked)")
-    parser.add_argument("--sweep", nargs="*", default=["posterior InfoNCE"], metavar="NAME",
-                        help="variants also run at the queue sizes of --fn-per-row (default: %(default)s)")
+    parser.add_argument("--sweep", nargs="*", metavar="NAME", help="variants also run at the queue sizes of "
+                        f"--fn-per-row (default: {', '.join(SWEPT)}, where among --variants)")
     parser.add_argument("--fn-per-row", nargs="+", type=float, default=list(FN_PER_ROW),
                         help="the sweep's false negatives per row of [batch ; queue] (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=5)
@@ -321,7 +322,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
-        variants = study_variants(args.variants, args.oracle, args.sweep, args.fn_per_row)
+        sweep = [name for name in SWEPT if name in args.variants] if args.sweep is None else args.sweep
+        variants = study_variants(args.variants, args.oracle, sweep, args.fn_per_row)
         if args.shards:
             datasets = {d.name: shard_features(d, Path(args.data) / f"features-{d.name}.pt") for d in args.shards}
         else:
