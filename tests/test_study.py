@@ -155,6 +155,9 @@ def test_false_negative_density_and_the_sweeps_queue_size():
         q = queue_for(target, split, 8)
         assert (q + 8 - 1) * want <= target <= (q + 8) * want
     assert queue_for(0.01, split, 8) == 8  # never below a batch
+    budget, cfg = replace(TINY, batch_size=8).configure({"objective": "clip", "lr": 3e-3, "fn_per_row": 3.0}, split)
+    assert (budget.lr, budget.queue_size, cfg.queue_size, cfg.objective) == (3e-3, queue_for(3.0, split, 8),
+                                                                              budget.queue_size, "clip")
     with pytest.raises(ValueError, match="no false negatives"):
         queue_for(1.0, synthetic(10, 1, 0), 8)
 
