@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(PYTHON) -m fne_dist.demo
 
 # "Does FNE eliminate false negatives?" (README): the two real sets from Debian packages, cached frozen-tower
-# features, every objective x 3 seeds; writes runs/study/.
+# features, every objective and its oracle (settings chosen on validation, 5 seeds, test once); writes runs/study/.
 STUDY_DEBS := openclipart-png openclipart-svg fonts-noto-color-emoji
 study: $(STAMP)
 	dpkg -s $(STUDY_DEBS) >/dev/null 2>&1 || { apt-get update && apt-get install -y $(STUDY_DEBS); }

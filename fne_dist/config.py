@@ -86,6 +86,7 @@ class FNESection:
     objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objectives.REGISTRY)
     mode: str = "official"
     posterior_hinge: bool = False  # objective fne: multiply the sampled triplet's hinge by 1 - f of the drawn negative
+    oracle: bool = False  # an upper bound: drop the true false negatives (same label, another image) from every loss
     margin: float = 0.2
     tau: float = 0.5
     prior_ratio: Optional[float] = None  # None: 10^4 for objective fne in mode official, 100 otherwise

@@ -38,5 +38,5 @@ def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):
 
 def false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
     """True where the other item has the anchor's (known) label but another image id: a false negative (labels
-    only measure them; the objectives never read labels)."""
+    only measure them; the objectives read labels only as fne.oracle's identity keys)."""
     return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)

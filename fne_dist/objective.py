@@ -6,6 +6,11 @@ names (fne_dist.objectives: fne, vsepp, clip, posterior_infonce).  It knows noth
 so the trainer, `fne-bench step` and the study share it.  `loss` changes no state: it returns this step's keys and
 statistics, and the caller `commit`s them (enqueue, new statistics) only once the step is known to be finite,
 after the optimizer step.
+
+The objectives never treat two pairs of one key as negatives of each other.  The key is the image id; with
+`fne.oracle` it is the group label (`identity_keys`), so one substitution makes every objective drop the true false
+negatives (same label, another image) in-batch and over the buffer (whose slots keep the keys they were enqueued
+with): an upper bound on what eliminating false negatives can gain, measured only where labels are known.
 """
 from __future__ import annotations
 
@@ -30,6 +35,18 @@ class StepLoss:
     stats: SimilarityStats  # the statistics with this step's moments (sampled with), to keep after the step
     diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's anchors (both directions)
     index: torch.Tensor | None = None  # [2, b] the drawn global columns per direction (NO_NEGATIVE where none)
+
+
+def identity_keys(ids: torch.Tensor, labels: torch.Tensor, oracle: bool) -> torch.Tensor:
+    """[b] keys that the objectives mask like one image: the image ids, or with the oracle the group labels (an
+    image id has one label, so pairs of one image still share a key).  The oracle needs every pair's label."""
+    if not oracle:
+        return ids
+    if bool((labels < 0).any()):
+        raise ValueError("fne.oracle=true masks false negatives by label, and this batch has pairs without one: "
+                         "give every pair a label (the shards' json 'label'; fne-make-shards table --label-column) "
+                         "or set fne.oracle=false")
+    return labels
 
 
 class Objective:
@@ -60,10 +77,11 @@ class Objective:
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")
-        keys = GlobalKeys.gather(ik, tk, ids, labels)
+        keys_of = identity_keys(ids, labels, self.cfg.oracle)
+        keys = GlobalKeys.gather(ik, tk, keys_of, labels)
         warming = warmup and self.warmup_objective is not None
-        stats = self.stats if warming else self.stats.updated(ia, ta, ids)
-        features = StepFeatures(ia, ta, ik, tk, ids, labels, keys, stats, step, rank, logit_scale)
+        stats = self.stats if warming else self.stats.updated(ia, ta, ids)  # the same fit with or without the oracle
+        features = StepFeatures(ia, ta, ik, tk, keys_of, labels, keys, stats, step, rank, logit_scale)
         out = (self.warmup_objective if warming else self.step_objective)(features)
         return StepLoss(out.loss, keys, stats, out.diagnostics, out.index)
 

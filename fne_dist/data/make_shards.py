@@ -274,7 +274,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     t.add_argument("--image-column", default="filepath", help="column of image paths (default: %(default)s)")
     t.add_argument("--caption-column", default="title", help="column of captions (default: %(default)s)")
     t.add_argument("--id-column", help="column of integer image ids (default: a stable hash of the image path)")
-    t.add_argument("--label-column", help="column of integer class labels, used only to measure false negatives")
+    t.add_argument("--label-column", help="column of integer class labels (groups): what measures false negatives, "
+                   "and what fne.oracle and the study group by")
     t.add_argument("--image-root", help="folder for relative image paths (default: the table's folder)")
     t.add_argument("--split", default="train", help="split name of the shards (default: %(default)s)")
     o = sub.add_parser("openclipart", help="Debian's openclipart drawings with their titles (apt-get install "

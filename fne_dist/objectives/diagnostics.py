@@ -1,5 +1,6 @@
 """What every objective reports besides its loss: the DIAGNOSTICS sums (picks, false negatives among them, loss mass
-on false negatives) and their shares (`summarise`).  Labels only measure false negatives; no loss reads them."""
+on false negatives) and their shares (`summarise`).  Labels only measure false negatives; no loss reads them
+(except through fne.oracle's identity keys, `fne_dist.objective.identity_keys`)."""
 from __future__ import annotations
 
 import torch

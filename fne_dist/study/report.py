@@ -1,5 +1,7 @@
-"""The study's outputs: the table (markdown + CSV, mean +- std over seeds), per-run CSV, and two plots per set
-(the fitted Gaussians over the measured similarity histograms; the false-negative share against training step)."""
+"""The study's outputs: the table (markdown + CSV: mean +- std over seeds, and each objective's difference from CLIP
+paired by seed, +- its standard error), the grid tried on validation (grid.csv), per-run CSV, the sets' splits and
+false-negative densities, and two plots per set (the fitted Gaussians over the measured similarity histograms;
+the false-negative share against training step)."""
 from __future__ import annotations
 
 import csv
@@ -10,17 +12,20 @@ from pathlib import Path
 
 import torch
 
-from fne_dist.retrieval import KS
 from fne_dist.stats import SimilarityStats
+from fne_dist.study.data import false_negative_density
 from fne_dist.weights import true_negative_prob
 
-METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
+PAIRED = ("rsum", "group_rsum")  # the differences from the baseline that the table reports, where the metrics have them
 SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
           "false_negative_loss_share": "FN share of loss"}
 LAST_EPOCH = {"at_risk_false_negative_share": "FN share of at-risk picks, last epoch"}
 ROW_SHARES = {"fallback_share": "rows falling back", "no_negative_share": "rows without a negative"}  # sampled rows
-GAUSSIAN_VARIANT = "FNE bayes"
-POSTERIOR_OFF = 1e20  # a prior ratio this large turns the posterior off (f = 0): nothing to score  # whose statistics and similarities the Gaussian plot shows (seed 0)
+GAUSSIAN_VARIANT = "FNE bayes"  # whose statistics and similarities the Gaussian plot shows (seed 0)
+POSTERIOR_OFF = 1e20  # a prior ratio this large turns the posterior off (f = 0): nothing to score
+BASELINE = "CLIP InfoNCE"
+ORACLE = " oracle"  # the name of a variant run with fne.oracle
+SWEEP = " @ "  # "<variant> @ <t> FN/row": a variant of the buffer sweep
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -32,14 +37,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
 
 
+def metric_keys(results: dict) -> list[str]:
+    """The retrieval metrics the runs report, in their order (whatever `retrieval_metrics` returns)."""
+    first = next(run for variants in results.values() for runs in variants.values() for run in runs)
+    return list(first.metrics)
+
+
+def paired_difference(runs: list, baseline: list, key: str) -> tuple[float, float]:
+    """Mean over seeds of run minus baseline run of the same seed, and its standard error (NaN for one seed)."""
+    d = torch.tensor([r.metrics[key] - b.metrics[key] for r, b in zip(runs, baseline, strict=True)],
+                     dtype=torch.float64)
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
 def summary_rows(results: dict) -> list[dict]:
-    """One row per (dataset, variant): mean and std over seeds of every metric and share."""
+    """One row per (dataset, variant): the chosen settings, mean and std over seeds of every metric and share, and
+    the paired difference from BASELINE (where it ran) of PAIRED metrics with its standard error."""
     rows = []
+    metrics = metric_keys(results)
     for dataset, variants in results.items():
         for variant, runs in variants.items():
-            row = {"dataset": dataset, "objective": variant, "seeds": len(runs)}
-            for key in METRICS:
+            row = {"dataset": dataset, "objective": variant, "settings": settings_text(runs[0].settings),
+                   "queue_size": runs[0].cfg.queue_size, "seeds": len(runs)}
+            for key in metrics:
                 row[key], row[f"{key}_std"] = mean_std([r.metrics[key] for r in runs])
+            for key in PAIRED:
+                if key in metrics and BASELINE in variants:
+                    row[f"d_{key}"], row[f"d_{key}_se"] = paired_difference(runs, variants[BASELINE], key)
             for key in (*SHARES, *ROW_SHARES):
                 row[key], row[f"{key}_std"] = mean_std([r.diagnostics.get(key, float("nan")) for r in runs])
             for key in LAST_EPOCH:
@@ -47,6 +71,11 @@ def summary_rows(results: dict) -> list[dict]:
                                                                         for r in runs])
             rows.append(row)
     return rows
+
+
+def settings_text(settings: dict) -> str:
+    """A grid point as `key=value ...` ("-" for none)."""
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items()) or "-"
 
 
 def _cell(mean: float, std: float, percent: bool = False) -> str:
@@ -57,14 +86,58 @@ def _cell(mean: float, std: float, percent: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ["set", "objective", *METRICS, *SHARES.values(), *LAST_EPOCH.values(), *ROW_SHARES.values()]
+    metrics = [k for k in rows[0] if f"{k}_std" in rows[0] and k not in SHARES and k not in ROW_SHARES
+               and not k.startswith("last_")]
+    paired = [k for k in PAIRED if f"d_{k}" in rows[0]]
+    head = ["set", "objective", "settings", *metrics, *(f"Δ {k} vs CLIP" for k in paired), *SHARES.values(),
+            *LAST_EPOCH.values(), *ROW_SHARES.values()]
     shares = (*SHARES, *(f"last_{k}" for k in LAST_EPOCH), *ROW_SHARES)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["dataset"], row["objective"], *(_cell(row[k], row[f"{k}_std"]) for k in METRICS),
+        cells = [row["dataset"], row["objective"], row["settings"], *(_cell(row[k], row[f"{k}_std"]) for k in metrics),
+                 *(_cell(row[f"d_{k}"], row[f"d_{k}_se"]) for k in paired),
                  *(_cell(row[k], row[f"{k}_std"], percent=True) for k in shares)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plain_table(rows: list[dict]) -> str:
+    """A markdown table of the rows as they are (floats to two decimals)."""
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()) + " |"
+              for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def oracle_verdicts(rows: list[dict]) -> str:
+    """Per set, whether eliminating false negatives can matter there: the best oracle's paired difference from
+    CLIP (group-aware where measured) against twice its standard error."""
+    key = next((f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0]), None)
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows) if key else ():
+        oracles = [r for r in rows if r["dataset"] == dataset and ORACLE in r["objective"] and not math.isnan(r[key])]
+        if not oracles:
+            continue
+        best = max(oracles, key=lambda r: r[key])
+        gain = f"{best['objective']}: {best[key]:+.1f} ± {best[f'{key}_se']:.1f} {key[2:]}"
+        lines.append(f"- {dataset}: elimination can matter ({gain} over CLIP, more than 2 SE)"
+                     if best[key] > 2 * best[f"{key}_se"] else
+                     f"- {dataset}: no oracle beats CLIP by more than 2 SE (best {gain}): eliminating false "
+                     "negatives cannot help here")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def density_rows(datasets: dict, budget) -> list[dict]:
+    """Per set: pairs and groups per split, and the training split's false negatives per row in a batch and in
+    [batch ; queue] at the budget's queue."""
+    rows = []
+    for name, splits in datasets.items():
+        density = false_negative_density(splits["train"])
+        rows.append({"dataset": name, **{f"{s}_pairs": len(split.ids) for s, split in splits.items()},
+                     **{f"{s}_groups": len(split.groups.unique()) for s, split in splits.items()},
+                     "fn_per_row_batch": density * (budget.batch_size - 1),
+                     "fn_per_row_buffer": density * (budget.batch_size + budget.queue_size - 1)})
+    return rows
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -74,12 +147,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def run_rows(results: dict) -> list[dict]:
-    """Every run: dataset, objective, seed, metrics, shares."""
-    return [{"dataset": dataset, "objective": variant, "seed": seed, **run.metrics,
+def run_rows(results: dict, seeds) -> list[dict]:
+    """Every run: dataset, objective, seed, its settings and queue size, metrics on test, shares."""
+    return [{"dataset": dataset, "objective": variant, "seed": seed, "settings": settings_text(run.settings),
+             "queue_size": run.cfg.queue_size, **run.metrics,
              **{k: run.diagnostics.get(k, float("nan")) for k in (*SHARES, *ROW_SHARES)}}
             for dataset, variants in results.items() for variant, runs in variants.items()
-            for seed, run in enumerate(runs)]
+            for seed, run in zip(seeds, runs, strict=True)]
 
 
 @torch.no_grad()
@@ -178,24 +252,63 @@ def plot_shares(path: Path, dataset: str, variants: dict) -> None:
     plt.close(fig)
 
 
-def write_report(results: dict, datasets: dict, budget, out: Path, header: str = "") -> list[dict]:
-    """table.md, table.csv, runs.csv, posterior.csv (seed 0 of each variant), history.json and the plots under
-    `out`; returns the summary rows."""
+def plot_sweep(path: Path, dataset: str, rows: list[dict]) -> None:
+    """The buffer sweep: each swept variant's paired difference from CLIP (+- SE) against the false negatives per
+    row of its [batch ; queue]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = next(f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["objective"].split(SWEEP)[0] for r in rows):
+        points = sorted((r["fn_per_row"], r[key], r[f"{key}_se"]) for r in rows
+                        if r["objective"].startswith(name + SWEEP))
+        ax.errorbar(*zip(*points), marker="o", capsize=3, label=name)
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("false negatives per row of [batch ; queue] (training split)")
+    ax.set_ylabel(f"Δ {key[2:]} vs CLIP (paired, ± SE)")
+    ax.set_title(f"{dataset}: buffer sweep", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(study, datasets: dict, budget, out: Path) -> list[dict]:
+    """table.md (the protocol, the sets, the table), table.csv, runs.csv, grid.csv, sets.csv, posterior.csv (seed
+    0 of each variant), history.json and the plots under `out`; returns the summary rows."""
     out.mkdir(parents=True, exist_ok=True)
+    results = study.runs
     rows = summary_rows(results)
-    (out / "table.md").write_text(header + markdown_table(rows))
+    sets = density_rows(datasets, budget)
+    header = (f"Splits by group; settings chosen on validation from grid.csv ({study.select_seeds} seeds each), by "
+              f"{study.grid[0]['selected_by']}; then {len(study.seeds)} seeds per objective, test read once per run; "
+              f"Δ: paired by seed against {BASELINE}, ± standard error (other columns ± std).\n\n"
+              + plain_table(sets) + "\n")
+    (out / "table.md").write_text(header + markdown_table(rows) + "\n" + oracle_verdicts(rows))
     write_csv(out / "table.csv", rows)
-    write_csv(out / "runs.csv", run_rows(results))
+    write_csv(out / "runs.csv", run_rows(results, study.seeds))
+    write_csv(out / "grid.csv", study.grid)
+    write_csv(out / "sets.csv", sets)
     history = {d: {v: [r.history for r in runs] for v, runs in vs.items()} for d, vs in results.items()}
     (out / "history.json").write_text(json.dumps({"budget": asdict(budget), "history": history}, indent=1))
     posterior = [{"dataset": dataset, "objective": variant,
-                  **posterior_separation(runs[0], datasets[dataset][0], budget.section(variant).rule())}
+                  **posterior_separation(runs[0], datasets[dataset]["train"], runs[0].cfg.rule())}
                  for dataset, variants in results.items() for variant, runs in variants.items()
-                 if budget.section(variant).resolved_prior_ratio() < POSTERIOR_OFF]
-    write_csv(out / "posterior.csv", posterior)
+                 if runs[0].cfg.resolved_prior_ratio() < POSTERIOR_OFF]
+    if posterior:
+        write_csv(out / "posterior.csv", posterior)
     for dataset, variants in results.items():
         plot_shares(out / f"fn_share_{dataset}.png", dataset, variants)
+        per_row = false_negative_density(datasets[dataset]["train"])
+        swept = [dict(r, fn_per_row=per_row * (budget.batch_size + r["queue_size"] - 1)) for r in rows
+                 if r["dataset"] == dataset and SWEEP in r["objective"]]
+        if swept:
+            plot_sweep(out / f"sweep_{dataset}.png", dataset, swept)
         if GAUSSIAN_VARIANT in variants:
             plot_gaussians(out / f"gaussians_{dataset}.png", dataset, variants[GAUSSIAN_VARIANT][0],
-                           datasets[dataset][0], budget.batch_size)
+                           datasets[dataset]["train"], budget.batch_size)
     return rows
