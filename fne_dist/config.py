@@ -17,7 +17,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.queue import LAYOUTS, check_queue_size
+from fne_dist.queue import LAYOUTS, check_queue_size, resolve_layout
 from fne_dist.stats import RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
@@ -308,13 +308,19 @@ def _check_towers(m: ModelSection) -> None:
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it; and the rules
+    that depend on the world size, such as the buffer layout an objective runs on."""
     global_batch = world_size * cfg.data.batch_size
     try:
         check_queue_size(cfg.fne.queue_size, global_batch,
                          f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    f = cfg.fne
+    if f.objective == "posterior_infonce" and resolve_layout(f.buffer, world_size) == "sharded":
+        raise ConfigError(f"fne.objective=posterior_infonce runs on the replicated buffer only (it reads every "
+                          f"candidate for every anchor), and fne.buffer={f.buffer} is sharded on {world_size} ranks: "
+                          "set fne.buffer=replicated")
     return global_batch
 
 

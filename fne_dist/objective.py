@@ -13,7 +13,7 @@ Objectives (`FNESection.objective`), all sharing the statistics, the buffer and 
 - "vsepp": VSE++'s hardest in-batch negative throughout;
 - "clip": open_clip's ClipLoss (in-batch InfoNCE, learnable temperature);
 - "posterior_infonce": InfoNCE over [global batch ; queue] with each negative's exp-logit weighted by 1 - f
-  (replicated buffer only: it reads every candidate of every anchor).
+  (replicated buffer only: it reads every candidate of every anchor; `config.check_world` refuses a sharded one).
 """
 from __future__ import annotations
 
@@ -55,9 +55,6 @@ class Objective:
         self.seed = seed
         self.buffer = NegativeBuffer(cfg.queue_size, dim, queue_dtype(cfg, device), device, layout=cfg.buffer,
                                      rank=this_rank(), world=world_size())
-        if cfg.objective == "posterior_infonce" and self.buffer.sharded:
-            raise ValueError("fne.objective=posterior_infonce reads every candidate for every anchor: set "
-                             "fne.buffer=replicated (the sharded buffer serves the sampling objectives)")
         self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device)
         self.clip_loss = ClipLoss(rank=this_rank(), world_size=world_size())
 
