@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT
 from fne_dist import checkpoint
 from fne_dist import evaluate as fne_eval
+from fne_dist.cli import USER_ERRORS
 from fne_dist.config import load_config
 from fne_dist.demo_data import render
 from fne_dist.distributed import ENV_VARS, free_port
@@ -22,6 +23,7 @@ from fne_dist.model import build_towers
 from fne_dist.shards import (MANIFEST, DataError, ShardSample, count_pairs, make_manifest, shard_name, write_manifest,
                              write_shard)
 from test_cli import DEMO, error_lines, fake_checkpoint
+from test_pretrained import tower_config
 
 TIMEOUT = 300
 
@@ -125,3 +127,11 @@ def test_fne_eval_refuses_a_protocol_the_set_does_not_fit_before_embedding(evalu
     assert error_lines(capsys) == ["fne-eval: error: protocol 'coco5k' needs the 5000-image Karpathy test split, got "
                                    "4 images: evaluate the test split's shards, or use protocol 'full'"]
 
+
+
+def test_tower_weights_of_another_network_are_a_user_error(tmp_path):
+    """Found while the towers are built (the weights must be read), and said as one line like the others."""
+    bad = tmp_path / "lite0.pth"
+    torch.save({"w": torch.zeros(3)}, bad)
+    with pytest.raises(USER_ERRORS, match="cannot map by order onto EfficientNet's"):
+        build_towers(tower_config(f"model.image_tower.weights={bad}"))
