@@ -52,7 +52,7 @@ def resolve_name(cfg: ModelSection) -> str:
     if open_clip.get_model_config(cfg.name) is None:
         close = difflib.get_close_matches(cfg.name, open_clip.list_models(), n=3)
         raise ConfigError(f"model.name={cfg.name!r} is neither an open_clip model nor a .json model config"
-                         + (f": did you mean {close}?" if close else "; see open_clip.list_models()"))
+                          + (f": did you mean {close}?" if close else "; see open_clip.list_models()"))
     return cfg.name
 
 
