@@ -39,7 +39,8 @@ def shards(tmp_path_factory):
                              [ShardSample(f"{s}{k}", b"never read", "png", ["a caption"], image_id=4 * s + k)
                               for k in range(4)])
                  for s in range(4)]
-    write_manifest(root / "listed", make_manifest({"builder": "test"}, {"train": infos}, skipped=[]))
+        if folder == "listed":
+            write_manifest(root / folder, make_manifest({"builder": "test"}, {"train": infos}, skipped=[]))
     return root
 
 
@@ -126,7 +127,6 @@ def test_fne_eval_refuses_a_protocol_the_set_does_not_fit_before_embedding(evalu
     assert fne_eval.main(argv) == 2
     assert error_lines(capsys) == ["fne-eval: error: protocol 'coco5k' needs the 5000-image Karpathy test split, got "
                                    "4 images: evaluate the test split's shards, or use protocol 'full'"]
-
 
 
 def test_tower_weights_of_another_network_are_a_user_error(tmp_path):
