@@ -9,11 +9,13 @@ from typing import Callable, Optional, Sequence
 
 from fne_dist.checkpoint import CheckpointError, CheckpointWriteError, OutputDirError
 from fne_dist.config import ConfigError
-from fne_dist.distributed import rank_from_env
+from fne_dist.data.shards import DataError
+from fne_dist.distributed import DistributedEnvError, rank_from_env
 
 EXIT_USAGE = 2
 # Problems of the input or the environment that the message explains and the user fixes.
-USER_ERRORS = (ConfigError, CheckpointError, OutputDirError, CheckpointWriteError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, DistributedEnvError, CheckpointError, OutputDirError, CheckpointWriteError,
+               FileNotFoundError)
 
 
 def say_error(prog: str, message: str, every_rank: bool = False) -> None:

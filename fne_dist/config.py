@@ -320,13 +320,19 @@ def _buffer():
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it; and the rules
+    that depend on the world size, such as the buffer layout an objective runs on."""
     global_batch = world_size * cfg.data.batch_size
     try:
         _buffer().check_queue_size(cfg.fne.queue_size, global_batch,
-                         f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
+                                   f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    f = cfg.fne
+    if f.objective == "posterior_infonce" and _buffer().resolve_layout(f.buffer, world_size) == "sharded":
+        raise ConfigError(f"fne.objective=posterior_infonce runs on the replicated buffer only (it reads every "
+                          f"candidate for every anchor), and fne.buffer={f.buffer} is sharded on {world_size} ranks: "
+                          "set fne.buffer=replicated")
     return global_batch
 
 

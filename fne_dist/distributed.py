@@ -12,6 +12,10 @@ import torch.distributed as dist
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class DistributedEnvError(RuntimeError):
+    """The environment describes half a process group: a launch the user fixes (the message says how)."""
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -111,19 +115,27 @@ class Runtime:
     owns_group: bool  # this process created the process group and destroys it at the end
 
 
+def env_world_size() -> int:
+    """The world size the environment describes (1 for a lone process), before any process group exists, so that a
+    run can check its config against it first.  Exports SLURM's variables as torch's where a job needs it."""
+    export_distributed_env()  # inside a submitit job or an srun step: from SLURM's variables
+    present = [v for v in ENV_VARS if v in os.environ]
+    if present and len(present) < len(ENV_VARS):
+        missing = [v for v in ENV_VARS if v not in os.environ]
+        raise DistributedEnvError(f"{', '.join(present)} set but {', '.join(missing)} not: start the ranks with "
+                                  "torchrun, the deepspeed launcher or fne-launch, or set all of "
+                                  + ", ".join(ENV_VARS))
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed() -> Runtime:
     """Join (or, alone, create) the process group described by the environment."""
     import deepspeed  # here: importing DeepSpeed probes for accelerators, which launchers need not
 
-    export_distributed_env()  # inside a submitit job or an srun step: from SLURM's variables
-    present = [v for v in ENV_VARS if v in os.environ]
-    if not present:
+    env_world_size()  # all of ENV_VARS are set, or none
+    if "RANK" not in os.environ:  # a lone process: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    elif len(present) < len(ENV_VARS):
-        missing = [v for v in ENV_VARS if v not in os.environ]
-        raise RuntimeError(f"{', '.join(present)} set but {', '.join(missing)} not: start the ranks with torchrun, "
-                           "the deepspeed launcher or fne-launch, or set all of " + ", ".join(ENV_VARS))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -20,7 +20,7 @@ from fne_dist.config import ConfigError, load_config
 from fne_dist.data.loader import load_eval_set
 from fne_dist.distributed import all_gather_cat, rank, world_size
 from fne_dist.model import build_towers
-from fne_dist.protocols import PROTOCOLS, evaluate_protocol, format_table
+from fne_dist.protocols import PROTOCOLS, check_protocol, evaluate_protocol, format_table
 from fne_dist.retrieval import retrieval_metrics
 
 EVAL_BATCH = 256
@@ -85,6 +85,7 @@ def _main(argv: list[str] | None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     towers.model.float().to(device)
     eval_set = load_eval_set(cfg.data.val, preprocess=towers.preprocess_val, tokenizer=towers.tokenizer)
+    check_protocol(args.protocol, len(eval_set.image_ids))
     images, texts = embed(towers.model, eval_set, device)
     metrics = evaluate_protocol(images, texts, eval_set.text_to_image, args.protocol)
     print(f"{tag_dir} on {cfg.data.val} ({args.protocol}; {len(eval_set.image_ids)} images, "

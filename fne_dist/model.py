@@ -25,7 +25,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from fne_dist import pretrained
-from fne_dist.config import ModelSection
+from fne_dist.config import ConfigError, ModelSection
 
 NO_WEIGHT_DECAY = ("bias", "ln", "bn", "logit_scale", "logit_bias")
 
@@ -51,8 +51,8 @@ def resolve_name(cfg: ModelSection) -> str:
         return path.stem
     if open_clip.get_model_config(cfg.name) is None:
         close = difflib.get_close_matches(cfg.name, open_clip.list_models(), n=3)
-        raise ValueError(f"model.name={cfg.name!r} is neither an open_clip model nor a .json model config"
-                         + (f": did you mean {close}?" if close else "; see open_clip.list_models()"))
+        raise ConfigError(f"model.name={cfg.name!r} is neither an open_clip model nor a .json model config"
+                          + (f": did you mean {close}?" if close else "; see open_clip.list_models()"))
     return cfg.name
 
 

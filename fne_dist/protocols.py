@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from fne_dist.data.shards import DataError
 from fne_dist.retrieval import KS, retrieval_metrics
 
 PROTOCOLS = ("full", "flickr1k", "coco5k", "coco1k")
@@ -29,15 +30,21 @@ def folds(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.
         yield image_emb[start:start + size], text_emb[keep], text_to_image[keep] - start
 
 
+def check_protocol(protocol: str, n_images: int) -> None:
+    """A set of `n_images` images can be reported under `protocol` (a DataError naming the fix if not): fne-eval
+    asks before it embeds the set."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if protocol in _SIZES and n_images != _SIZES[protocol]:
+        raise DataError(f"protocol {protocol!r} needs the {_SIZES[protocol]}-image Karpathy test split, got "
+                        f"{n_images} images: evaluate the test split's shards, or use protocol 'full'")
+
+
 def evaluate_protocol(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
                       protocol: str) -> dict[str, float]:
     """R@1/5/10 both ways and rsum (percent) under `protocol`, plus `images` and `texts` (the set's sizes)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     n_images = image_emb.shape[0]
-    if protocol in _SIZES and n_images != _SIZES[protocol]:
-        raise ValueError(f"protocol {protocol!r} needs the {_SIZES[protocol]}-image Karpathy test split, got "
-                         f"{n_images} images: evaluate the test split's shards, or use protocol 'full'")
+    check_protocol(protocol, n_images)
     if protocol == "coco1k":
         parts = [retrieval_metrics(*fold) for fold in folds(image_emb, text_emb, text_to_image, FOLD)]
         metrics = {k: sum(p[k] for p in parts) / len(parts) for k in COLUMNS}

@@ -35,11 +35,11 @@ from fne_dist.checkpoint import Progress
 from fne_dist.cli import ArgumentParser
 from fne_dist.cli import run as run_cli
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, lookup, to_dict, to_yaml
-from fne_dist.data.loader import load_eval_set, make_train_loader
-from fne_dist.distributed import Runtime, all_reduce, init_distributed, world_size
+from fne_dist.data.loader import epoch_batches, expand_urls, load_eval_set, make_train_loader
+from fne_dist.distributed import Runtime, all_reduce, env_world_size, init_distributed, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
-from fne_dist.model import build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
+from fne_dist.model import architecture, build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
 from fne_dist.momentum import TrunkTap, is_zero3, momentum_copy, momentum_update, shard_momentum
 from fne_dist.objective import Objective
 from fne_dist.objectives import objective_class
@@ -107,23 +107,41 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_run(cfg: Config, world_size: int) -> int:
+    """What a run on `world_size` ranks can be refused for before anything is built, read from the config, the shard
+    lists and the manifest (no shard is opened) and the checkpoint folder: the config against the world
+    (`check_world`), the model name, the shards against ranks x workers and the global batch, the eval shards, the
+    checkpoint to resume.  Every rank finds the same, so each raises the same user error (rank 0 says it).  Returns
+    each rank's batches per epoch."""
+    global_batch = check_world(cfg, world_size)
+    architecture(cfg.model)
+    if cfg.data.val and cfg.train.eval_every:
+        expand_urls(cfg.data.val)
+    if cfg.train.resume is not None:
+        checkpoint.find(cfg.train.resume, Path(cfg.train.output_dir) / "checkpoints")
+    return epoch_batches(expand_urls(cfg.data.train), batch_size=cfg.data.batch_size, world_size=world_size,
+                         num_workers=cfg.data.workers, resampled=cfg.data.resampled,
+                         epoch_pairs=epoch_pairs(cfg, global_batch))
+
+
 class Trainer:
     def __init__(self, cfg: Config, rt: Runtime, batches_per_epoch: int | None = None):
-        """batches_per_epoch: None reads it from the training data; given, the data is never opened (`fne-bench
-        step` drives `train_step` with its own batches)."""
+        """batches_per_epoch: each rank's batches per epoch as `check_run` gives it (None: checked and counted
+        here, before anything is built); `fne-bench step` gives its own and drives `train_step` with its own
+        batches, never opening the data."""
         import deepspeed
 
         self.cfg, self.rt = cfg, rt
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.global_batch = check_world(cfg, rt.world_size)
+        self.batches_per_epoch = batches_per_epoch or check_run(cfg, rt.world_size)
         seed_everything(cfg.train.seed)
         self.towers = build_towers(cfg.model)
         model = self.towers.model
         if not objective_class(cfg.fne.objective).scaled:
             freeze_temperature(model)
         self.momentum = momentum_copy(model).to(rt.device)  # before deepspeed.initialize partitions `model`
-        self.batches_per_epoch = batches_per_epoch or self._loader(0, 0).batches_per_epoch
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
@@ -385,10 +403,11 @@ def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
     checkpoint.prepare_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+    batches_per_epoch = check_run(cfg, env_world_size())
     rt = init_distributed()
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
-            summary = Trainer(cfg, rt).run()
+            summary = Trainer(cfg, rt, batches_per_epoch).run()
         dist.barrier()
         return summary
     finally:

@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fne_dist.data.remote import Fetch, is_remote, open_shards, unsupported_scheme
-from fne_dist.data.shards import IMAGE_EXTS, count_pairs, stable_id
+from fne_dist.data.shards import IMAGE_EXTS, DataError, count_pairs, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,13 @@ def expand_urls(pattern: str | Sequence[str]) -> list[str]:
     items = [pattern] if isinstance(pattern, str) else list(pattern)
     parts = [p for item in items for p in _split_top_level(str(item))]
     if not parts:
-        raise ValueError(f"empty shard pattern {pattern!r}: give shard files, e.g. 'data/train-{{000000..000009}}.tar'")
+        raise DataError(f"empty shard pattern {pattern!r}: give shard files, e.g. 'data/train-{{000000..000009}}.tar'")
     urls, missing = [], []
     for part in parts:
         if _SCHEME.match(part) and not part.startswith("file://"):
             problem = unsupported_scheme(part)
             if problem:
-                raise ValueError(problem)
+                raise DataError(problem)
             urls.extend(braceexpand.braceexpand(part))
             continue
         part = part.removeprefix("file://")
@@ -216,15 +216,21 @@ def shards_for_reader(urls: Sequence[str], *, seed: int, epoch: int, rank: int, 
                       worker: int = 0, num_workers: int = 1) -> list[str]:
     """The shards one reader (rank, DataLoader worker) reads in an epoch: a (seed, epoch) shuffle common to all
     ranks, split by rank, then by worker, so readers never share a shard."""
-    readers = world_size * max(1, num_workers)
-    if len(urls) < readers:
-        raise ValueError(
-            f"{len(urls)} shards cannot feed {world_size} ranks x {max(1, num_workers)} workers = {readers} readers: "
-            "write more, smaller shards (fne-make-shards --shard-size), use fewer DataLoader workers, or sample "
-            "shards with replacement (resampled=True)")
+    _check_readers(len(urls), world_size, num_workers)
     order = list(urls)
     random.Random(f"fne-shards/{seed}/{epoch}").shuffle(order)
     return order[rank::world_size][worker::max(1, num_workers)]
+
+
+def _check_readers(n_shards: int, world_size: int, num_workers: int) -> None:
+    """Every reader (rank x DataLoader worker) needs a shard of its own."""
+    workers = max(1, num_workers)
+    if n_shards < world_size * workers:
+        fewer = (f"use data.workers={n_shards // world_size} or fewer, " if n_shards >= world_size else "")
+        raise DataError(
+            f"{n_shards} shards cannot feed {world_size} ranks x {workers} workers = {world_size * workers} readers: "
+            f"{fewer}write more, smaller shards (fne-make-shards --shard-size), or sample shards with replacement "
+            "(data.resampled=true)")
 
 
 class _RankStream(IterableDataset):
@@ -337,6 +343,30 @@ class TrainLoader:
                                pin_memory=torch.cuda.is_available()))
 
 
+def epoch_batches(urls: Sequence[str], *, batch_size: int, world_size: int, num_workers: int = 0,
+                  resampled: bool = False, epoch_pairs: int | None = None) -> int:
+    """Each rank's batches per epoch of these shards (as `expand_urls` gives them), from their list and manifest
+    alone: no shard is opened, so a trainer learns before it builds anything whether the shards can feed every
+    reader and hold a global batch (a DataError naming the fix if not).  Arguments as for `make_train_loader`."""
+    if not resampled:  # fail now, not inside a worker, when there are too few shards
+        _check_readers(len(urls), world_size, num_workers)
+    counted = ""
+    if epoch_pairs is None:
+        epoch_pairs = count_pairs(urls)
+        counted = " (the manifest's count)"
+        if epoch_pairs is None:
+            remote = " (remote shards never are)" if any(is_remote(u) for u in urls) else ""
+            raise DataError("cannot tell how many pairs an epoch holds: the shards are not listed in a manifest.json "
+                            f"of fne-make-shards{remote}; pass epoch_pairs (global pairs per epoch, like open_clip's "
+                            "--train-num-samples; in a config: data.epoch_pairs or train.steps_per_epoch)")
+    num_batches = epoch_pairs // (batch_size * world_size)
+    if num_batches == 0:
+        raise DataError(f"epoch_pairs={epoch_pairs}{counted} is less than one global batch ({batch_size} x "
+                        f"{world_size} ranks): lower data.batch_size, use fewer ranks, or give more data (more "
+                        "shards, data.epoch_pairs, train.steps_per_epoch)")
+    return num_batches
+
+
 def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int, epoch: int, rank: int,
                       world_size: int, resampled: bool = False, shuffle_buffer: int = 1000, num_workers: int = 0,
                       epoch_pairs: int | None = None, skip_batches: int = 0, timeout: float = Fetch.timeout,
@@ -354,19 +384,8 @@ def make_train_loader(urls, *, preprocess, tokenizer, batch_size: int, seed: int
     if batch_size < 1 or shuffle_buffer < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 (got {batch_size}), shuffle_buffer >= 1 (got {shuffle_buffer}) "
                          f"and num_workers >= 0 (got {num_workers})")
-    if not resampled:  # fail now, not inside a worker, when there are too few shards
-        shards_for_reader(urls, seed=seed, epoch=epoch, rank=rank, world_size=world_size, num_workers=num_workers)
-    if epoch_pairs is None:
-        epoch_pairs = count_pairs(urls)
-        if epoch_pairs is None:
-            remote = " (remote shards never are)" if any(is_remote(u) for u in urls) else ""
-            raise ValueError("cannot tell how many pairs an epoch holds: the shards are not listed in a manifest.json "
-                             f"of fne-make-shards{remote}; pass epoch_pairs (global pairs per epoch, like open_clip's "
-                             "--train-num-samples; in a config: data.epoch_pairs or train.steps_per_epoch)")
-    num_batches = epoch_pairs // (batch_size * world_size)
-    if num_batches == 0:
-        raise ValueError(f"epoch_pairs={epoch_pairs} is less than one global batch ({batch_size} x {world_size} "
-                         "ranks): use a smaller batch or more data")
+    num_batches = epoch_batches(urls, batch_size=batch_size, world_size=world_size, num_workers=num_workers,
+                                resampled=resampled, epoch_pairs=epoch_pairs)
     if not 0 <= skip_batches <= num_batches:
         raise ValueError(f"skip_batches={skip_batches} is outside this epoch's 0..{num_batches} batches")
     return TrainLoader(_RankStream(
@@ -400,7 +419,8 @@ def load_eval_set(urls, *, preprocess, tokenizer, timeout: float = Fetch.timeout
         captions.append(pair.caption)
         owner.append(row_of[pair.image_id])
     if not images:
-        raise ValueError(f"no readable pair in the eval shards {urls}; see the warnings above for why")
+        raise DataError(f"no readable pair in the eval shards {urls}: see the warnings above for why, and fix "
+                        "or rebuild the shards data.val names")
     return EvalSet(images=torch.stack(images),
                    tokens=torch.as_tensor(tokenizer(captions), dtype=torch.long),
                    text_to_image=torch.tensor(owner, dtype=torch.long),

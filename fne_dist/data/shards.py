@@ -32,6 +32,11 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MTIME = 0.0  # fixed member times: the same input gives byte-identical shards
 
 
+class DataError(ValueError):
+    """Shards, or data settings, that cannot make a run: the message names the problem and the fix (the console
+    scripts say it as one error line)."""
+
+
 @dataclass
 class ShardSample:
     """One image with all its captions, as stored in a shard."""
@@ -124,9 +129,15 @@ def read_manifest(out_dir: str | os.PathLike) -> dict | None:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a manifest of ours (format {manifest.get('format')!r}, expected {FORMAT!r})")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise DataError(f"{path} is not valid JSON ({err}): move it away, or rebuild the shards with "
+                        "fne-make-shards") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: not a manifest of ours (format {found!r}, expected {FORMAT!r}): move it away, "
+                        "or rebuild the shards with fne-make-shards")
     return manifest
 
 
