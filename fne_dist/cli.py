@@ -4,6 +4,7 @@ it; an error that can strike one rank alone (a checkpoint write) is said by the 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -14,6 +15,23 @@ from fne_dist.distributed import rank_from_env
 EXIT_USAGE = 2
 # Problems of the input or the environment that the message explains and the user fixes.
 USER_ERRORS = (ConfigError, CheckpointError, OutputDirError, CheckpointWriteError, FileNotFoundError)
+# DeepSpeed's log lines that are not the user's business: a CPU run is meant (the user has no GPU to detect), and
+# the scheduler is asked for its learning rate before its first step by DeepSpeed itself.  Its warning of a
+# warm-up longer than the run is said by fne-train instead, with the value to use.
+NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started",
+         "is less than warmup_num_steps")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in NOISE)
+
+
+def quiet_libraries() -> None:
+    """Drop the library log lines of NOISE (DeepSpeed's logger keeps its filters when DeepSpeed configures it)."""
+    deepspeed_log = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropNoise) for f in deepspeed_log.filters):
+        deepspeed_log.addFilter(_DropNoise())
 
 
 def say_error(prog: str, message: str, every_rank: bool = False) -> None:
@@ -32,7 +50,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """main(argv), with USER_ERRORS turned into one error line and exit status 2."""
+    """main(argv), with USER_ERRORS turned into one error line and exit status 2, library noise filtered."""
+    quiet_libraries()
     try:
         return main(argv)
     except USER_ERRORS as err:
