@@ -95,7 +95,7 @@ def main() -> int:
              "train.log_every=1", "train.eval_every=0", f"train.output_dir={run_dir}", "fne.queue_size=128"]
     rows = []
     for when in ("cold", "warm"):
-        first, end, text = timed([str(c) for c in train], stop_at="step 1:")
+        first, end, text = timed([str(c) for c in train], stop_at="step 1/")
         rows.append(("fne-train: first step", when, first, end))
         print(text[-2000:] if when == "cold" else "", flush=True)
     subprocess.run([str(c) for c in train], check=True, capture_output=True)

@@ -15,11 +15,12 @@ from fne_dist.distributed import rank_from_env
 EXIT_USAGE = 2
 # Problems of the input or the environment that the message explains and the user fixes.
 USER_ERRORS = (ConfigError, CheckpointError, OutputDirError, CheckpointWriteError, FileNotFoundError)
-# DeepSpeed's log lines that are not the user's business: a CPU run is meant (the user has no GPU to detect), and
-# the scheduler is asked for its learning rate before its first step by DeepSpeed itself.  Its warning of a
-# warm-up longer than the run is said by fne-train instead, with the value to use.
+# Library log lines that are not the user's business: DeepSpeed's "CPU" (the user has no GPU to detect) and its
+# scheduler asked for a rate before its first step by DeepSpeed itself (its warning of a warm-up longer than the
+# run is said by fne-train instead, with the value to use); open_clip's "initialized randomly" for a model that
+# fne-dist builds from a config and then loads from a checkpoint or pretrained towers, as the config says.
 NOISE = ("Setting accelerator to CPU", "Attempting to get learning rate from scheduler before it has started",
-         "is less than warmup_num_steps")
+         "is less than warmup_num_steps", "No pretrained weights loaded for model")
 
 
 class _DropNoise(logging.Filter):
@@ -28,10 +29,11 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Drop the library log lines of NOISE (DeepSpeed's logger keeps its filters when DeepSpeed configures it)."""
-    deepspeed_log = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _DropNoise) for f in deepspeed_log.filters):
-        deepspeed_log.addFilter(_DropNoise())
+    """Drop the library log lines of NOISE: DeepSpeed's logger and the root logger (open_clip's) keep these
+    filters when the libraries configure them."""
+    for logger in (logging.getLogger("DeepSpeed"), logging.getLogger()):
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
 
 
 def say_error(prog: str, message: str, every_rank: bool = False) -> None:
