@@ -15,6 +15,7 @@ import csv
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -63,8 +64,16 @@ def make_icon_set(folder: str | Path, n_images: int = 200, size: int = 64, seed:
     return path
 
 
-def timed(cmd: list[str], stop_at: str | None = None) -> tuple[float, float, str]:
-    """(seconds to the first line of output, seconds to the end or to the first line containing stop_at, output)."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd: list[str], stop_at: str | None = None) -> tuple[float, float, float, float, str]:
+    """(seconds to the first line of output, seconds to the end or to the first line containing stop_at, the CPU
+    seconds the command used (user + system, its worker processes included), the 1-minute load average before it
+    started, the output).  On a shared machine the CPU seconds are the figure that other work does not inflate."""
+    load, cpu = os.getloadavg()[0], _children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     first, lines = None, []
@@ -76,7 +85,7 @@ def timed(cmd: list[str], stop_at: str | None = None) -> tuple[float, float, str
     end = time.perf_counter() - start
     proc.kill()
     proc.wait()
-    return first or end, end, "".join(lines)
+    return first or end, end, _children_cpu() - cpu, load, "".join(lines)
 
 
 def main() -> int:
@@ -95,22 +104,28 @@ def main() -> int:
              "train.log_every=1", "train.eval_every=0", f"train.output_dir={run_dir}", "fne.queue_size=128"]
     rows = []
     for when in ("cold", "warm"):
-        first, end, text = timed([str(c) for c in train], stop_at="step 1/")
-        rows.append(("fne-train: first step", when, first, end))
+        first, end, cpu, load, text = timed([str(c) for c in train], stop_at="step 1/")
+        rows.append(("fne-train: first step", when, first, end, cpu, load))
         print(text[-2000:] if when == "cold" else "", flush=True)
     subprocess.run([str(c) for c in train], check=True, capture_output=True)
     for when in ("cold", "warm"):
-        first, end, text = timed([str(bin_dir / "fne-eval"), "--checkpoint", str(run_dir)])
-        rows.append(("fne-eval: result", when, first, end))
+        first, end, cpu, load, text = timed([str(bin_dir / "fne-eval"), "--checkpoint", str(run_dir)])
+        rows.append(("fne-eval: result", when, first, end, cpu, load))
         print(text, flush=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
     machine = f"{platform.machine()} {os.cpu_count()} cores"
-    with open(out / "startup.csv", "a", newline="") as f:
+    path = out / "startup.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
         writer = csv.writer(f)
-        for what, when, first, end in rows:
-            load = os.getloadavg()[0]
-            writer.writerow([stamp, machine, args.images, what, when, f"{first:.1f}", f"{end:.1f}", f"{load:.1f}"])
-            print(f"{what:24s} {when}: first line {first:6.1f} s, done {end:6.1f} s (load {load:.1f})")
+        if new:
+            writer.writerow(["date_utc", "machine", "images", "what", "run", "first_line_s", "done_s", "cpu_s",
+                             "load_avg_1min"])
+        for what, when, first, end, cpu, load in rows:
+            writer.writerow([stamp, machine, args.images, what, when, f"{first:.1f}", f"{end:.1f}", f"{cpu:.1f}",
+                             f"{load:.1f}"])
+            print(f"{what:24s} {when}: first line {first:6.1f} s, done {end:6.1f} s, {cpu:6.1f} CPU s "
+                  f"(load {load:.1f})")
     return 0
 
 

@@ -123,7 +123,10 @@ def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total
         if cfg.stats_reset == "epoch":
             counting = min(counting, steps_per_epoch)
         most = max(0, counting) * global_batch
-        if cfg.min_count >= most:
+        if most == 0:
+            advice.append(f"the run's {total_steps} steps are all fne.warmup_epochs={cfg.warmup_epochs} warm-up, so "
+                          "the posterior never switches on; train more epochs than fne.warmup_epochs")
+        elif cfg.min_count >= most:
             advice.append(f"fne.min_count={cfg.min_count} cannot be reached: at most {most} positives are counted "
                           f"{'in an epoch' if cfg.stats_reset == 'epoch' else 'in this run'} (one per mutually "
                           f"top-1 pair, none in warm-up), so the posterior never switches on; set "

@@ -97,6 +97,9 @@ def test_sizing_advice_names_the_value_to_use():
     per_epoch = FNESection(queue_size=64, min_count=100, mode="bayes", stats_reset="epoch", warmup_epochs=0)
     [count] = sizing_advice(per_epoch, epoch_pairs=96, global_batch=32, total_steps=30)
     assert "at most 96 positives are counted in an epoch" in count and "set fne.min_count=24" in count
+    assert sizing_advice(fits, epoch_pairs=576, global_batch=32, total_steps=18) == [
+        "the run's 18 steps are all fne.warmup_epochs=1 warm-up, so the posterior never switches on; train more "
+        "epochs than fne.warmup_epochs"]
     clip = FNESection(objective="clip", queue_size=64, min_count=10**6, warmup_epochs=0)
     assert sizing_advice(clip, epoch_pairs=576, global_batch=32, total_steps=10) == []  # no posterior to wait for
 
