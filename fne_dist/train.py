@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fne_dist import checkpoint
 from fne_dist.checkpoint import Progress
-from fne_dist.cli import ArgumentParser
+from fne_dist.cli import ArgumentParser, quiet_libraries
 from fne_dist.cli import run as run_cli
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, to_dict, to_yaml
 from fne_dist.data.loader import load_eval_set, make_train_loader
@@ -403,6 +403,7 @@ def train(cfg: Config) -> dict:
     """Train under this process's rank (see the module docstring); returns the run's summary."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    quiet_libraries()  # here too for fne-launch's jobs, which call train() without the console script
     checkpoint.prepare_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
     if rank_from_env() == 0:
         log.info("training into %s: building the towers, reading the data, starting DeepSpeed", cfg.train.output_dir)
