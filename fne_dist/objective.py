@@ -119,7 +119,8 @@ def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total
                       f"fne.queue_size={fitting} (an epoch's pairs less a global batch)")
     if uses_posterior(cfg):
         steps_per_epoch = max(1, epoch_pairs // global_batch)
-        counting = total_steps - cfg.warmup_epochs * steps_per_epoch
+        warmup_epochs = cfg.warmup_epochs if objective_class(cfg.objective).warmup else 0
+        counting = total_steps - warmup_epochs * steps_per_epoch
         if cfg.stats_reset == "epoch":
             counting = min(counting, steps_per_epoch)
         most = max(0, counting) * global_batch

@@ -100,6 +100,9 @@ def test_sizing_advice_names_the_value_to_use():
     assert sizing_advice(fits, epoch_pairs=576, global_batch=32, total_steps=18) == [
         "the run's 18 steps are all fne.warmup_epochs=1 warm-up, so the posterior never switches on; train more "
         "epochs than fne.warmup_epochs"]
+    # an objective without a warm-up counts positives from the first step
+    no_warmup = FNESection(objective="posterior_infonce", queue_size=64, min_count=10, warmup_epochs=1)
+    assert sizing_advice(no_warmup, epoch_pairs=576, global_batch=32, total_steps=18) == []
     clip = FNESection(objective="clip", queue_size=64, min_count=10**6, warmup_epochs=0)
     assert sizing_advice(clip, epoch_pairs=576, global_batch=32, total_steps=10) == []  # no posterior to wait for
 

@@ -17,7 +17,8 @@ Four inputs:
 Transparent images (RGBA, LA, palettes with transparency) are composited onto `--background` (white by default)
 and stored as PNG.  Missing or undecodable images are skipped and listed in the manifest with the reason, never
 fatal.  Each shard is one task for the worker pool, so the output does not depend on the number of workers, and a
-shard is written atomically and recorded in `progress.jsonl` when done: rerunning an interrupted command skips the shards it has.
+shard is written atomically and recorded in `progress.jsonl` when done: rerunning an interrupted command skips the
+shards it has.
 """
 from __future__ import annotations
 
