@@ -128,6 +128,16 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _without_shm_op() -> None:
+    """Tell DeepSpeed that its CPU shared-memory all-reduce op cannot be built.  Otherwise its comm backend
+    JIT-compiles the op at the first start on a CPU (2-4 minutes, silently, into ~/.cache/torch_extensions), yet
+    only DeepSpeed's inference all-reduce uses it, never training, whose collectives are gloo's.  DeepSpeed keeps
+    the probed table in one dict so that such an edit holds."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> Runtime:
     """Join (or, alone, create) the process group described by the environment."""
     import deepspeed  # here: importing DeepSpeed probes for accelerators, which launchers need not
@@ -142,6 +152,7 @@ def init_distributed() -> Runtime:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        _without_shm_op()
     owns = not is_distributed()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)

@@ -20,6 +20,7 @@ import torch
 
 from fne_dist.buffer import NegativeBuffer
 from fne_dist.config import FNESection, queue_dtype
+from fne_dist.distributed import all_reduce
 from fne_dist.distributed import rank as this_rank
 from fne_dist.distributed import world_size
 from fne_dist.objectives import objective_class
@@ -63,6 +64,7 @@ class Objective:
         cls = objective_class(cfg.objective)
         self.step_objective = cls(*state)
         self.warmup_objective = cls.warmup(*state) if cls.warmup else None
+        self.told: set[str] = set()  # the milestones `news` has reported
 
     @property
     def scaled(self) -> bool:
@@ -89,3 +91,63 @@ class Objective:
         """Keep a finished step's statistics and enqueue its keys (FNE_SPEC step 10)."""
         self.stats = out.stats
         self.buffer.enqueue(out.keys)
+
+    def news(self) -> list[str]:
+        """Milestones reached since the last call, for the log: the buffer became full, the posterior switched on
+        (where the objective uses one).  Collective (one all-reduce) with a host sync: call it where the log syncs
+        anyway, on every rank."""
+        valid = self.buffer.queue.valid
+        full = all_reduce(torch.tensor([float(not valid.all())], device=valid.device))
+        events = {"buffer": (bool(full.item() == 0),
+                             f"the negative buffer is full ({self.cfg.queue_size} keys, fne.queue_size)"),
+                  "posterior": (uses_posterior(self.cfg) and bool(self.stats.ready(self.cfg.min_count)),
+                                f"the posterior is on: {float(self.stats.count_pos):.0f} positives counted, more "
+                                f"than fne.min_count={self.cfg.min_count}")}
+        new = [name for name, (reached, _) in events.items() if reached and name not in self.told]
+        self.told.update(new)
+        return [events[name][1] for name in new]
+
+    def posterior_off(self) -> str | None:
+        """Where the objective uses the posterior and it is still off: what to read in the log and do (host sync)."""
+        if not uses_posterior(self.cfg) or bool(self.stats.ready(self.cfg.min_count)):
+            return None
+        return (f"the posterior is still off: {float(self.stats.count_pos):.0f} positives counted, it switches on "
+                f"above fne.min_count={self.cfg.min_count}; on a small set lower fne.min_count")
+
+
+def uses_posterior(cfg: FNESection) -> bool:
+    """The objective weighs candidates by the Bayes posterior, which switches on above fne.min_count positives."""
+    return cfg.objective == "posterior_infonce" or (cfg.objective == "fne" and (
+        cfg.mode in ("bayes", "eliminate", "official") or cfg.posterior_hinge))
+
+
+def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total_steps: int) -> list[str]:
+    """Warnings, each with the value to use, where the fne settings do not fit a set of `epoch_pairs` training
+    pairs: a queue longer than an epoch (it then holds each pair's key several times, and may never fill), and a
+    min_count that the run cannot reach (at most a global batch of positives is counted per step, none in
+    warm-up)."""
+    advice = []
+    fitting = max(global_batch, (epoch_pairs - global_batch) // global_batch * global_batch)
+    if cfg.queue_size > epoch_pairs:
+        fills = -(-cfg.queue_size // global_batch)
+        when = f"fills after {fills} steps" if fills <= total_steps else \
+            f"never fills in this run's {total_steps} steps"
+        advice.append(f"fne.queue_size={cfg.queue_size} is longer than the {epoch_pairs} pairs of an epoch: the "
+                      f"buffer {when} and holds keys of the same pairs several times; set "
+                      f"fne.queue_size={fitting} (an epoch's pairs less a global batch)")
+    if uses_posterior(cfg):
+        steps_per_epoch = max(1, epoch_pairs // global_batch)
+        warmup_epochs = cfg.warmup_epochs if objective_class(cfg.objective).warmup else 0
+        counting = total_steps - warmup_epochs * steps_per_epoch
+        if cfg.stats_reset == "epoch":
+            counting = min(counting, steps_per_epoch)
+        most = max(0, counting) * global_batch
+        if most == 0:
+            advice.append(f"the run's {total_steps} steps are all fne.warmup_epochs={cfg.warmup_epochs} warm-up, so "
+                          "the posterior never switches on; train more epochs than fne.warmup_epochs")
+        elif cfg.min_count >= most:
+            advice.append(f"fne.min_count={cfg.min_count} cannot be reached: at most {most} positives are counted "
+                          f"{'in an epoch' if cfg.stats_reset == 'epoch' else 'in this run'} (one per mutually "
+                          f"top-1 pair, none in warm-up), so the posterior never switches on; set "
+                          f"fne.min_count={max(1, most // 4)} or train longer")
+    return advice

@@ -32,16 +32,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fne_dist import checkpoint
 from fne_dist.checkpoint import Progress
-from fne_dist.cli import ArgumentParser
+from fne_dist.cli import ArgumentParser, quiet_libraries
 from fne_dist.cli import run as run_cli
 from fne_dist.config import Config, check_world, epoch_pairs, load_config, lookup, to_dict, to_yaml
 from fne_dist.data.loader import epoch_batches, expand_urls, load_eval_set, make_train_loader
-from fne_dist.distributed import Runtime, all_reduce, env_world_size, init_distributed, world_size
+from fne_dist.distributed import Runtime, all_reduce, env_world_size, init_distributed, rank_from_env, world_size
 from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import architecture, build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
 from fne_dist.momentum import TrunkTap, is_zero3, momentum_copy, momentum_update, shard_momentum
-from fne_dist.objective import Objective
+from fne_dist.objective import Objective, sizing_advice
 from fne_dist.objectives import objective_class
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.preemption import StopRequest
@@ -147,12 +147,21 @@ class Trainer:
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
         self.schedule_steps = lookup(ds, "scheduler.params.total_num_steps")  # a resume must not reshape it
         self.dtype = compute_dtype(ds)
+        warmup_steps = ((ds.get("scheduler") or {}).get("params") or {}).get("warmup_num_steps", 0)
+        if rt.rank == 0 and warmup_steps > self.total_steps:
+            log.warning("deepspeed.scheduler.params.warmup_num_steps=%d is longer than the run's %d steps: the "
+                        "learning rate never reaches its peak; set deepspeed.scheduler.params.warmup_num_steps=%d",
+                        warmup_steps, self.total_steps, max(1, self.total_steps // 10))
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
         self.zero3 = is_zero3(self.engine)
         if self.zero3:  # partitioned like the online towers; the forward gathers them module by module
             self.momentum = shard_momentum(self.momentum, ds["zero_optimization"])
         seed_everything(cfg.train.seed + rt.rank)
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
+        if rt.rank == 0:
+            for advice in sizing_advice(cfg.fne, epoch_pairs=self.batches_per_epoch * self.global_batch,
+                                        global_batch=self.global_batch, total_steps=self.total_steps):
+                log.warning(advice)
         towers = (cfg.model.image_tower, cfg.model.text_tower)
         self.trunk_tap = TrunkTap(self.engine.module) if all(t is not None and t.freeze for t in towers) else None
         self.eval_set = None
@@ -262,14 +271,24 @@ class Trainer:
         skipped = self._data_skipped()
         record |= {"epoch": progress.epoch, "lr": float(self.engine.get_lr()[0]),
                    "samples_per_s": steps * self.global_batch / max(seconds, 1e-9), "data_skipped": int(skipped),
-                   "warmup": progress.epoch < self.cfg.fne.warmup_epochs}
+                   "warmup": self._warming(progress.epoch)}
         stats = self.objective.stats
         if float(stats.count_pos) > 0:
             record |= dict(zip(("mean_pos", "var_pos", "mean_neg", "var_neg"), (float(t) for t in stats.moments())))
             record["count_pos"] = float(stats.count_pos)
         self.metrics.write(progress.step, "train", record)
+        for news in self.objective.news():
+            if self.rt.rank == 0:
+                log.info("step %d: %s", progress.step, news)
+        if bar is not None and bar.disable:  # no bar (not a terminal): a log line instead
+            log.info("step %d/%d: loss %.4f, %.1f samples/s", progress.step, self.total_steps, record["loss"],
+                     record["samples_per_s"])
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.0f}")
+
+    def _warming(self, epoch: int) -> bool:
+        """The epoch runs the objective's warm-up (only objectives that have one warm up)."""
+        return epoch < self.cfg.fne.warmup_epochs and self.objective.warmup_objective is not None
 
     # ---- epochs, checkpoints ----------------------------------------------------------------------------------
     def _data_skipped(self) -> int:
@@ -279,11 +298,14 @@ class Trainer:
 
     def _end_epoch(self, progress: Progress, loader) -> None:
         """Statistics reset policy, evaluation, and this epoch's record (collective)."""
+        off = None if self._warming(progress.epoch) else self.objective.posterior_off()
+        if off and self.rt.rank == 0:
+            log.warning("epoch %d: %s", progress.epoch, off)
         self.objective.stats.new_epoch()
         self.data_skipped += loader.skipped
         self.loader = None
         record = {"epoch": progress.epoch, "step": progress.step,
-                  "warmup": progress.epoch < self.cfg.fne.warmup_epochs, **self.epoch_tally.read()}
+                  "warmup": self._warming(progress.epoch), **self.epoch_tally.read()}
         every = self.cfg.train.eval_every
         if self.eval_set is not None and (progress.epoch + 1) % every == 0:
             record["eval"] = evaluate(self.engine, self.eval_set, self.rt.device, self.dtype)
@@ -402,8 +424,11 @@ def train(cfg: Config) -> dict:
     """Train under this process's rank (see the module docstring); returns the run's summary."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)
+    quiet_libraries()  # here too for fne-launch's jobs, which call train() without the console script
     checkpoint.prepare_output_dir(cfg.train.output_dir, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
     batches_per_epoch = check_run(cfg, env_world_size())
+    if rank_from_env() == 0:
+        log.info("training into %s: building the towers, reading the data, starting DeepSpeed", cfg.train.output_dir)
     rt = init_distributed()
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not inside it

@@ -1,10 +1,12 @@
 """fne-make-shards (Karpathy JSON, CSV/TSV/Parquet tables), the shard writer and the demo dataset builder."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -113,11 +115,11 @@ def test_interrupted_run_resumes(karpathy, tmp_path, monkeypatch):
     out = tmp_path / "out"
     real, calls = ms.build_shard, []
 
-    def failing(out_dir, split, index, first, shard_items):
+    def failing(out_dir, split, index, first, shard_items, *settings):
         calls.append((split, index))
         if split == "test" and index == 1:
             raise KeyboardInterrupt  # the run is killed half way
-        return real(out_dir, split, index, first, shard_items)
+        return real(out_dir, split, index, first, shard_items, *settings)
 
     monkeypatch.setattr(ms, "build_shard", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -195,3 +197,154 @@ def test_demo_builder(tmp_path):
     first = (tmp_path / "demo" / "train-000000.tar").stat().st_mtime_ns
     assert build_demo_shards(tmp_path / "demo") == manifest  # idempotent: nothing rewritten
     assert (tmp_path / "demo" / "train-000000.tar").stat().st_mtime_ns == first
+
+
+def transparent_images(folder):
+    """An RGBA PNG, a palette PNG whose transparency is a byte table (Pillow warns when that is converted to RGB),
+    an LA PNG and a GIF with a transparent index; each has a fully transparent pixel that stores black, an opaque
+    red one and (RGBA, LA) one at alpha 128.  Returns {name: [(pixel, stored RGBA)]}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(0, 0, 0, 0), (255, 0, 0, 255), (0, 0, 255, 128)])
+    rgba.save(folder / "rgba.png")
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putdata([0, 1])
+    pal.save(folder / "palette.png", transparency=bytes([0, 255] + [255] * 254))
+    la = Image.new("LA", (3, 1))
+    la.putdata([(0, 0), (255, 255), (0, 128)])
+    la.save(folder / "la.png")
+    gif = Image.new("P", (2, 1))
+    gif.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    gif.putdata([0, 1])
+    gif.save(folder / "gif.gif", transparency=0)
+    return {"rgba.png": [(0, 0, 0, 0), (255, 0, 0, 255), (0, 0, 255, 128)],
+            "palette.png": [(0, 0, 0, 0), (255, 0, 0, 255)],
+            "la.png": [(0, 0, 0, 0), (255, 255, 255, 255), (0, 0, 0, 128)],
+            "gif.gif": [(0, 0, 0, 0), (255, 0, 0, 255)]}
+
+
+@pytest.mark.parametrize("background,rgb", [(None, (255, 255, 255)), ("black", (0, 0, 0)),
+                                            ("#20c040", (0x20, 0xC0, 0x40))])
+def test_transparent_images_are_composited_onto_the_background(tmp_path, background, rgb):
+    stored = transparent_images(tmp_path / "img")
+    names = sorted(stored)
+    pd.DataFrame({"filepath": [f"img/{n}" for n in names], "title": names}).to_csv(tmp_path / "t.csv", index=False)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Pillow warning per image
+        assert ms.main(["table", str(tmp_path / "t.csv"), "--out", str(out), "--workers", "1", "--quiet"]
+                       + (["--background", background] if background else [])) == 0
+    samples = {s["txt"]: s for _, s in read_shard(out / "train-000000.tar")}
+    for name in names:
+        image = Image.open(io.BytesIO(samples[name]["png"]))
+        assert image.mode == "RGB"
+        for got, (*colour, alpha) in zip(np.asarray(image).reshape(-1, 3).tolist(), stored[name]):
+            want = [c * alpha / 255 + b * (1 - alpha / 255) for c, b in zip(colour, rgb)]
+            assert np.abs(np.subtract(got, want)).max() <= 1, (name, got, want)
+    plain = save_image(tmp_path / "img" / "plain.png", 0, "PNG")
+    assert ms.load_image(str(plain)) == (plain.read_bytes(), "png")  # opaque images are stored as they are
+
+
+def test_background_must_be_a_colour(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ms.main(["table", "t.csv", "--out", str(tmp_path), "--background", "transparent-ish"])
+    assert "'transparent-ish' is not a colour: give a name such as white or black, or #rrggbb" in \
+        capsys.readouterr().err
+
+
+def grouped_table(tmp_path, n_images: int = 60):
+    """Images whose captions repeat (a caption on 1-4 images), a few with a second caption that joins two
+    caption groups, and a `kind` column that groups more coarsely."""
+    rng = np.random.default_rng(0)
+    rows, caption = [], 0
+    for i in range(n_images):
+        save_image(tmp_path / "img" / f"{i}.png", i, "PNG")
+        if rng.random() < 0.45:
+            caption += 1
+        rows.append({"filepath": f"img/{i}.png", "title": f"Icon  number {caption}", "kind": f"k{caption // 3}"})
+        if i % 17 == 5:
+            rows.append({"filepath": f"img/{i}.png", "title": f"icon number {caption + 1}", "kind": ""})
+    table = tmp_path / "pairs.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    return table, pd.DataFrame(rows)
+
+
+def shard_rows(out, split):
+    return [s for shard in sorted(out.glob(f"{split}-*.tar")) for _, s in read_shard(shard)]
+
+
+def test_table_split_keeps_groups_apart(tmp_path):
+    table, rows = grouped_table(tmp_path)
+    out = tmp_path / "out"
+    args = ["table", str(table), "--val", "0.2", "--test", "0.2", "--seed", "3", "--workers", "1", "--quiet",
+            "--shard-size", "8"]
+    assert ms.main(args + ["--out", str(out)]) == 0
+    manifest = read_manifest(out)
+    # the reference groups: images joined by a shared caption, case and spacing aside, transitively
+    by_caption: dict[str, set] = {}
+    for path, title in zip(rows.filepath, rows.title):
+        by_caption.setdefault(" ".join(title.lower().split()), set()).add(path)
+    groups = [set(paths) for paths in by_caption.values()]
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                if groups[a] & groups[b]:
+                    groups[a] |= groups.pop(b)
+                    merged = True
+                    break
+            if merged:
+                break
+    group_of = {p: n for n, g in enumerate(groups) for p in g}
+    path_of = {stable_id(str(tmp_path / p)): p for p in rows.filepath}
+    where, labels = {}, {}
+    for split in ("train", "val", "test"):
+        for s in shard_rows(out, split):
+            path = path_of[s["json"]["image_id"]]
+            where[path], labels[path] = split, s["json"]["label"]
+    assert len(where) == len(set(rows.filepath))
+    for g in groups:
+        assert len({where[p] for p in g}) == 1, g  # no group straddles two splits
+        assert len({labels[p] for p in g}) == 1  # the label is the group
+    assert len(set(labels.values())) == len(groups)
+    counts = {split: sum(1 for w in where.values() if w == split) for split in ("train", "val", "test")}
+    assert abs(counts["val"] - 12) <= 4 and abs(counts["test"] - 12) <= 4
+    record = manifest["split"]
+    assert record == {"val": 0.2, "test": 0.2, "seed": 3, "group_column": "title", "images": counts,
+                      "groups": {split: len({group_of[p] for p, w in where.items() if w == split})
+                                 for split in ("train", "val", "test")}}
+    assert ms.main(args + ["--out", str(tmp_path / "again")]) == 0  # seeded: the same split again
+    assert read_manifest(tmp_path / "again")["splits"] == manifest["splits"]
+    args[args.index("--seed") + 1] = "4"
+    assert ms.main(args + ["--out", str(tmp_path / "other")]) == 0
+    assert {s["txt"] for s in shard_rows(tmp_path / "other", "test")} != {s["txt"] for s in shard_rows(out, "test")}
+
+
+def test_table_split_by_a_group_column(tmp_path):
+    table, rows = grouped_table(tmp_path)
+    out = tmp_path / "out"
+    assert ms.main(["table", str(table), "--group-column", "kind", "--test", "0.3", "--out", str(out),
+                    "--workers", "1", "--quiet"]) == 0
+    kind = {title: k for title, k in zip(rows.title, rows.kind) if k}
+    sides = {}
+    for split in ("train", "val", "test"):
+        for s in shard_rows(out, split):
+            sides.setdefault(kind[s["txt"]], set()).add(split)
+    assert all(len(v) == 1 for v in sides.values()) and read_manifest(out)["split"]["group_column"] == "kind"
+    assert sorted(read_manifest(out)["splits"]) == ["test", "train"]  # no val split asked for, none written
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--val", "0.6", "--test", "0.5"], "must be positive and sum to less than 1"),
+    (["--test", "0.99"], "leave no image for train"),
+    (["--test", "0.2", "--split", "all"], "leave --split out"),
+    (["--test", "0.2", "--group-column", "nope"], "no column 'nope'"),
+])
+def test_table_split_errors(tmp_path, capsys, extra, message):
+    table, _ = grouped_table(tmp_path, n_images=6)
+    with contextlib.suppress(SystemExit):
+        assert ms.main(["table", str(table), "--out", str(tmp_path / "out"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err and "Traceback" not in err

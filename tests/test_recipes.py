@@ -63,6 +63,17 @@ def test_openclipart_recipe_exact(tmp_path):
         5, 3, 4, {"empty or boilerplate title": 2})
 
 
+def test_openclipart_on_another_background(tmp_path):
+    out = tmp_path / "shards"
+    assert ms.main(["openclipart", "--root", str(DATA), "--out", str(out), "--test-fraction", "0.4",
+                    "--workers", "1", "--quiet", "--background", "#102030"]) == 0
+    images = [image for r in shard_rows(out).values() for _, _, image in r]
+    assert len(images) == 5 and all(image.getpixel((0, 0)) == (0x10, 0x20, 0x30) for image in images)
+    assert read_manifest(out)["source"]["background"] == [0x10, 0x20, 0x30]
+    # cached apart from white's
+    assert all(p.stem.endswith("-102030") for p in (out / "thumbnails").iterdir())
+
+
 def test_boilerplate_titles():
     assert recipes.boilerplate_title("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)", 1)
     assert recipes.boilerplate_title("Lemon SVG theme", 1) and recipes.boilerplate_title("", 1)

@@ -48,7 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fne_dist.data.remote import Fetch, is_remote, open_shards, unsupported_scheme
-from fne_dist.data.shards import IMAGE_EXTS, DataError, count_pairs, stable_id
+from fne_dist.data.shards import IMAGE_EXTS, DataError, count_pairs, flatten, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def _read_pairs(urls: Sequence[str], skips: SkipCounter, fetch: Fetch) -> Iterat
 def _decode_image(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as img:
         img.load()
-        return img.convert("RGB")
+        return flatten(img)
 
 
 def shards_for_reader(urls: Sequence[str], *, seed: int, epoch: int, rank: int, world_size: int,

@@ -6,14 +6,19 @@ Four inputs:
             split, each image stored once with all its captions.
   table     a CSV, TSV or Parquet table of image path and caption (column names by option, open_clip's defaults),
             e.g. an already-downloaded web-scale table; rows naming the same image become one image with all their
-            captions.  Downloading from urls is img2dataset's job, whose shards the loader reads as they are.
+            captions.  `--val 0.1 --test 0.1` split it by group (a group column, the label column, else the caption
+            itself), seeded, into train / val / test, so that no group straddles two splits; an image's label is
+            its group unless a label column is given.  Downloading from urls is img2dataset's job, whose shards
+            the loader reads as they are.
   openclipart, emoji
             real captioned images with known false negatives, built offline from Debian packages by the recipes
             of fne_dist/data/recipes.py: train and test splits (by group), label = group id.
 
-Missing or undecodable images are skipped and listed in the manifest with the reason, never fatal.  Each shard is
-one task for the worker pool, so the output does not depend on the number of workers, and a shard is written
-atomically and recorded in `progress.jsonl` when done: rerunning an interrupted command skips the shards it has.
+Transparent images (RGBA, LA, palettes with transparency) are composited onto `--background` (white by default)
+and stored as PNG.  Missing or undecodable images are skipped and listed in the manifest with the reason, never
+fatal.  Each shard is one task for the worker pool, so the output does not depend on the number of workers, and a
+shard is written atomically and recorded in `progress.jsonl` when done: rerunning an interrupted command skips the
+shards it has.
 """
 from __future__ import annotations
 
@@ -28,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
+from PIL import Image, ImageColor
 from tqdm import tqdm
 
 from fne_dist.data import recipes
-from fne_dist.data.shards import (ShardSample, is_complete, make_manifest, read_manifest, shard_name, stable_id,
-                             write_manifest, write_shard)
+from fne_dist.data.shards import (WHITE, ShardSample, flatten, is_complete, make_manifest, read_manifest, shard_name,
+                                  stable_id, write_manifest, write_shard)
 
 PROGRESS = "progress.jsonl"
 SOURCE_VERSION = 1
@@ -42,12 +47,13 @@ _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they 
 
 @dataclass(frozen=True)
 class Item:
-    """One image to store: its file, all its captions, its id and class label (-1: none)."""
+    """One image to store: its file, all its captions, its id, class label (-1: none) and group (-1: none)."""
 
     path: str
     captions: tuple[str, ...]
     image_id: int
     label: int = -1
+    group: int = -1
 
 
 def karpathy_items(json_path: str | Path, image_root: str | Path,
@@ -85,35 +91,69 @@ def read_table(path: str | Path):
     raise ValueError(f"{path}: unknown table type {suffix!r}; give a .csv, .tsv or .parquet file")
 
 
-def table_items(table_path: str | Path, *, image_column: str, caption_column: str, split: str,
-                image_root: str | Path | None = None, id_column: str | None = None,
-                label_column: str | None = None) -> dict[str, list[Item]]:
+def table_items(table_path: str | Path, *, image_column: str, caption_column: str, split: str = "train",
+                image_root: str | Path | None = None, id_column: str | None = None, label_column: str | None = None,
+                group_column: str | None = None, val: float = 0.0, test: float = 0.0,
+                seed: int = 0) -> dict[str, list[Item]]:
     """One item per distinct image path, in the table's order, with the captions of all its rows.
 
     Ids come from id_column (integers), else from a stable hash of the image's path (so that the shards of two
-    tables never share ids); labels from label_column (empty: -1).  Relative paths are taken from image_root, by
+    tables never share ids).  Images are grouped by group_column, else label_column, else their captions (case and
+    spacing aside): images sharing a value are joined, groups numbered by their first image.  Labels come from
+    label_column (empty: -1), else are the group.  With val / test fractions the groups are split (seeded) into
+    "train", "val" and "test"; else every item goes to `split`.  Relative paths are taken from image_root, by
     default the table's folder.
     """
     table = read_table(table_path)
-    wanted = [c for c in (image_column, caption_column, id_column, label_column) if c is not None]
+    wanted = list(dict.fromkeys(c for c in (image_column, caption_column, id_column, label_column, group_column)
+                                if c is not None))
     missing = [c for c in wanted if c not in table.columns]
     if missing:
         raise ValueError(f"{table_path}: no column {', '.join(map(repr, missing))}; it has {list(table.columns)}. "
-                         "Name the right ones with --image-column / --caption-column / --id-column / --label-column")
+                         "Name the right ones with --image-column / --caption-column / --id-column / --label-column "
+                         "/ --group-column")
     root = Path(table_path).parent if image_root is None else Path(image_root)
+    by_column = group_column or label_column
     grouped: dict[str, dict] = {}
     for row in table[wanted].itertuples(index=False, name=None):
         values = dict(zip(wanted, row))
         path = str(root / str(values[image_column]))
         entry = grouped.setdefault(path, {"captions": [], "id": values.get(id_column),
-                                          "label": values.get(label_column)})
-        caption = values[caption_column]
-        entry["captions"].append("" if caption is None or caption != caption else str(caption).strip())
+                                          "label": values.get(label_column), "keys": {("image", path)}})
+        caption = _cell(values[caption_column])
+        entry["captions"].append(caption)
+        key = _cell(values[by_column]) if by_column else " ".join(caption.casefold().split())
+        if key:
+            entry["keys"].add(("group", key))
+    groups = recipes.join_groups([entry["keys"] for entry in grouped.values()])
     items = [Item(path, tuple(entry["captions"]),
                   stable_id(path) if id_column is None else _as_int(entry["id"], id_column, table_path, required=True),
-                  -1 if label_column is None else _as_int(entry["label"], label_column, table_path))
-             for path, entry in grouped.items()]
-    return {split: items}
+                  group if label_column is None else _as_int(entry["label"], label_column, table_path), group)
+             for (path, entry), group in zip(grouped.items(), groups)]
+    fractions = {name: f for name, f in (("test", test), ("val", val)) if f}
+    if not fractions:
+        return {split: items}
+    where = recipes.split_by_group(groups, fractions, seed)
+    out = {name: [item for item, w in zip(items, where) if w == name]
+           for name in ("train", "val", "test") if name == "train" or name in fractions}
+    empty = [name for name, split_items in out.items() if not split_items]
+    if empty:
+        raise ValueError(f"{table_path}: {len(items)} images in {len(set(groups))} groups leave no image for "
+                         f"{' and '.join(empty)} at --val {val} --test {test}; give more images or other fractions")
+    return out
+
+
+def split_record(items: dict[str, list[Item]], *, val: float, test: float, seed: int, group_column: str) -> dict:
+    """What the manifest records of a grouped split: its settings, and the images and groups of each split (before
+    any image is skipped)."""
+    return {"val": val, "test": test, "seed": seed, "group_column": group_column,
+            "images": {name: len(split_items) for name, split_items in items.items()},
+            "groups": {name: len({i.group for i in split_items}) for name, split_items in items.items()}}
+
+
+def _cell(value) -> str:
+    """A table cell as stripped text; an empty cell or NaN is ""."""
+    return "" if value is None or value != value else str(value).strip()
 
 
 def recipe_items(built: recipes.Built) -> dict[str, list[Item]]:
@@ -137,8 +177,9 @@ class Skip(Exception):
     """An item that cannot be stored; the message is the reason written into the manifest."""
 
 
-def load_image(path: str) -> tuple[bytes, str]:
-    """The image's bytes and extension; JPEG/PNG/WebP kept as they are, other formats re-encoded to PNG."""
+def load_image(path: str, background: tuple[int, int, int] = WHITE) -> tuple[bytes, str]:
+    """The image's bytes and extension; JPEG/PNG/WebP kept as they are, other formats and images with transparency
+    (composited onto `background`) re-encoded to PNG."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -148,16 +189,17 @@ def load_image(path: str) -> tuple[bytes, str]:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # decodes fully: catches truncated files that the header alone would not
-            if img.format in _KEEP_FORMATS:
+            if img.format in _KEEP_FORMATS and not img.has_transparency_data:
                 return data, _KEEP_FORMATS[img.format]
             buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="PNG")
+            flatten(img, background).save(buf, format="PNG")
             return buf.getvalue(), "png"
     except Exception as exn:  # any decoder failure: the file is not a usable image
         raise Skip(f"cannot decode image: {exn}") from None
 
 
-def build_shard(out_dir: str, split: str, index: int, first: int, items: Sequence[Item]) -> dict:
+def build_shard(out_dir: str, split: str, index: int, first: int, items: Sequence[Item],
+                background: tuple[int, int, int] = WHITE) -> dict:
     """Write one shard of the split's items first, first + 1, ... (their positions are the sample keys: unique
     whatever the ids); returns {"split", "index", "info" (write_shard's), "skipped": [{split, item, reason}]}."""
     skipped = []
@@ -168,7 +210,7 @@ def build_shard(out_dir: str, split: str, index: int, first: int, items: Sequenc
                 captions = [c for c in item.captions if c]
                 if not captions:
                     raise Skip("no caption")
-                image, ext = load_image(item.path)
+                image, ext = load_image(item.path, background)
             except Skip as why:
                 skipped.append({"split": split, "item": item.path, "reason": str(why)})
                 continue
@@ -201,8 +243,10 @@ def _read_progress(out_dir: Path, source: dict) -> dict[tuple[str, int], dict]:
 
 
 def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: dict, shard_size: int = 1000,
-                workers: int = 1, progress: bool = True) -> dict:
-    """Write every split's items as shards of `shard_size` images plus manifest.json; returns the manifest.
+                workers: int = 1, progress: bool = True, background: tuple[int, int, int] = WHITE,
+                split: dict | None = None) -> dict:
+    """Write every split's items as shards of `shard_size` images plus manifest.json; returns the manifest, which
+    holds `split` (how the splits were made) when given.
 
     `source` describes the inputs and settings: a finished run of the same source is not redone, an interrupted
     one resumes, and a folder holding shards of another source is refused rather than mixed.
@@ -220,12 +264,12 @@ def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: di
     finished = _read_progress(out_dir, source)
     if not finished:
         (out_dir / PROGRESS).write_text(json.dumps({"source": source}, sort_keys=True) + "\n")
-    tasks = [(str(out_dir), split, i, a, split_items[a:a + shard_size])
-             for split, split_items in items.items()
+    tasks = [(str(out_dir), name, i, a, split_items[a:a + shard_size], background)
+             for name, split_items in items.items()
              for i, a in enumerate(range(0, len(split_items), shard_size))]
     pending = [t for t in tasks if (t[1], t[2]) not in finished]
-    total = sum(len(t[-1]) for t in tasks)
-    bar = tqdm(total=total, initial=total - sum(len(t[-1]) for t in pending), unit="img",
+    total = sum(len(t[4]) for t in tasks)
+    bar = tqdm(total=total, initial=total - sum(len(t[4]) for t in pending), unit="img",
                desc=f"shards -> {out_dir}", disable=not progress)
     # Workers are spawned, not forked: a fork of a process with running threads (torch's, a caller's) can
     # leave a worker dead on a lock, and ProcessPoolExecutor, unlike multiprocessing.Pool, reports a dead worker.
@@ -245,9 +289,11 @@ def make_shards(items: dict[str, list[Item]], out_dir: str | Path, *, source: di
             if pool:
                 pool.shutdown(cancel_futures=True)
     ordered = [finished[(t[1], t[2])] for t in tasks]
-    shards = {split: [r["info"] for r in ordered if r["split"] == split] for split in items}
+    shards = {name: [r["info"] for r in ordered if r["split"] == name] for name in items}
     skipped = [s for r in ordered for s in r["skipped"]]
     manifest = make_manifest(source, shards, skipped)
+    if split is not None:
+        manifest["split"] = split
     write_manifest(out_dir, manifest)
     (out_dir / PROGRESS).unlink()
     return manifest
@@ -275,9 +321,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     t.add_argument("--caption-column", default="title", help="column of captions (default: %(default)s)")
     t.add_argument("--id-column", help="column of integer image ids (default: a stable hash of the image path)")
     t.add_argument("--label-column", help="column of integer class labels (groups): what measures false negatives, "
-                   "and what fne.oracle and the study group by")
+                   "and what fne.oracle and the study group by (default: each image's label is its group)")
+    t.add_argument("--group-column", help="column whose equal values mark images that captions cannot tell apart "
+                   "(default: the label column, else the caption itself)")
     t.add_argument("--image-root", help="folder for relative image paths (default: the table's folder)")
-    t.add_argument("--split", default="train", help="split name of the shards (default: %(default)s)")
+    t.add_argument("--val", type=float, default=0.0, help="share of the images in a val split, whole groups "
+                   "(default: %(default)s)")
+    t.add_argument("--test", type=float, default=0.0, help="share of the images in a test split, whole groups "
+                   "(default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the val / test split (default: %(default)s)")
+    t.add_argument("--split", help="split name of the shards when there is no --val / --test (default: train)")
     o = sub.add_parser("openclipart", help="Debian's openclipart drawings with their titles (apt-get install "
                        "openclipart-png openclipart-svg)")
     o.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
@@ -292,34 +345,56 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="parallel processes, one shard each at a time (default: %(default)s)")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+        q.add_argument("--background", type=background_colour, default="white",
+                       help="colour that transparent images are composited onto: a name or #rrggbb (default: white)")
+    args = p.parse_args(argv)
+    if args.input == "table" and (args.val or args.test) and args.split:
+        p.error("--split names the one split of a table without --val / --test; with them the splits are "
+                "train, val and test: leave --split out")
+    return args
+
+
+def background_colour(text: str) -> tuple[int, int, int]:
+    """An RGB triple from a colour name or #rrggbb (Pillow's ImageColor)."""
+    try:
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a colour: give a name such as white or black, "
+                                         "or #rrggbb") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    split = None
     try:
         if args.input == "karpathy":
             items = karpathy_items(args.json, args.images, restval_as_train=args.restval == "train")
             source = _file_source("karpathy", args.json, images=os.path.abspath(args.images), restval=args.restval,
-                                  shard_size=args.shard_size)
+                                  shard_size=args.shard_size, background=list(args.background))
         elif args.input in recipes.RECIPES:
-            extra = {"root": os.path.abspath(args.root)} if args.input == "openclipart" else {}
+            root = {"root": os.path.abspath(args.root)} if args.input == "openclipart" else {}
             built = recipes.build(args.input, args.out, test_fraction=args.test_fraction, seed=args.seed,
-                                  workers=args.workers, **extra)
+                                  workers=args.workers, background=args.background, **root)
             items = recipe_items(built)
+            # the background is recorded only when not white, so that folders built before the option stay valid
+            background = {} if args.background == WHITE else {"background": list(args.background)}
             source = {"builder": "fne-make-shards", "version": SOURCE_VERSION, "input": args.input,
                       "shard_size": args.shard_size, **{k: built.summary[k] for k in ("seed", "test_fraction",
-                                                                                      "images", "groups")}, **extra}
+                                                                                      "images", "groups")},
+                      **root, **background}
         else:
-            items = table_items(args.table, image_column=args.image_column, caption_column=args.caption_column,
-                                split=args.split, image_root=args.image_root, id_column=args.id_column,
-                                label_column=args.label_column)
-            source = _file_source("table", args.table, image_column=args.image_column,
-                                  caption_column=args.caption_column, id_column=args.id_column,
-                                  label_column=args.label_column, split=args.split, shard_size=args.shard_size,
-                                  image_root=os.path.abspath(args.image_root or Path(args.table).parent))
+            settings = dict(image_column=args.image_column, caption_column=args.caption_column,
+                            id_column=args.id_column, label_column=args.label_column, group_column=args.group_column,
+                            val=args.val, test=args.test, seed=args.seed, split=args.split or "train")
+            items = table_items(args.table, image_root=args.image_root, **settings)
+            source = _file_source("table", args.table, **settings, shard_size=args.shard_size,
+                                  image_root=os.path.abspath(args.image_root or Path(args.table).parent),
+                                  background=list(args.background))
+            if args.val or args.test:
+                split = split_record(items, val=args.val, test=args.test, seed=args.seed,
+                                     group_column=args.group_column or args.label_column or args.caption_column)
         manifest = make_shards(items, args.out, source=source, shard_size=args.shard_size, workers=args.workers,
-                               progress=not args.quiet)
+                               progress=not args.quiet, background=args.background, split=split)
     except (ValueError, OSError) as exn:
         print(f"fne-make-shards: error: {exn}", file=sys.stderr)
         return 2
@@ -328,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{Path(args.out) / info['pattern']}")
     if args.input in recipes.RECIPES:
         print(f"counts and dropped items: {Path(args.out) / 'recipe.json'}")
+    if "split" in manifest:
+        groups = manifest["split"]["groups"]
+        print(f"split by {manifest['split']['group_column']!r} (seed {manifest['split']['seed']}): "
+              + ", ".join(f"{name} {n} groups" for name, n in groups.items()) + "; no group in two splits")
     if manifest["skipped"]:
         print(f"skipped items and why: {Path(args.out) / 'manifest.json'}")
     return 0

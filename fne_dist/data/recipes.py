@@ -38,11 +38,11 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from fne_dist.data.shards import stable_id
+from fne_dist.data.shards import WHITE, flatten, stable_id
 
 OPENCLIPART_ROOT = "/usr/share/openclipart"
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -57,7 +57,6 @@ BOILERPLATE = re.compile(r"^part of the flat icon collection|^clipart by |\bthem
 MAX_TITLE_SHARE = 16  # a title on more drawings ("gramastar", "card", "AIGA_Symbol_Signs") names a collection
 SKIN_TONES = re.compile("[\U0001F3FB-\U0001F3FF]")
 FLAG = re.compile("[\U0001F1E6-\U0001F1FF\U000E0020-\U000E007F]")  # regional indicators, tag letters
-WHITE = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -121,19 +120,19 @@ def _pixel_limit(limit: int):
         Image.MAX_IMAGE_PIXELS = old
 
 
-def stored_image(image: Image.Image, size: int) -> Image.Image:
-    """The image fit inside a white size x size RGB square, centred (nothing cropped), transparency composited
-    onto white; resized before compositing, so a huge drawing is handled at thumbnail size."""
+def stored_image(image: Image.Image, size: int, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The image fit inside a size x size RGB square of `background`, centred (nothing cropped), transparency
+    composited onto it; resized before compositing, so a huge drawing is handled at thumbnail size."""
     rgba = image.convert("RGBA")
     rgba.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    out = Image.new("RGB", (size, size), WHITE)
-    out.paste(rgba, ((size - rgba.width) // 2, (size - rgba.height) // 2), mask=rgba)
+    out = Image.new("RGB", (size, size), background)
+    out.paste(flatten(rgba, background), ((size - rgba.width) // 2, (size - rgba.height) // 2))
     return out
 
 
-def openclipart_image(record: Record) -> Image.Image:
+def openclipart_image(record: Record, background: tuple[int, int, int] = WHITE) -> Image.Image:
     with _pixel_limit(MAX_PIXELS), Image.open(record.source) as img:
-        return stored_image(img, OPENCLIPART_SIZE)
+        return stored_image(img, OPENCLIPART_SIZE, background)
 
 
 # ---------------------------------------------------------------- emoji
@@ -162,11 +161,11 @@ def emoji_records(font: str = EMOJI_FONT, chars: Sequence[str] | None = None) ->
     return records, dropped
 
 
-def emoji_image(record: Record) -> Image.Image:
+def emoji_image(record: Record, background: tuple[int, int, int] = WHITE) -> Image.Image:
     face = ImageFont.truetype(record.source, EMOJI_FONT_SIZE)
     glyph = Image.new("RGBA", EMOJI_GLYPH, WHITE + (0,))
     ImageDraw.Draw(glyph).text((0, 0), record.name, font=face, embedded_color=True)
-    return stored_image(glyph, max(EMOJI_GLYPH))
+    return stored_image(glyph, max(EMOJI_GLYPH), background)
 
 
 RECIPES: dict[str, tuple[Callable[..., tuple[list[Record], Counter]], Callable[[Record], Image.Image]]] = {
@@ -178,12 +177,12 @@ RECIPES: dict[str, tuple[Callable[..., tuple[list[Record], Counter]], Callable[[
 # ---------------------------------------------------------------- thumbnails, groups, splits
 
 
-def _thumbnail(task: tuple[str, Record, str]) -> tuple[str, str]:
+def _thumbnail(task: tuple[str, Record, str, tuple[int, int, int]]) -> tuple[str, str]:
     """Write one record's stored image once (atomically); returns (path, pixel digest) or ("", why it failed)."""
-    recipe, record, path = task
+    recipe, record, path, background = task
     if not os.path.isfile(path):
         try:
-            image = RECIPES[recipe][1](record)
+            image = RECIPES[recipe][1](record, background)
         except (OSError, Image.DecompressionBombError) as exn:
             return "", f"cannot read the image: {exn}"
         tmp = f"{path}.partial"
@@ -193,20 +192,23 @@ def _thumbnail(task: tuple[str, Record, str]) -> tuple[str, str]:
         return path, hashlib.blake2b(img.convert("RGB").tobytes(), digest_size=16).hexdigest()
 
 
-def thumbnails(recipe: str, records: Sequence[Record], folder: Path, workers: int) -> list[tuple[str, str]]:
-    """(path, pixel digest) of each record's stored image, or ("", reason); made in `workers` processes."""
+def thumbnails(recipe: str, records: Sequence[Record], folder: Path, workers: int,
+               background: tuple[int, int, int] = WHITE) -> list[tuple[str, str]]:
+    """(path, pixel digest) of each record's stored image, or ("", reason); made in `workers` processes.  Images
+    on another background than white are cached under another name."""
     folder.mkdir(parents=True, exist_ok=True)
-    tasks = [(recipe, r, str(folder / f"{stable_id(r.name)}.png")) for r in records]
+    suffix = "" if background == WHITE else "-%02x%02x%02x" % background
+    tasks = [(recipe, r, str(folder / f"{stable_id(r.name)}{suffix}.png"), background) for r in records]
     if workers <= 1:
         return list(map(_thumbnail, tasks))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_thumbnail, tasks, chunksize=16))
 
 
-def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
-    """Group id of each record: records sharing a group key or identical pixels are joined (union-find), and
-    groups are numbered by their first record."""
-    parent = list(range(len(records)))
+def join_groups(keys: Sequence[Iterable[Hashable]]) -> list[int]:
+    """Group id of each item from its keys: items sharing any key are joined (union-find), and groups are
+    numbered by their first item."""
+    parent = list(range(len(keys)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -214,30 +216,37 @@ def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
             i = parent[i]
         return i
 
-    first: dict[tuple[str, str], int] = {}
-    for i, (record, digest) in enumerate(zip(records, digests)):
-        for key in (("group", record.group_key), ("pixels", digest)):
+    first: dict[Hashable, int] = {}
+    for i, item_keys in enumerate(keys):
+        for key in item_keys:
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     number: dict[int, int] = {}
-    return [number.setdefault(find(i), len(number)) for i in range(len(records))]
+    return [number.setdefault(find(i), len(number)) for i in range(len(keys))]
 
 
-def split_by_group(groups: Sequence[int], test_fraction: float, seed: int) -> list[str]:
-    """"train" or "test" per record: groups in a seeded random order go to test until it holds test_fraction of
-    the records, so that a group never straddles the two splits."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction={test_fraction} must lie in (0, 1)")
+def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
+    """Group id of each record: records sharing a group key or identical pixels are joined."""
+    return join_groups([(("group", r.group_key), ("pixels", d)) for r, d in zip(records, digests)])
+
+
+def split_by_group(groups: Sequence[int], fractions: float | dict[str, float], seed: int) -> list[str]:
+    """The split of each item: groups in a seeded random order fill "test", then the other splits of `fractions`
+    ({split: share of the items}; a number is test's share) in turn until each holds its share; the rest is
+    "train".  A group never straddles two splits."""
+    fractions = {"test": fractions} if isinstance(fractions, (int, float)) else fractions
+    if not all(f > 0 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        raise ValueError(f"split fractions {fractions} must be positive and sum to less than 1")
     sizes = Counter(groups)
     order = sorted(sizes)
     random.Random(f"fne-recipe-split/{seed}").shuffle(order)
-    test, room = set(), test_fraction * len(groups)
-    for g in order:
-        if room <= 0:
-            break
-        test.add(g)
-        room -= sizes[g]
-    return ["test" if g in test else "train" for g in groups]
+    where, groups_left = {}, iter(order)
+    for split, fraction in fractions.items():
+        room = fraction * len(groups)
+        while room > 0 and (g := next(groups_left, None)) is not None:
+            where[g] = split
+            room -= sizes[g]
+    return [where.get(g, "train") for g in groups]
 
 
 @dataclass(frozen=True)
@@ -249,11 +258,11 @@ class Built:
 
 
 def build(recipe: str, out_dir: str | Path, *, test_fraction: float = 0.2, seed: int = 0, workers: int = 1,
-          **recipe_args) -> Built:
-    """Read the recipe's records, store their images under out_dir/thumbnails, group and split them, and write
-    out_dir/recipe.json with the counts."""
+          background: tuple[int, int, int] = WHITE, **recipe_args) -> Built:
+    """Read the recipe's records, store their images (transparency on `background`) under out_dir/thumbnails,
+    group and split them, and write out_dir/recipe.json with the counts."""
     records, dropped = RECIPES[recipe][0](**recipe_args)
-    made = thumbnails(recipe, records, Path(out_dir) / "thumbnails", workers)
+    made = thumbnails(recipe, records, Path(out_dir) / "thumbnails", workers, background)
     for (path, why), record in zip(made, records):
         if not path:
             dropped[why.split(":")[0]] += 1

@@ -25,11 +25,25 @@ from pathlib import Path
 from typing import Iterable
 
 import webdataset as wds
+from PIL import Image
 
 MANIFEST = "manifest.json"
 FORMAT = "fne-dist-shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _MTIME = 0.0  # fixed member times: the same input gives byte-identical shards
+WHITE = (255, 255, 255)
+
+
+def flatten(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """The image as RGB with its transparent parts (RGBA, LA, a palette with transparency) composited onto
+    `background`: convert("RGB") alone keeps the colour that transparent pixels store, mostly black, so icons and
+    clip art would become dark shapes on black (and Pillow warns for each palette image)."""
+    if not image.has_transparency_data:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, background)
+    out.paste(rgba, mask=rgba)
+    return out
 
 
 class DataError(ValueError):
