@@ -17,7 +17,8 @@ class StepFeatures:
     """What a step hands its objective.  ia, ta [b, D]: this rank's online features (with gradient); ik, tk [b, D]:
     its momentum keys; ids, labels [b]; keys: the global batch's keys (all ranks); stats: the statistics to weigh
     with (this step's, or the kept ones during a warm-up); logit_scale: exp of the model's logit scale (with
-    gradient) for objectives with a temperature, else None."""
+    gradient) for objectives with a temperature, else None; epoch: the training epoch (0-based) for objectives that
+    switch a term on at an epoch, None where the caller has no epochs (such objectives refuse it)."""
 
     ia: torch.Tensor
     ta: torch.Tensor
@@ -30,6 +31,7 @@ class StepFeatures:
     step: int
     rank: int
     logit_scale: torch.Tensor | None
+    epoch: int | None = None
 
 
 @dataclass
@@ -41,12 +43,17 @@ class ObjectiveOutput:
 
 class StepObjective:
     """One objective.  `scaled`: it uses the model's logit scale (a temperature; otherwise the trainer freezes it).
-    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up)."""
+    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up).  `replicated_only`: it
+    reads every candidate for every anchor, so it refuses the sharded buffer."""
 
     scaled = False
     warmup: type[StepObjective] | None = None
+    replicated_only = False
 
     def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
+        if self.replicated_only and buffer.sharded:
+            raise ValueError(f"fne.objective={cfg.objective} reads every candidate for every anchor: set "
+                             "fne.buffer=replicated (the sharded buffer serves the sampling objectives)")
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:

@@ -20,11 +20,15 @@ class Clip(StepObjective):
         self.clip_loss = ClipLoss(rank=rank(), world_size=world_size())
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
-        ia, ta, ids, labels = x.ia.float(), x.ta.float(), x.ids, x.labels
-        loss = self.clip_loss(ia, ta, x.logit_scale)
-        with torch.no_grad():
-            logits = x.logit_scale.float() * ia @ ta.T
-            false_neg = false_negative_mask(ids[:, None], labels[:, None], ids[None, :], labels[None, :])
-            diagnostics = sum(softmax_diagnostics(-lg.log_softmax(1).diagonal(), (lg.softmax(1) * false_neg).sum(1))
-                              for lg in (logits, logits.T))
-        return ObjectiveOutput(loss, diagnostics)
+        return ObjectiveOutput(self.clip_loss(x.ia.float(), x.ta.float(), x.logit_scale), in_batch_diagnostics(x))
+
+
+def in_batch_diagnostics(x: StepFeatures) -> torch.Tensor:
+    """DIAGNOSTICS sums of this rank's in-batch softmax, both directions (what the in-batch InfoNCE objectives
+    report): each row's negative mass and the part of it on labelled false negatives."""
+    with torch.no_grad():
+        logits = x.logit_scale.float() * x.ia.float() @ x.ta.float().T
+        ids, labels = x.ids, x.labels
+        false_neg = false_negative_mask(ids[:, None], labels[:, None], ids[None, :], labels[None, :])
+        return sum(softmax_diagnostics(-lg.log_softmax(1).diagonal(), (lg.softmax(1) * false_neg).sum(1))
+                   for lg in (logits, logits.T))
