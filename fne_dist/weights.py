@@ -76,14 +76,15 @@ def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNECon
     and the posterior-weighted InfoNCE all use it, so the posterior is written once.
     """
     s = sims.float()
-    return _true_negative_prob(s, moments32(stats, s.device), log_prior_odds32(stats, cfg, s.device),
+    return _true_negative_prob(s, moments32(stats, s.device), log_prior_odds(stats, cfg, s.device),
                                stats.ready(cfg.min_count))
 
 
-def log_prior_odds32(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
-    """log(rho - 1) in fp32 on `device`: the prior odds of a true negative, from cfg.prior_ratio or, where the
-    statistics fit the prior (fne.prior_fit), from the fitted prior."""
-    return stats.log_prior_odds(cfg.prior_ratio).to(device=device, dtype=torch.float32)
+def log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
+    """log(rho - 1), float64 0-dim on `device`: the prior odds of a true negative, from cfg.prior_ratio or, where
+    the statistics fit the prior (fne.prior_fit), from the fitted prior.  Added to or multiplied into fp32 tensors
+    it acts in fp32 as the Python number did (its exp is rho - 1 exactly in fp32, which an fp32 exp is not)."""
+    return stats.log_prior_odds(cfg.prior_ratio).to(device)
 
 
 def _true_negative_prob(s: torch.Tensor, moments, log_odds: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,7 @@ def fne_weights(
     hard = (s - p).square_().mul_(-cfg.tau).exp_()
     ready = stats.ready(cfg.min_count)
     moments = moments32(stats, s.device)
-    log_odds = log_prior_odds32(stats, cfg, s.device)
+    log_odds = log_prior_odds(stats, cfg, s.device)
     if cfg.mode == "official":
         # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
         mean_pos, var_pos, mean_neg, var_neg = moments

@@ -180,3 +180,49 @@ def test_settings_are_checked_with_a_clear_error():
                                                                          "fne.queue_start_epoch")):
         with pytest.raises(ConfigError, match=key):
             load_config("configs/demo.yaml", [override])
+
+
+def steps_on_rows(objective, rank, world, g_batch=12, steps=3):
+    """Losses of `steps` steps of `objective` on this rank's rows of fixed global batches (each step committed, so
+    that the queue fills), the statistics held at READY."""
+    obj = make(objective, queue=0, queue_start_epoch=0, queue_weight=0.5, buffer="replicated")
+    b = g_batch // world
+    losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        ia, ta, ik, tk = (unit(g_batch, D, generator=g)[rank * b:(rank + 1) * b] for _ in range(4))
+        ids = torch.arange(g_batch)[rank * b:(rank + 1) * b] + 100 * step
+        out = obj.loss(ia, ta, ik, tk, ids, ids % 3, step=step, rank=rank, warmup=False,
+                       logit_scale=torch.tensor([10.0]), epoch=0)
+        obj.commit(out)
+        losses.append(out.loss)
+    return torch.stack(losses)
+
+
+def rank_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save({name: steps_on_rows(name, rank, world) for name in ("soft_clip", "clip_queue")},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_lose_what_one_process_does_on_the_global_batch(tmp_path):
+    """soft_clip: every rank's loss is the global batch's (ClipLoss's convention); clip_queue: ClipLoss's global
+    loss + the memory term over the rank's rows, so the ranks' mean is one process's loss."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.spawn(rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in ("soft_clip", "clip_queue"):
+        want = steps_on_rows(name, 0, 1)
+        got = torch.stack([r[name] for r in ranks])
+        torch.testing.assert_close(got.mean(0), want, rtol=1e-6, atol=1e-6)
+        if name == "soft_clip":
+            torch.testing.assert_close(got[0], got[1], rtol=1e-6, atol=1e-6)
