@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from fne_dist.config import ConfigError, FNESection, load_config
+from fne_dist.config import ConfigError, FNESection, check_world, load_config
 from fne_dist.objective import Objective
 from fne_dist.objectives.diagnostics import calibration_table
 from fne_dist.objectives.soft_clip import soft_targets
@@ -114,6 +114,11 @@ def test_clip_queue_needs_the_epoch_and_the_replicated_buffer():
     with pytest.raises(ValueError, match="fne.buffer=replicated"):
         Objective(FNESection(objective="clip_queue", buffer="sharded", queue_size=64), dim=D,
                   device=torch.device("cpu"), seed=0)
+    # before anything starts: fne.buffer=auto is sharded on 2 ranks, a config error that names the fix
+    cfg = load_config("configs/demo.yaml", ["fne.objective=clip_queue", "fne.buffer=auto"])
+    assert check_world(cfg, 1)
+    with pytest.raises(ConfigError, match=r"needs fne.buffer=replicated \(fne.buffer=auto is sharded here"):
+        check_world(cfg, 2)
 
 
 @pytest.mark.parametrize("stats, alpha", [(READY, 0.0), (NOT_READY, 0.6)], ids=["alpha-0", "posterior-not-ready"])

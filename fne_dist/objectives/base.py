@@ -51,10 +51,16 @@ class StepObjective:
     replicated_only = False
 
     def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
-        if self.replicated_only and buffer.sharded:
-            raise ValueError(f"fne.objective={cfg.objective} reads every candidate for every anchor: set "
-                             "fne.buffer=replicated (the sharded buffer serves the sampling objectives)")
+        self.check_layout(cfg, buffer.layout)
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
+
+    @classmethod
+    def check_layout(cls, cfg: FNESection, layout: str) -> None:
+        """Refuse the resolved buffer layout if this objective cannot read it (config.check_world asks first)."""
+        if cls.replicated_only and layout == "sharded":
+            raise ValueError(f"fne.objective={cfg.objective} reads every candidate for every anchor, so it needs "
+                             f"fne.buffer=replicated (fne.buffer={cfg.buffer} is sharded here; the sharded buffer "
+                             "serves the sampling objectives)")
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         raise NotImplementedError
