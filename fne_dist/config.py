@@ -17,8 +17,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.objectives import REGISTRY
-from fne_dist.stats import RESET_POLICIES
+from fne_dist.objectives import REGISTRY, objective_class
+from fne_dist.stats import NEG_FITS, RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
@@ -83,10 +83,15 @@ class FNESection:
     """The objective, FNE sampling (FNE_SPEC step 7; the FNEConfig fields) and the state around it (queue,
     momentum, stats)."""
 
-    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce (fne_dist.objectives.REGISTRY)
+    objective: str = "fne"  # fne | vsepp | clip | posterior_infonce | clip_queue | soft_clip (objectives.REGISTRY)
     mode: str = "official"
     posterior_hinge: bool = False  # objective fne: multiply the sampled triplet's hinge by 1 - f of the drawn negative
     oracle: bool = False  # an upper bound: drop the true false negatives (same label, another image) from every loss
+    queue_weight: float = 1.0  # clip_queue: weight of the memory term (InfoNCE against the queue) beside ClipLoss
+    queue_start_epoch: int = 1  # clip_queue: first epoch (0-based) with the memory term; before it plain CLIP
+    soft_alpha: float = 0.4  # soft_clip: the posterior's share of each row's target (0: ClipLoss)
+    neg_fit: str = "hardest"  # the negative Gaussian's data: hardest in-batch negatives | all in-batch pairs
+    prior_fit: bool = False  # fit the prior of a false negative by online EM (prior_ratio: its value until then)
     margin: float = 0.2
     tau: float = 0.5
     prior_ratio: Optional[float] = None  # None: 10^4 for objective fne in mode official, 100 otherwise
@@ -253,6 +258,11 @@ def validate(cfg: Config) -> None:
     _choice("fne.cutdown", f.cutdown, CUTDOWNS)
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
+    _choice("fne.neg_fit", f.neg_fit, NEG_FITS)
+    if not 0 <= f.soft_alpha <= 1:
+        raise ConfigError(f"fne.soft_alpha={f.soft_alpha} must lie in [0, 1] (the posterior's share of the target)")
+    if not f.queue_weight >= 0:
+        raise ConfigError(f"fne.queue_weight={f.queue_weight} must be >= 0 (0: no memory term)")
     _choice("fne.queue_dtype", f.queue_dtype, QUEUE_DTYPES)
     _choice("fne.buffer", f.buffer, _buffer().LAYOUTS)
     try:
@@ -267,6 +277,7 @@ def validate(cfg: Config) -> None:
                             ("data.shuffle_buffer", d.shuffle_buffer, 0), ("data.epoch_pairs", d.epoch_pairs, 1),
                             ("data.retries", d.retries, 0),
                             ("fne.queue_size", f.queue_size, 1), ("fne.warmup_epochs", f.warmup_epochs, 0),
+                            ("fne.queue_start_epoch", f.queue_start_epoch, 0),
                             ("train.epochs", t.epochs, 1), ("train.steps_per_epoch", t.steps_per_epoch, 1),
                             ("train.steps", t.steps, 1), ("train.log_every", t.log_every, 1),
                             ("train.eval_every", t.eval_every, 0), ("train.checkpoint_every", t.checkpoint_every, 0),
@@ -320,19 +331,16 @@ def _buffer():
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it; and the rules
-    that depend on the world size, such as the buffer layout an objective runs on."""
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it; an objective
+    that reads every candidate refused with the buffer layout this world resolves to when it is sharded."""
     global_batch = world_size * cfg.data.batch_size
     try:
         _buffer().check_queue_size(cfg.fne.queue_size, global_batch,
                                    f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
+        objective_class(cfg.fne.objective).check_layout(cfg.fne, _buffer().resolve_layout(cfg.fne.buffer, world_size),
+                                                        f"on {world_size} ranks")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    f = cfg.fne
-    if f.objective == "posterior_infonce" and _buffer().resolve_layout(f.buffer, world_size) == "sharded":
-        raise ConfigError(f"fne.objective=posterior_infonce runs on the replicated buffer only (it reads every "
-                          f"candidate for every anchor), and fne.buffer={f.buffer} is sharded on {world_size} ranks: "
-                          "set fne.buffer=replicated")
     return global_batch
 
 

@@ -28,12 +28,18 @@ def vsepp_hardest(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margi
 def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):
     """Each row's and each column's hardest in-batch negative in sims [b, b] (row i and column i are pair i):
     `(values, indices)` of the row maxima and of the column maxima over the pairs of another id (ids None: another
-    index).  -inf where a row or column has no such pair.  The one home of the same-id mask that VSE++, the
-    statistics and the warm-up diagnostics share."""
-    n = sims.shape[0]
-    same = ids[:, None] == ids[None, :] if ids is not None else torch.eye(n, dtype=torch.bool, device=sims.device)
-    masked = sims.masked_fill(same, float("-inf"))
+    index).  -inf where a row or column has no such pair."""
+    masked = sims.masked_fill(same_id(sims, ids), float("-inf"))
     return masked.max(1), masked.max(0)
+
+
+def same_id(sims: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, b] True where row i and column j of an in-batch matrix are one pair or share an id (ids None: i == j),
+    so never negatives of each other.  The one home of the same-id mask that VSE++, the statistics and the
+    warm-up diagnostics share."""
+    if ids is None:
+        return torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    return ids[:, None] == ids[None, :]
 
 
 def false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 `Objective` owns the per-rank FNE state (the negative buffer, similarity statistics, the sampling rule) and hands
 online features `ia, ta` (with gradient) and momentum keys `ik, tk` to the objective class that `fne.objective`
-names (fne_dist.objectives: fne, vsepp, clip, posterior_infonce).  It knows nothing about DeepSpeed, data or towers,
+names (fne_dist.objectives.REGISTRY).  It knows nothing about DeepSpeed, data or towers,
 so the trainer, `fne-bench step` and the study share it.  `loss` changes no state: it returns this step's keys and
 statistics, and the caller `commit`s them (enqueue, new statistics) only once the step is known to be finite,
 after the optimizer step.
@@ -14,6 +14,7 @@ with): an upper bound on what eliminating false negatives can gain, measured onl
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from fne_dist.objectives import objective_class
 from fne_dist.objectives.base import StepFeatures
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
+from fne_dist.weights import prior_e_step
 
 
 @dataclass
@@ -59,7 +61,9 @@ class Objective:
         self.seed = seed
         self.buffer = NegativeBuffer(cfg.queue_size, dim, queue_dtype(cfg, device), device, layout=cfg.buffer,
                                      rank=this_rank(), world=world_size())
-        self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device)
+        self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device,
+                                     neg_fit=cfg.neg_fit, prior_fit=cfg.prior_fit)
+        self.e_step = functools.partial(prior_e_step, self.rule)  # the prior fit's E-step (fne.prior_fit)
         state = (cfg, self.rule, self.buffer, seed)
         cls = objective_class(cfg.objective)
         self.step_objective = cls(*state)
@@ -72,18 +76,20 @@ class Objective:
         return self.step_objective.scaled
 
     def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool,
-             logit_scale: torch.Tensor | None = None) -> StepLoss:
+             logit_scale: torch.Tensor | None = None, epoch: int | None = None) -> StepLoss:
         """This rank's loss over its b anchors.  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
         step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit scale (with
-        gradient), required by `scaled` objectives."""
+        gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by objectives
+        that switch a term on at an epoch (clip_queue)."""
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
         keys = GlobalKeys.gather(ik, tk, keys_of, labels)
         warming = warmup and self.warmup_objective is not None
-        stats = self.stats if warming else self.stats.updated(ia, ta, ids)  # the same fit with or without the oracle
-        features = StepFeatures(ia, ta, ik, tk, keys_of, labels, keys, stats, step, rank, logit_scale)
+        # the statistics are fitted on the image ids, so an oracle run differs from its base only in the mask
+        stats = self.stats if warming else self.stats.updated(ia, ta, ids, self.e_step)
+        features = StepFeatures(ia, ta, ik, tk, keys_of, labels, keys, stats, step, rank, logit_scale, epoch)
         out = (self.warmup_objective if warming else self.step_objective)(features)
         return StepLoss(out.loss, keys, stats, out.diagnostics, out.index)
 

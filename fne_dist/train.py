@@ -196,9 +196,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.rt.device.type, dtype=self.dtype)
 
-    def train_step(self, batch, step: int, warmup: bool) -> bool:
+    def train_step(self, batch, step: int, warmup: bool, epoch: int | None = None) -> bool:
         """FNE_SPEC steps 1-10 for one batch; True if the optimizer stepped (with gradient accumulation, only at the
-        end of an accumulation).  Order, so that a non-finite step touches nothing on any rank:
+        end of an accumulation).  epoch: for objectives that switch a term on at an epoch (Objective.loss).  Order,
+        so that a non-finite step touches nothing on any rank:
           0. the EMA of the momentum towers for the last optimizer step, once per optimizer step, before this step's
              keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
              step, not to this one: a checkpoint saved after that step holds the momentum towers before it, and a
@@ -213,7 +214,7 @@ class Trainer:
         if self.ema_due:
             momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
             self.ema_due = False
-        out = self.forward_loss(batch, step, warmup)
+        out = self.forward_loss(batch, step, warmup, epoch)
         bad, self.stop_agreed = self.stop.agree(~_finite(out.loss, out.keys.image, out.keys.text))
         if bad:
             self._bad_step(step)
@@ -221,7 +222,7 @@ class Trainer:
         self.bad_in_a_row = 0
         return self.apply(out)
 
-    def forward_loss(self, batch, step: int, warmup: bool):
+    def forward_loss(self, batch, step: int, warmup: bool, epoch: int | None = None):
         """Step 1 of `train_step`: the step's loss, keys and statistics, nothing changed yet."""
         device = self.rt.device
         images = batch.images.to(device, non_blocking=True)
@@ -234,7 +235,7 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 ik, tk = self.trunk_tap.momentum_keys(self.momentum)
         return self.objective.loss(ia, ta, ik, tk, ids, labels, step=step, rank=self.rt.rank, warmup=warmup,
-                                   logit_scale=logit_scale)
+                                   logit_scale=logit_scale, epoch=epoch)
 
     def apply(self, out) -> bool:
         """Step 3 of `train_step`, for a step found finite on every rank."""
@@ -388,7 +389,7 @@ class Trainer:
                 warmup = progress.epoch < cfg.fne.warmup_epochs
                 tick, ticks = time.perf_counter(), 0
                 for batch in loader:
-                    stepped = self.train_step(batch, progress.step, warmup)
+                    stepped = self.train_step(batch, progress.step, warmup, progress.epoch)
                     progress.step += 1
                     progress.batch += 1
                     ticks += 1

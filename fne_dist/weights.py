@@ -76,14 +76,32 @@ def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNECon
     and the posterior-weighted InfoNCE all use it, so the posterior is written once.
     """
     s = sims.float()
-    return _true_negative_prob(s, moments32(stats, s.device), stats.ready(cfg.min_count), cfg)
+    return _true_negative_prob(s, moments32(stats, s.device), log_prior_odds(stats, cfg, s.device),
+                               stats.ready(cfg.min_count))
 
 
-def _true_negative_prob(s: torch.Tensor, moments, ready: torch.Tensor, cfg: FNEConfig) -> torch.Tensor:
+def log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
+    """log(rho - 1), float64 0-dim on `device`: the prior odds of a true negative, from cfg.prior_ratio or, where
+    the statistics fit the prior (fne.prior_fit), from the fitted prior.  Added to or multiplied into fp32 tensors
+    it acts in fp32 as the Python number did (its exp is rho - 1 exactly in fp32, which an fp32 exp is not)."""
+    return stats.log_prior_odds(cfg.prior_ratio).to(device)
+
+
+def _true_negative_prob(s: torch.Tensor, moments, log_odds: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
     mean_pos, var_pos, mean_neg, var_neg = moments
     logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
-    keep = logit.add_(math.log(cfg.prior_ratio - 1)).sigmoid_()
+    keep = logit.add_(log_odds).sigmoid_()
     return torch.where(ready, keep, torch.ones_like(keep))
+
+
+def prior_e_step(cfg: FNEConfig, stats: "SimilarityStats", sims: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """The E-step of the prior fit (fne.prior_fit; SimilarityStats' PriorEStep with cfg bound): [pairs, sum of
+    responsibilities] over the in-batch pairs of another id (`same`: [b, b] one pair or one id), each pair's
+    responsibility of the false-negative component being its posterior f under `stats` (Gaussians and prior so
+    far); nothing before the statistics are ready."""
+    weight = (~same).double() * stats.ready(cfg.min_count).to(sims.device)
+    resp = 1 - true_negative_prob(sims, stats, cfg).double()
+    return torch.stack([weight.sum(), (weight * resp).sum()])
 
 
 def fne_weights(
@@ -108,17 +126,18 @@ def fne_weights(
     hard = (s - p).square_().mul_(-cfg.tau).exp_()
     ready = stats.ready(cfg.min_count)
     moments = moments32(stats, s.device)
+    log_odds = log_prior_odds(stats, cfg, s.device)
     if cfg.mode == "official":
         # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
         mean_pos, var_pos, mean_neg, var_neg = moments
         dens_pos = normal_log_density(s, mean_pos, var_pos).exp_()
         dens_neg = normal_log_density(s, mean_neg, var_neg).exp_()
-        f = dens_pos.div_(dens_neg.mul_(cfg.prior_ratio - 1).add_(dens_pos))  # L+ / (L+ + (rho-1) L-)
+        f = dens_pos.div_(dens_neg.mul_(log_odds.exp()).add_(dens_pos))  # L+ / (L+ + (rho-1) L-)
         w = torch.where(ready & (1 - f < cfg.false_margin), f.mul_(-cfg.tau).exp_(), hard)
     elif cfg.mode == "bayes":
-        w = _true_negative_prob(s, moments, ready, cfg).mul_(hard)
+        w = _true_negative_prob(s, moments, log_odds, ready).mul_(hard)
     elif cfg.mode == "eliminate":
-        w = hard.masked_fill_(_true_negative_prob(s, moments, ready, cfg) <= 1 - cfg.f_max, 0.0)
+        w = hard.masked_fill_(_true_negative_prob(s, moments, log_odds, ready) <= 1 - cfg.f_max, 0.0)
     else:
         w = hard
     drop = pos_mask

@@ -61,7 +61,7 @@ from triton.language.extra import libdevice
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, global_cutdown_on, moments32
+from fne_dist.weights import FNEConfig, global_cutdown_on, log_prior_odds, moments32
 
 MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
@@ -452,7 +452,7 @@ def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device)
     counted = global_cutdown_on(stats, cfg).to(device)
     lognorm_pos, lognorm_neg = 0.5 * torch.log(2 * math.pi * var_pos), 0.5 * torch.log(2 * math.pi * var_neg)
     cp, cn = LOG2E / (2 * var_pos), LOG2E / (2 * var_neg)
-    c0 = LOG2E * (lognorm_neg - lognorm_pos - math.log(cfg.prior_ratio - 1))
+    c0 = LOG2E * (lognorm_neg - lognorm_pos - log_prior_odds(stats, cfg, device).float())
     delta = mean_pos - mean_neg
     off = lambda value, idle: torch.where(ready, value, idle)  # noqa: E731
     return torch.stack([

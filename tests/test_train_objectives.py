@@ -21,11 +21,11 @@ def shards(tmp_path_factory):
     return f"{out}/{manifest['splits']['train']['pattern']}"
 
 
-@pytest.mark.parametrize("objective", ["clip", "posterior_infonce"])
+@pytest.mark.parametrize("objective", ["clip", "posterior_infonce", "clip_queue", "soft_clip"])
 def test_trainer_runs_the_objective(shards, tmp_path, objective):
     overrides = [f"data.train={shards}", "data.val=null", "data.batch_size=16", "fne.queue_size=64",
                  "train.epochs=1", "train.steps_per_epoch=4", "train.log_every=1", f"train.output_dir={tmp_path}",
-                 f"fne.objective={objective}"]
+                 f"fne.objective={objective}", "fne.queue_start_epoch=0", "fne.min_count=5", "fne.prior_fit=true"]
     run = subprocess.run([sys.executable, "-m", "fne_dist.train", "--config", str(ROOT / "configs/demo.yaml"),
                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

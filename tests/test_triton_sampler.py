@@ -89,6 +89,19 @@ def test_same_indices_as_torch_streaming(dtype, mode, cutdown):
     assert torch.equal(tri.fallback.nonzero().flatten().cpu(), torch.arange(3 if cutdown == "anchor" else 0))
 
 
+@pytest.mark.parametrize("mode", ["official", "bayes"])
+def test_a_fitted_prior_reaches_the_kernel(mode):
+    """fne.prior_fit: the kernel reads the statistics' fitted prior (here 1/20) as fne_weights does."""
+    fitted = SimilarityStats.from_moments(count_pos=500, mean_pos=0.5, var_pos=0.01, mean_neg=0.05, var_neg=0.01,
+                                          prior_fit=True)
+    fitted.prior_sums = torch.tensor([400.0, 20.0], dtype=torch.float64)
+    cfg = FNEConfig(mode=mode, cutdown="off")
+    tri, ref = both(problem(), cfg, stats=fitted, tile_size=256)
+    assert_same(tri, ref)
+    preset = both(problem(), cfg, tile_size=256)[1]  # the rule's prior 1/10^4: other weights
+    assert not torch.allclose(ref.weight_sum, preset.weight_sum)
+
+
 @pytest.mark.parametrize("with_valid", [True, False])
 def test_candidates_in_whole_tiles_agree_with_torch_streaming(with_valid):
     """N a multiple of the tile (EVEN_N: columns neither clamped nor tested against N), with and without the

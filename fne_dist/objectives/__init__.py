@@ -19,6 +19,10 @@ REGISTRY = {
     "clip": "fne_dist.objectives.clip:Clip",
     # InfoNCE over [global batch ; queue], each negative weighted by 1 - f
     "posterior_infonce": "fne_dist.objectives.posterior_infonce:PosteriorInfoNCE",
+    # ClipLoss + fne.queue_weight x InfoNCE against the queue, (1 - f)-weighted, from fne.queue_start_epoch
+    "clip_queue": "fne_dist.objectives.clip_queue:ClipQueue",
+    # in-batch InfoNCE with targets (1 - alpha) one-hot + alpha x the normalised posterior P(positive | s)
+    "soft_clip": "fne_dist.objectives.soft_clip:SoftClip",
 }
 
 

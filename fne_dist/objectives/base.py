@@ -18,7 +18,9 @@ class StepFeatures:
     its momentum keys; ids [b]: identity keys, never negatives of each other when equal (the image ids; the labels
     under fne.oracle: `fne_dist.objective.identity_keys`); labels [b]; keys: the global batch's keys (all ranks, the
     same identity keys); stats: the statistics to weigh with (this step's, or the kept ones during a warm-up);
-    logit_scale: exp of the model's logit scale (with gradient) for objectives with a temperature, else None."""
+    logit_scale: exp of the model's logit scale (with gradient) for objectives with a temperature, else None; epoch:
+    the training epoch (0-based) for objectives that switch a term on at an epoch, None where the caller has no
+    epochs (such objectives refuse it)."""
 
     ia: torch.Tensor
     ta: torch.Tensor
@@ -31,6 +33,7 @@ class StepFeatures:
     step: int
     rank: int
     logit_scale: torch.Tensor | None
+    epoch: int | None = None
 
 
 @dataclass
@@ -42,13 +45,25 @@ class ObjectiveOutput:
 
 class StepObjective:
     """One objective.  `scaled`: it uses the model's logit scale (a temperature; otherwise the trainer freezes it).
-    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up)."""
+    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up).  `replicated_only`: it
+    reads every candidate for every anchor, so it refuses the sharded buffer."""
 
     scaled = False
     warmup: type[StepObjective] | None = None
+    replicated_only = False
 
     def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
+        self.check_layout(cfg, buffer.layout)
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
+
+    @classmethod
+    def check_layout(cls, cfg: FNESection, layout: str, where: str = "here") -> None:
+        """Refuse the resolved buffer layout if this objective cannot read it (config.check_world asks first, with
+        `where` the world it resolved for)."""
+        if cls.replicated_only and layout == "sharded":
+            raise ValueError(f"fne.objective={cfg.objective} runs on the replicated buffer only (it reads every "
+                             f"candidate for every anchor), and fne.buffer={cfg.buffer} is sharded {where}: set "
+                             "fne.buffer=replicated")
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         raise NotImplementedError

@@ -70,3 +70,21 @@ def summarise(sums: dict[str, float]) -> dict[str, float]:
     if sums["loss_mass"]:
         out["false_negative_loss_share"] = sums["loss_false_negatives"] / sums["loss_mass"]
     return out
+
+
+def calibration_table(f: torch.Tensor, is_false_negative: torch.Tensor, bins: int = 10) -> list[dict]:
+    """Is the posterior calibrated?  Per bin of the false-negative probability f (`bins` equal bins of [0, 1], the
+    last one closed), the candidates in it: {"lo", "hi", "count", "mean_f", "false_negatives", "share"}, where
+    share is the fraction that are true false negatives (NaN for an empty bin).  A calibrated posterior has share
+    close to mean_f in every bin.  f and is_false_negative: the same shape (e.g. [anchors, candidates])."""
+    if f.shape != is_false_negative.shape:
+        raise ValueError(f"calibration_table: f {tuple(f.shape)} and is_false_negative "
+                         f"{tuple(is_false_negative.shape)} must have the same shape")
+    f = f.detach().double().flatten()
+    hits = is_false_negative.flatten().double()
+    index = (f * bins).long().clamp(0, bins - 1)
+    count, f_sum, fn = (torch.zeros(bins, dtype=torch.float64).index_add_(0, index.cpu(), v.cpu())
+                        for v in (torch.ones_like(f), f, hits))
+    return [{"lo": k / bins, "hi": (k + 1) / bins, "count": int(count[k]),
+             "mean_f": float(f_sum[k] / count[k]) if count[k] else float("nan"), "false_negatives": int(fn[k]),
+             "share": float(fn[k] / count[k]) if count[k] else float("nan")} for k in range(bins)]

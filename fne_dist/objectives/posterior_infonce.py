@@ -7,6 +7,7 @@ import torch
 from fne_dist.infonce import CandidateSet, posterior_infonce
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, join_segments, softmax_diagnostics
+from fne_dist.weights import FNEConfig
 
 
 class PosteriorInfoNCE(StepObjective):
@@ -15,23 +16,22 @@ class PosteriorInfoNCE(StepObjective):
     copy per step: a fused kernel that reads the segments in place is the next step)."""
 
     scaled = True
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        if self.buffer.sharded:
-            raise ValueError("fne.objective=posterior_infonce reads every candidate for every anchor: set "
-                             "fne.buffer=replicated (the sharded buffer serves the sampling objectives)")
+    replicated_only = True
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
-        ia, ta = x.ia.float(), x.ta.float()
-        text, image, cand_ids, cand_labels, valid = join_segments(self.buffer.segments(x.keys),
-                                                                  ("text", "image", "ids", "labels", "valid"))
-        loss = ia.new_zeros(())
-        diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=ia.device)
-        for anchors, pos_keys, pool in ((ia, x.tk, text), (ta, x.ik, image)):
-            rows, false_prob = posterior_infonce(
-                anchors, x.logit_scale, pos_keys, CandidateSet(pool, cand_ids, cand_labels, valid, x.ids, x.labels),
-                x.stats, self.rule)
-            loss = loss + rows.mean() / 2
-            diagnostics += softmax_diagnostics(rows.detach(), false_prob)
-        return ObjectiveOutput(loss, diagnostics)
+        candidates = join_segments(self.buffer.segments(x.keys), ("image", "text", "ids", "labels", "valid"))
+        return ObjectiveOutput(*candidate_infonce(x, *candidates, self.rule))
+
+
+def candidate_infonce(x: StepFeatures, image, text, ids, labels, valid, rule: FNEConfig):
+    """(loss, DIAGNOSTICS sums): the posterior-weighted InfoNCE of this rank's anchors against candidate keys
+    (image, text [N, D] with ids, labels, valid [N]), image anchors against the texts and text anchors against the
+    images, each positive the anchor's pair's momentum key; mean over rows, then over the two directions."""
+    loss = x.ia.new_zeros((), dtype=torch.float32)
+    diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=x.ia.device)
+    for anchors, pos_keys, pool in ((x.ia.float(), x.tk, text), (x.ta.float(), x.ik, image)):
+        rows, false_prob = posterior_infonce(anchors, x.logit_scale, pos_keys,
+                                             CandidateSet(pool, ids, labels, valid, x.ids, x.labels), x.stats, rule)
+        loss = loss + rows.mean() / 2
+        diagnostics += softmax_diagnostics(rows.detach(), false_prob)
+    return loss, diagnostics
