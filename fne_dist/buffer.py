@@ -14,6 +14,8 @@ one, bit for bit); the shares differ by at most one block.  Per direction and st
      fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
      anchor's rank;
   4. the anchor's rank merges the world partials (`merge_samples`) and keeps the key of the part whose choice won.
+The posterior InfoNCE over the buffer (`infonce`) is exchanged the same way: each rank's partial log-sum-exps of
+all G anchors over its shard go to the anchors' ranks, and its gradient partials come back (fne_dist.infonce).
 The at-risk count (`at_risk`, a diagnostic) is additive: each rank counts its candidates for all G anchors, and one
 all-reduce of 2 x G int32 sums the shards' counts.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
