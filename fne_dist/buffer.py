@@ -14,6 +14,8 @@ one, bit for bit); the shares differ by at most one block.  Per direction and st
      fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
      anchor's rank;
   4. the anchor's rank merges the world partials (`merge_samples`) and keeps the key of the part whose choice won.
+The posterior InfoNCE over the buffer (`infonce`) is exchanged the same way: each rank's partial log-sum-exps of
+all G anchors over its shard go to the anchors' ranks, and its gradient partials come back (fne_dist.infonce).
 The at-risk count (`at_risk`, a diagnostic) is additive: each rank counts its candidates for all G anchors, and one
 all-reduce of 2 x G int32 sums the shards' counts.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
@@ -29,6 +31,7 @@ import torch
 
 from fne_dist.distributed import all_gather_cat, all_reduce, all_to_all
 from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
+from fne_dist.infonce import Candidates, streamed_posterior_infonce
 from fne_dist.queue import GlobalKeys, MomentumQueue
 from fne_dist.stats import SimilarityStats
 
@@ -78,6 +81,10 @@ class Segment:
     def keys(self, direction: int) -> torch.Tensor:
         """The candidates of a direction: 0 image anchors -> text keys, 1 text anchors -> image keys."""
         return self.text if direction == 0 else self.image
+
+    def candidates(self, direction: int) -> Candidates:
+        """The segment as a direction's candidates for the InfoNCE objectives (views, read in place)."""
+        return Candidates(self.keys(direction), self.ids, self.labels, self.valid)
 
 
 @dataclass
@@ -134,6 +141,19 @@ class NegativeBuffer:
         everyone = _draw(segments, self.dtype, all_gather_cat(anchors), all_gather_cat(pos_sims), batch.ids, stats,
                          rule, row_offset=0, **sampling)
         return _merge_ranks(everyone, len(anchors), self.world, rule)
+
+    def infonce(self, anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, ids: torch.Tensor,
+                labels: torch.Tensor, batch: GlobalKeys, stats: SimilarityStats, rule: FNEConfig, *, direction: int,
+                queue_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior-weighted InfoNCE of this rank's anchors [b, D] (ids, labels [b]; pos_keys: their own
+        momentum keys) against the whole buffer's candidates of `direction`, or its queue only (`queue_only`: the
+        batch's columns left out): per-row losses [b] and false-negative softmax mass [b]
+        (`fne_dist.infonce.streamed_posterior_infonce`).  The segments are read in place; sharded, every rank reads
+        its own against all G anchors and the partials are exchanged (collective, in the backward too)."""
+        segments = [s for s in self.segments(batch) if not queue_only or s.col_offset >= len(batch.ids)]
+        anchor_ids, anchor_labels = (batch.ids, batch.labels) if self.sharded else (ids, labels)
+        return streamed_posterior_infonce(anchors, scale, pos_keys, [s.candidates(direction) for s in segments],
+                                          anchor_ids, anchor_labels, stats, rule, sharded=self.sharded)
 
     def at_risk(self, ids: torch.Tensor, labels: torch.Tensor, batch: GlobalKeys, *, row_offset: int) -> torch.Tensor:
         """[b] bool: this rank's anchor (global row row_offset + i) has a false negative among the whole buffer's

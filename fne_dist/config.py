@@ -17,7 +17,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from fne_dist.objectives import REGISTRY, objective_class
+from fne_dist.objectives import REGISTRY
 from fne_dist.stats import NEG_FITS, RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
@@ -331,14 +331,11 @@ def _buffer():
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it; an objective
-    that reads every candidate refused with the buffer layout this world resolves to when it is sharded."""
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
     global_batch = world_size * cfg.data.batch_size
     try:
         _buffer().check_queue_size(cfg.fne.queue_size, global_batch,
                                    f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")
-        objective_class(cfg.fne.objective).check_layout(cfg.fne, _buffer().resolve_layout(cfg.fne.buffer, world_size),
-                                                        f"on {world_size} ranks")
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return global_batch

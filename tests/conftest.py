@@ -1,5 +1,5 @@
 """Suite-wide settings: offline hubs, one cache for DeepSpeed's JIT ops, Triton's interpreter without a GPU,
-free ports for process groups, the demo's tiny towers."""
+free ports for process groups, gloo ranks, the demo's tiny towers."""
 import os
 from pathlib import Path
 
@@ -30,3 +30,21 @@ def tiny_towers():
 
     torch.manual_seed(0)
     return build_towers(ModelSection(name=TINY))
+
+
+def gloo_ranks(fn, world: int, out, *args) -> list:
+    """fn(rank, world, *args) in `world` spawned processes joined in a gloo group on a free port (fn: a module-level
+    function); its results in rank order, passed through files in the folder `out`."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(fn, world, free_port(), str(out), args), nprocs=world)
+    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _gloo_rank(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.save(fn(rank, world, *args), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()

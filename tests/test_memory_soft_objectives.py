@@ -108,18 +108,15 @@ def test_clip_queue_with_an_empty_queue_is_clip():
     torch.testing.assert_close(out.loss, ClipLoss()(ia, ta, scale))
 
 
-def test_clip_queue_needs_the_epoch_and_the_replicated_buffer():
+def test_clip_queue_needs_the_epoch_and_runs_on_either_buffer_layout():
+    """The memory term reads the queue through NegativeBuffer.infonce, sharded or not (its equality across layouts:
+    tests/test_sharded_infonce.py), so fne.buffer=auto on several ranks is a valid setting."""
     with pytest.raises(ValueError, match="epoch"):
         loss_and_grads(make("clip_queue"), epoch=None)
-    with pytest.raises(ValueError, match="fne.buffer=replicated"):
-        Objective(FNESection(objective="clip_queue", buffer="sharded", queue_size=64), dim=D,
-                  device=torch.device("cpu"), seed=0)
-    # before anything starts: fne.buffer=auto is sharded on 2 ranks, a config error that names the fix
+    assert Objective(FNESection(objective="clip_queue", buffer="sharded", queue_size=64), dim=D,
+                     device=torch.device("cpu"), seed=0).buffer.sharded
     cfg = load_config("configs/demo.yaml", ["fne.objective=clip_queue", "fne.buffer=auto"])
-    assert check_world(cfg, 1)
-    with pytest.raises(ConfigError, match=r"replicated buffer only .*fne.buffer=auto is sharded on 2 ranks: set "
-                                          r"fne.buffer=replicated"):
-        check_world(cfg, 2)
+    assert check_world(cfg, 2) == 2 * cfg.data.batch_size
 
 
 @pytest.mark.parametrize("stats, alpha", [(READY, 0.0), (NOT_READY, 0.6)], ids=["alpha-0", "posterior-not-ready"])

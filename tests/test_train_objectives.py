@@ -1,5 +1,6 @@
 """The trainer runs the objectives with a temperature (the logit scale then trains): one CPU rank, a few steps of the tiny model on the demo digits, finite
-losses and the false-negative share of the loss in the log (the digit class is the label); and the logit scale's
+losses and the false-negative share of the loss in the log (the digit class is the label); posterior_infonce on two
+gloo ranks over the sharded buffer, as over the replicated one; and the logit scale's
 clamp in every copy DeepSpeed keeps (two gloo ranks, ZeRO-1 and ZeRO-3)."""
 import math
 import os
@@ -32,6 +33,25 @@ def test_trainer_runs_the_objective(shards, tmp_path, objective):
     records = metrics_log.read(tmp_path / "metrics.jsonl", "train")
     assert len(records) == 4 and all(math.isfinite(r["loss"]) for r in records)
     assert all(0 <= r["false_negative_loss_share"] <= 1 for r in records)
+
+
+def test_posterior_infonce_trains_on_two_ranks_over_the_sharded_buffer(shards, tmp_path, port):
+    """Two gloo ranks under torchrun, the buffer sharded (the default on several ranks) and replicated: the same
+    per-step losses to fp32 rounding (the exchange inside DeepSpeed's backward, through the optimizer steps)."""
+    losses = {}
+    for layout in ("sharded", "replicated"):
+        out = tmp_path / layout
+        overrides = [f"data.train={shards}", "data.val=null", "data.batch_size=16", "fne.queue_size=64",
+                     "train.epochs=1", "train.steps_per_epoch=4", "train.log_every=1", f"train.output_dir={out}",
+                     "fne.objective=posterior_infonce", f"fne.buffer={layout}"]
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(port), "-m", "fne_dist.train", "--config", str(ROOT / "configs/demo.yaml"),
+                              *overrides], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        losses[layout] = [r["loss"] for r in metrics_log.read(out / "metrics.jsonl", "train")]
+    assert len(losses["sharded"]) == 4 and all(math.isfinite(x) for x in losses["sharded"])
+    assert losses["sharded"] == pytest.approx(losses["replicated"], rel=1e-5)
 
 
 CLAMP_CONFIG = """

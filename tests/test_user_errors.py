@@ -61,10 +61,6 @@ CASES = {
     "too few shards for ranks x workers": (
         2, ["data.workers=4"], None,
         ["4 shards cannot feed 2 ranks x 4 workers = 8 readers", "use data.workers=2 or fewer"]),
-    "posterior_infonce with fne.buffer=auto on two ranks": (
-        2, ["fne.objective=posterior_infonce"], None,
-        ["posterior_infonce runs on the replicated buffer only", "fne.buffer=auto is sharded on 2 ranks",
-         "set fne.buffer=replicated"]),
     "an epoch shorter than one global batch": (
         2, ["data.batch_size=16"], None,
         ["epoch_pairs=16 (the manifest's count) is less than one global batch (16 x 2 ranks)",

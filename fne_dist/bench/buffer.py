@@ -1,11 +1,12 @@
 """`fne-bench buffer`: per-rank memory and step time of the negative buffer against world size and buffer size.
 
 Spawns `world` CPU processes in a gloo group (`--backend nccl`: an NCCL group, one GPU per rank); each runs
-`Objective.loss` + `commit` (the trainer's FNE part of a step: key all-gather, statistics, the draw from the whole
-buffer in both directions, the loss, the enqueue) on random unit features against a full buffer, with the Bayes
-rule on.  Two sweeps: world sizes at a fixed global
-buffer, and buffer sizes at a fixed world.  Reported per run: the buffer bytes a rank holds (its ring slots) and
-the median step time of the slowest rank.  Prints a table and writes a CSV.
+`Objective.loss`, its backward and `commit` (the trainer's FNE part of a step: key all-gather, statistics, the
+objective over the whole buffer in both directions - `--objective fne`: the draw and the hinge, `posterior_infonce`:
+the streamed InfoNCE - the loss's gradient, the enqueue) on random unit features against a full buffer, with the
+Bayes rule on.  Two sweeps: world sizes at a fixed global buffer, and buffer sizes at a fixed world.  Reported per
+run: the buffer bytes a rank holds (its ring slots) and the median step time of the slowest rank.  Prints a table
+and writes a CSV.
 """
 from __future__ import annotations
 
@@ -25,12 +26,16 @@ from fne_dist.objective import Objective
 from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
 
-FIELDS = ("layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms", "backend")
+OBJECTIVES = ("fne", "posterior_infonce")  # those that read the whole buffer
+
+FIELDS = ("objective", "layout", "world", "queue", "dim", "batch_per_rank", "buffer_mib_per_rank", "step_ms",
+          "backend")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fne-bench buffer", description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=("sharded", "replicated"), default="sharded")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="fne", help="the objective over the buffer")
     parser.add_argument("--worlds", default="1,2,4", help="world sizes of the first sweep")
     parser.add_argument("--queue", type=int, default=65536, help="global buffer of the first sweep")
     parser.add_argument("--queues", default="16384,65536,262144", help="buffer sizes of the second sweep")
@@ -47,6 +52,7 @@ def parse_args(argv):
 
 @dataclass
 class Case:
+    objective: str
     layout: str
     world: int
     queue: int
@@ -73,7 +79,8 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
     torch.set_num_threads(1)
     device = rank_device(case.backend, rank)
     dist.init_process_group(case.backend, rank=rank, world_size=case.world)
-    cfg = FNESection(queue_size=case.queue, mode="bayes", buffer=case.layout, impl="auto")  # triton on a GPU
+    cfg = FNESection(objective=case.objective, queue_size=case.queue, mode="bayes", buffer=case.layout,
+                     impl="auto")  # triton on a GPU
     objective = Objective(cfg, case.dim, device, seed=0)
     fill(objective, case.dim, device)
     g = torch.Generator().manual_seed(1)
@@ -81,11 +88,15 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
     unit = lambda n: F.normalize(torch.randn(n, case.dim, generator=g), dim=1).to(device)  # noqa: E731
     timer, times = Timer(device), []
     for step in range(case.steps + 1):
-        feats = [unit(case.batch) for _ in range(4)]
+        feats = [unit(case.batch).requires_grad_(online) for online in (True, True, False, False)]  # ia, ta, ik, tk
         ids = torch.arange(case.batch, device=device) + case.batch * (case.world * step + rank)
+        scale = torch.tensor([1 / 0.07], device=device, requires_grad=True) if objective.scaled else None
 
         def fne_part():
-            objective.commit(objective.loss(*feats, ids, torch.full_like(ids, -1), step=step, rank=rank, warmup=False))
+            out = objective.loss(*feats, ids, torch.full_like(ids, -1), step=step, rank=rank, warmup=False,
+                                 logit_scale=scale)
+            out.loss.backward()
+            objective.commit(out)
 
         dist.barrier()
         times.append(timer(fne_part))
@@ -97,16 +108,17 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
 
 def measure(case: Case) -> dict:
     ranks = spawn_ranks(_worker, case, case.world)
-    return {"layout": case.layout, "world": case.world, "queue": case.queue, "dim": case.dim,
-            "batch_per_rank": case.batch, "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
+    return {"objective": case.objective, "layout": case.layout, "world": case.world, "queue": case.queue,
+            "dim": case.dim, "batch_per_rank": case.batch,
+            "buffer_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
             "step_ms": round(max(r["ms"] for r in ranks), 1), "backend": case.backend}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    cases = [Case(args.layout, int(w), args.queue, args.dim, args.batch, args.steps, args.backend)
+    cases = [Case(args.objective, args.layout, int(w), args.queue, args.dim, args.batch, args.steps, args.backend)
              for w in args.worlds.split(",")]
-    cases += [Case(args.layout, args.world, int(q), args.dim, args.batch, args.steps, args.backend)
+    cases += [Case(args.objective, args.layout, args.world, int(q), args.dim, args.batch, args.steps, args.backend)
               for q in args.queues.split(",")]
     rows = []
     print("  ".join(FIELDS))

@@ -45,25 +45,13 @@ class ObjectiveOutput:
 
 class StepObjective:
     """One objective.  `scaled`: it uses the model's logit scale (a temperature; otherwise the trainer freezes it).
-    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up).  `replicated_only`: it
-    reads every candidate for every anchor, so it refuses the sharded buffer."""
+    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up)."""
 
     scaled = False
     warmup: type[StepObjective] | None = None
-    replicated_only = False
 
     def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
-        self.check_layout(cfg, buffer.layout)
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
-
-    @classmethod
-    def check_layout(cls, cfg: FNESection, layout: str, where: str = "here") -> None:
-        """Refuse the resolved buffer layout if this objective cannot read it (config.check_world asks first, with
-        `where` the world it resolved for)."""
-        if cls.replicated_only and layout == "sharded":
-            raise ValueError(f"fne.objective={cfg.objective} runs on the replicated buffer only (it reads every "
-                             f"candidate for every anchor), and fne.buffer={cfg.buffer} is sharded {where}: set "
-                             "fne.buffer=replicated")
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures
 from fne_dist.objectives.clip import Clip
-from fne_dist.objectives.posterior_infonce import candidate_infonce
+from fne_dist.objectives.posterior_infonce import buffer_infonce
 
 
 class ClipQueue(Clip):
@@ -12,10 +12,8 @@ class ClipQueue(Clip):
     this rank's online anchors against the queue's valid keys (momentum keys of earlier batches; the batch itself
     is ClipLoss's), each positive the anchor's pair's momentum key.  The memory term is on from epoch
     fne.queue_start_epoch (before it: plain CLIP, while the queue fills and the statistics settle).  With the
-    posterior off (a huge fne.prior_ratio) it is XBM-style CLIP + memory.  Reads the whole queue: replicated
-    buffer only."""
-
-    replicated_only = True
+    posterior off (a huge fne.prior_ratio) it is XBM-style CLIP + memory.  Either buffer layout (sharded: the
+    partial log-sum-exps exchanged, as for posterior_infonce)."""
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         if x.epoch is None:
@@ -24,6 +22,5 @@ class ClipQueue(Clip):
         out = super().__call__(x)
         if x.epoch < self.cfg.queue_start_epoch or self.cfg.queue_weight == 0:
             return out
-        q = self.buffer.queue
-        memory, diagnostics = candidate_infonce(x, q.image, q.text, q.ids, q.labels, q.valid, self.rule)
+        memory, diagnostics = buffer_infonce(self, x, queue_only=True)
         return ObjectiveOutput(out.loss + self.cfg.queue_weight * memory, out.diagnostics + diagnostics)

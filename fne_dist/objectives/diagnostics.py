@@ -11,15 +11,6 @@ DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled
                "at_risk", "loss_mass", "loss_false_negatives")
 
 
-def join_segments(segments, fields) -> list[torch.Tensor]:
-    """The named fields of the buffer's segments, joined in global column order (valid None: all valid)."""
-    def field(segment, name):
-        value = getattr(segment, name)
-        return torch.ones_like(segment.ids, dtype=torch.bool) if value is None else value
-
-    return [torch.cat([field(s, name) for s in segments]) for name in fields]
-
-
 def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
     """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
     SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives

@@ -4,34 +4,31 @@ from __future__ import annotations
 
 import torch
 
-from fne_dist.infonce import CandidateSet, posterior_infonce
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
-from fne_dist.objectives.diagnostics import DIAGNOSTICS, join_segments, softmax_diagnostics
-from fne_dist.weights import FNEConfig
+from fne_dist.objectives.diagnostics import DIAGNOSTICS, softmax_diagnostics
 
 
 class PosteriorInfoNCE(StepObjective):
-    """InfoNCE over [global batch ; queue] with (1 - f)-weighted negatives, mean of the two directions.  It reads
-    every candidate of every anchor: the replicated buffer only, whose segments are joined into one candidate set (a
-    copy per step: a fused kernel that reads the segments in place is the next step)."""
+    """InfoNCE over [global batch ; queue] with (1 - f)-weighted negatives, mean of the two directions, in either
+    buffer layout (`NegativeBuffer.infonce`: the segments read in place; sharded, the partials exchanged)."""
 
     scaled = True
-    replicated_only = True
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
-        candidates = join_segments(self.buffer.segments(x.keys), ("image", "text", "ids", "labels", "valid"))
-        return ObjectiveOutput(*candidate_infonce(x, *candidates, self.rule))
+        return ObjectiveOutput(*buffer_infonce(self, x))
 
 
-def candidate_infonce(x: StepFeatures, image, text, ids, labels, valid, rule: FNEConfig):
-    """(loss, DIAGNOSTICS sums): the posterior-weighted InfoNCE of this rank's anchors against candidate keys
-    (image, text [N, D] with ids, labels, valid [N]), image anchors against the texts and text anchors against the
-    images, each positive the anchor's pair's momentum key; mean over rows, then over the two directions."""
+def buffer_infonce(objective: StepObjective, x: StepFeatures, queue_only: bool = False):
+    """(loss, DIAGNOSTICS sums): the posterior-weighted InfoNCE of this rank's anchors against the objective's
+    buffer ([global batch ; queue], or the queue alone), image anchors against the texts and text anchors against
+    the images, each positive the anchor's pair's momentum key; mean over rows, then over the two directions."""
     loss = x.ia.new_zeros((), dtype=torch.float32)
     diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=x.ia.device)
-    for anchors, pos_keys, pool in ((x.ia.float(), x.tk, text), (x.ta.float(), x.ik, image)):
-        rows, false_prob = posterior_infonce(anchors, x.logit_scale, pos_keys,
-                                             CandidateSet(pool, ids, labels, valid, x.ids, x.labels), x.stats, rule)
+    # direction 0: image anchors against text candidates; 1: text anchors against image candidates
+    for direction, (anchors, pos_keys) in enumerate(((x.ia, x.tk), (x.ta, x.ik))):
+        rows, false_prob = objective.buffer.infonce(anchors.float(), x.logit_scale, pos_keys, x.ids, x.labels, x.keys,
+                                                    x.stats, objective.rule, direction=direction,
+                                                    queue_only=queue_only)
         loss = loss + rows.mean() / 2
         diagnostics += softmax_diagnostics(rows.detach(), false_prob)
     return loss, diagnostics
