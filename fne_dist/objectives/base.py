@@ -15,9 +15,10 @@ from fne_dist.weights import FNEConfig
 @dataclass
 class StepFeatures:
     """What a step hands its objective.  ia, ta [b, D]: this rank's online features (with gradient); ik, tk [b, D]:
-    its momentum keys; ids, labels [b]; keys: the global batch's keys (all ranks); stats: the statistics to weigh
-    with (this step's, or the kept ones during a warm-up); logit_scale: exp of the model's logit scale (with
-    gradient) for objectives with a temperature, else None."""
+    its keys, constants (the momentum towers', or with fne.keys=online ia and ta detached); ids, labels [b]; keys:
+    the global batch's keys (all ranks); stats: the statistics to weigh with (this step's, or the kept ones during a
+    warm-up); logit_scale: exp of the model's logit scale (with gradient) for objectives with a temperature, else
+    None."""
 
     ia: torch.Tensor
     ta: torch.Tensor
