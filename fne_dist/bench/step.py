@@ -27,7 +27,7 @@ from fne_dist.distributed import init_distributed
 from fne_dist.train import Trainer
 from fne_dist.weights import IMPLS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: fne_dist/bench/step.py
 FIELDS = ("device", "model", "dtype", "batch", "queue", "buffer", "mode", "impl", "keys", "clip_ms", "fne_ms",
           "ratio")
 TARGETS = {("momentum", "cuda"): 1.35, ("momentum", "cpu"): 1.35, ("online", "cuda"): 1.10, ("online", "cpu"): 1.15}
