@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,9 +28,10 @@ from fne_dist.distributed import init_distributed
 from fne_dist.train import Trainer
 from fne_dist.weights import IMPLS
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: fne_dist/bench/step.py
-FIELDS = ("device", "model", "dtype", "batch", "queue", "buffer", "mode", "impl", "keys", "clip_ms", "fne_ms",
-          "ratio")
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file is fne_dist/bench/step.py)
+FIELDS = ("device", "model", "dtype", "batch", "queue", "buffer", "mode", "impl", "keys", "clock", "clip_ms",
+          "fne_ms", "ratio")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 TARGETS = {("momentum", "cuda"): 1.35, ("momentum", "cpu"): 1.35, ("online", "cuda"): 1.10, ("online", "cpu"): 1.15}
 
 
@@ -48,8 +50,14 @@ def parse_args(argv):
                         help="buffer layout (one rank: sharded exercises the all-to-all path on itself)")
     parser.add_argument("--keys", choices=KEYS, default="momentum",
                         help="fne.keys: momentum towers, or the online features detached (no momentum forward)")
+    parser.add_argument("--clock", choices=CLOCKS, default="wall",
+                        help="wall: elapsed time; process: this process's CPU time (CPU only: on a shared machine it "
+                             "measures the work, not the share of the cores the process got)")
     parser.add_argument("--csv", default="runs/bench/step.csv", help="CSV to append the result row to")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.clock == "process" and torch.cuda.is_available():
+        parser.error("--clock process counts CPU time, which misses the GPU's work: use --clock wall on a GPU")
+    return args
 
 
 def config(args, out_dir: str) -> Config:
@@ -105,7 +113,7 @@ def run(args) -> dict:
             trainer.train_step(batch, step, warmup=False)
             step += 1
 
-        timer = Timer(device)
+        timer = Timer(device, CLOCKS[args.clock])
         for _ in range(args.warmup):
             timer(lambda: clip_step(batch))
             timer(fne_step)
@@ -118,8 +126,8 @@ def run(args) -> dict:
     name = Path(args.model).stem if args.model.endswith(".json") else args.model
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": name,
             "dtype": args.dtype, "batch": args.batch, "queue": args.queue, "buffer": args.buffer, "mode": args.mode,
-            "impl": args.impl, "keys": args.keys, "clip_ms": round(clip, 2), "fne_ms": round(fne, 2),
-            "ratio": round(fne / clip, 3)}
+            "impl": args.impl, "keys": args.keys, "clock": args.clock, "clip_ms": round(clip, 2),
+            "fne_ms": round(fne, 2), "ratio": round(fne / clip, 3)}
 
 
 def main(argv: list[str] | None = None) -> None:
