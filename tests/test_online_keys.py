@@ -110,7 +110,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.mark.parametrize("world,stage", [(1, 1), (2, 3)])
 def test_trainer_with_online_keys(tmp_path, port, world, stage):
-    """Four steps of the tiny model (fne, Bayes rule on from the 4th positive pair): no momentum tower is built,
+    """Four steps of the tiny model (objective fne, Bayes rule, min_count 4): no momentum tower is built,
     sharded or updated (those functions raise); the keys each rank enqueues equal its online features of
     the step (atol 1e-6: the same forward); the checkpoint holds no momentum state and exports; a resume from it
     continues with bitwise the same losses; a resume with fne.keys=momentum is refused, naming the key."""
