@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 10's GPU figures: `fne-bench step` (the trainer's own step against a CLIP step, one rank) for open_clip
-# ViT-B-32, batch 256, bf16, at global buffers 65,536 / 262,144 / 1,048,576.  Appends to $OUT/step.csv.
-# Targets: FNE / CLIP <= 1.35x at 262,144; FNE step time within 5% from 65,536 to 1,048,576.  About 2 minutes.
+# ViT-B-32, batch 256, bf16, at global buffers 65,536 / 262,144 / 1,048,576, with momentum keys and with online keys
+# (issue 26).  Appends to $OUT/step.csv.
+# Targets: FNE / CLIP <= 1.35x at 262,144 (momentum keys), <= 1.10x (online keys); FNE step time within 5% from
+# 65,536 to 1,048,576.  About 4 minutes (FNE_KEYS=momentum or =online: one kind only, about 2).
 #
 # The GPU image lacks deepspeed, open_clip, omegaconf, webdataset, submitit (ENVIRONMENT.md, "The GPU machine"):
 # they come from the wheels in the ignored folder .whl/ of the checkout (make them with the pip download / pip
@@ -26,9 +28,11 @@ if [[ "${FNE_TINY:-0}" == 1 ]]; then
 else
     model=ViT-B-32; batch=256; buffers="65536 262144 1048576"; timing=(--steps 20 --warmup 5); dtype=(--dtype bf16)
 fi
-for buffer in $buffers; do
-    "$PYTHON" -m fne_dist.bench step --model "$model" --batch "$batch" --queue "$buffer" --mode bayes \
-        --impl "${FNE_IMPL:-auto}" \
-        "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
+for keys in ${FNE_KEYS:-momentum online}; do
+    for buffer in $buffers; do
+        "$PYTHON" -m fne_dist.bench step --model "$model" --batch "$batch" --queue "$buffer" --mode bayes \
+            --impl "${FNE_IMPL:-auto}" --keys "$keys" \
+            "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
+    done
 done
 cat "$OUT/step.csv"

@@ -5,8 +5,9 @@ Layout of `<output_dir>/checkpoints/`:
 latest                      the tag of the newest complete checkpoint (replaced atomically, written last)
 step000000200/              one tag per saved step
     fne_state.pt            rank 0: config, resolved settings, schedule length, model architecture, world size,
-                            progress, momentum towers (ZeRO 0-2), similarity statistics
-    momentum_rank00000.pt   ZeRO-3: every rank its fp32 partitions of the momentum towers (and their buffers)
+                            progress, momentum towers (ZeRO 0-2; None with fne.keys=online), similarity statistics
+    momentum_rank00000.pt   ZeRO-3: every rank its fp32 partitions of the momentum towers (and their buffers);
+                            none with fne.keys=online (no momentum towers)
     buffer_rank00000.pt     the negative buffer (keys, ids, labels, pointer, validity): every rank its shard
                             (fne.buffer=sharded), or rank 0 the whole queue (replicated)
     rng_rank00000.pt        every rank: its python / numpy / torch (/ cuda) generator states
@@ -139,15 +140,17 @@ def _momentum_file(r: int) -> str:
 
 
 def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, architecture: dict,
-         momentum: torch.nn.Module, objective, batches_per_epoch: int | None = None,
+         momentum: torch.nn.Module | None, objective, batches_per_epoch: int | None = None,
          schedule_steps: int | None = None, metrics_bytes: int = 0, keep: int = 0) -> Path:
     """Write a checkpoint of this step (collective: every rank calls it), move `latest` to it, then keep the newest
     `keep` tags (0: all).  `schedule_steps`: the learning-rate schedule's length in optimizer steps (None: no
-    schedule with a length); `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to."""
+    schedule with a length); `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to;
+    `momentum`: the momentum towers, None with fne.keys=online (nothing of them is written)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
-    zero3 = is_zero3(engine)  # then every rank saves its momentum partitions
+    partitioned = momentum is not None and is_zero3(engine)  # then every rank saves its momentum partitions
+    whole = None if partitioned or momentum is None else momentum.state_dict()  # rank 0 keeps them in STATE
     _check_space(ckpt_dir, tag_dir)
     error = None
     try:
@@ -156,10 +159,10 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
             torch.save({"config": config, "architecture": architecture, "world_size": world_size(),
                         "resolved": resolved_settings(engine, objective), "progress": asdict(progress),
                         "batches_per_epoch": batches_per_epoch, "schedule_steps": schedule_steps,
-                        "metrics_bytes": metrics_bytes, "momentum": None if zero3 else momentum.state_dict(),
+                        "metrics_bytes": metrics_bytes, "momentum": whole,
                         "stats": objective.stats.state_dict()},
                        tag_dir / STATE)
-        if zero3:
+        if partitioned:
             torch.save(partition_state(momentum), tag_dir / _momentum_file(rank()))
         if objective.buffer.sharded or rank() == 0:
             torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
@@ -425,17 +428,18 @@ def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: 
               "another train.output_dir.")
 
 
-def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module, objective) -> Progress:
-    """Restore a checkpoint that `check_compatible` accepted (collective: every rank calls it)."""
+def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module | None, objective) -> Progress:
+    """Restore a checkpoint that `check_compatible` accepted (collective: every rank calls it); momentum None: the
+    run has no momentum towers (fne.keys=online, which `check_compatible` requires of the checkpoint too)."""
     tag_dir = Path(tag_dir)
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no engine checkpoint in {tag_dir}")
-    if is_zero3(engine):
+    if momentum is not None and is_zero3(engine):
         partitions = tag_dir / _momentum_file(rank())
         load_partition_state(momentum, load_file(partitions, weights_only=True), str(partitions))
-    else:
+    elif momentum is not None:
         momentum.load_state_dict(state["momentum"])
     objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])

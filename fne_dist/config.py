@@ -22,6 +22,7 @@ from fne_dist.stats import NEG_FITS, RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
+KEYS = ("momentum", "online")  # where the batch's keys come from: momentum towers, or the online features detached
 RELEASED_PRIOR_RATIO = 10000.0  # the released code's, the default of mode official
 POSTERIOR_PRIOR_RATIO = 100.0  # the default wherever the posterior eliminates (issue 14's first measurement)
 
@@ -105,7 +106,8 @@ class FNESection:
     queue_size: int = 8192  # the global buffer: the queue over all ranks
     queue_dtype: str = "auto"
     buffer: str = "auto"  # replicated | sharded (each rank holds 1/world of the queue); auto: sharded if world > 1
-    momentum: float = 0.995
+    keys: str = "momentum"  # momentum: keys from EMA towers; online: the online features, detached (no second forward)
+    momentum: float = 0.995  # the EMA's m (keys=momentum only)
     warmup_epochs: int = 1  # VSE++ hardest-negative epochs before FNE starts
 
     def rule(self) -> FNEConfig:
@@ -265,6 +267,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"fne.queue_weight={f.queue_weight} must be >= 0 (0: no memory term)")
     _choice("fne.queue_dtype", f.queue_dtype, QUEUE_DTYPES)
     _choice("fne.buffer", f.buffer, _buffer().LAYOUTS)
+    _choice("fne.keys", f.keys, KEYS)
     try:
         f.rule()
     except ValueError as err:
@@ -381,6 +384,14 @@ def lookup(data: dict, dotted: str):
 
 
 def differing_keys(saved: dict, current: dict, keys=STATE_SHAPING_KEYS) -> list[str]:
-    """'key: saved -> current' for every listed key whose value differs."""
-    return [f"{k}: {lookup(saved, k)!r} -> {lookup(current, k)!r}"
-            for k in keys if lookup(saved, k) != lookup(current, k)]
+    """'key: saved -> current' for every listed key whose value differs.  A key whose section `saved` holds without
+    it (a checkpoint written before the setting existed) counts as its default: a new setting's default is the
+    behaviour from before it (`fne.keys=momentum`), so such a checkpoint resumes under it."""
+    defaults = to_dict(Config())
+
+    def saved_value(key: str):
+        section, _, name = key.rpartition(".")
+        held = lookup(saved, section)
+        return lookup(defaults, key) if isinstance(held, dict) and name not in held else lookup(saved, key)
+
+    return [f"{k}: {saved_value(k)!r} -> {lookup(current, k)!r}" for k in keys if saved_value(k) != lookup(current, k)]

@@ -1,11 +1,13 @@
 """The loss of one training step from the step's features (FNE_SPEC steps 3-10), and the state it reads.
 
 `Objective` owns the per-rank FNE state (the negative buffer, similarity statistics, the sampling rule) and hands
-online features `ia, ta` (with gradient) and momentum keys `ik, tk` to the objective class that `fne.objective`
-names (fne_dist.objectives.REGISTRY).  It knows nothing about DeepSpeed, data or towers,
-so the trainer, `fne-bench step` and the study share it.  `loss` changes no state: it returns this step's keys and
-statistics, and the caller `commit`s them (enqueue, new statistics) only once the step is known to be finite,
-after the optimizer step.
+online features `ia, ta` (with gradient) and keys `ik, tk` to the objective class that `fne.objective` names
+(fne_dist.objectives: fne, vsepp, clip, posterior_infonce).  The keys are the momentum towers' (`fne.keys=momentum`,
+the caller computes them) or the online features detached (`fne.keys=online`, formed here): constants either way,
+so every objective and the buffer treat them alike.  It knows nothing about DeepSpeed, data or towers, so the
+trainer, `fne-bench step` and the study share it.  `loss` changes no state: it returns this step's keys and
+statistics, and the caller `commit`s them (enqueue, new statistics) only once the step is known to be finite, after
+the optimizer step.
 
 The objectives never treat two pairs of one key as negatives of each other.  The key is the image id; with
 `fne.oracle` it is the group label (`identity_keys`), so one substitution makes every objective drop the true false
@@ -34,7 +36,7 @@ from fne_dist.weights import prior_e_step
 @dataclass
 class StepLoss:
     loss: torch.Tensor  # 0-dim, with gradient into ia and ta (and the logit scale for objectives that are `scaled`)
-    keys: GlobalKeys  # this step's global momentum keys, to enqueue after the optimizer step
+    keys: GlobalKeys  # this step's global keys (momentum, or online detached), to enqueue after the step
     stats: SimilarityStats  # the statistics with this step's moments (sampled with), to keep after the step
     diagnostics: torch.Tensor  # [len(DIAGNOSTICS)] float64 sums over this rank's anchors (both directions)
     index: torch.Tensor | None = None  # [2, b] the drawn global columns per direction (NO_NEGATIVE where none)
@@ -77,13 +79,20 @@ class Objective:
 
     def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool,
              logit_scale: torch.Tensor | None = None, epoch: int | None = None) -> StepLoss:
-        """This rank's loss over its b anchors.  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
-        step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit scale (with
-        gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by objectives
-        that switch a term on at an epoch (clip_queue)."""
+        """This rank's loss over its b anchors.  ik, tk: the momentum keys with fne.keys=momentum, None with
+        fne.keys=online (the keys are then ia, ta detached).  warmup: an objective with a warm-up (fne: VSE++
+        in-batch, FNE_SPEC step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's
+        logit scale (with gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required
+        by objectives that switch a term on at an epoch (clip_queue)."""
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")
+        online = self.cfg.keys == "online"
+        if (ik is None or tk is None) != online:
+            raise ValueError(f"fne.keys={self.cfg.keys!r}: pass ik=tk=None with online keys (they are the online "
+                             "features, detached) and the momentum towers' keys otherwise")
+        if online:
+            ik, tk = ia.detach(), ta.detach()
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
         keys = GlobalKeys.gather(ik, tk, keys_of, labels)
         warming = warmup and self.warmup_objective is not None

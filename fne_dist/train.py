@@ -141,7 +141,8 @@ class Trainer:
         model = self.towers.model
         if not objective_class(cfg.fne.objective).scaled:
             freeze_temperature(model)
-        self.momentum = momentum_copy(model).to(rt.device)  # before deepspeed.initialize partitions `model`
+        # momentum towers only for momentum keys; before deepspeed.initialize partitions `model`
+        self.momentum = momentum_copy(model).to(rt.device) if cfg.fne.keys == "momentum" else None
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
@@ -154,7 +155,7 @@ class Trainer:
                         warmup_steps, self.total_steps, max(1, self.total_steps // 10))
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=ds)
         self.zero3 = is_zero3(self.engine)
-        if self.zero3:  # partitioned like the online towers; the forward gathers them module by module
+        if self.zero3 and self.momentum is not None:  # partitioned like the online ones; gathered module by module
             self.momentum = shard_momentum(self.momentum, ds["zero_optimization"])
         seed_everything(cfg.train.seed + rt.rank)
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
@@ -163,7 +164,8 @@ class Trainer:
                                         global_batch=self.global_batch, total_steps=self.total_steps):
                 log.warning(advice)
         towers = (cfg.model.image_tower, cfg.model.text_tower)
-        self.trunk_tap = TrunkTap(self.engine.module) if all(t is not None and t.freeze for t in towers) else None
+        frozen = self.momentum is not None and all(t is not None and t.freeze for t in towers)
+        self.trunk_tap = TrunkTap(self.engine.module) if frozen else None
         self.eval_set = None
         if cfg.data.val and cfg.train.eval_every:
             self.eval_set = load_eval_set(cfg.data.val, preprocess=self.towers.preprocess_val,
@@ -203,15 +205,16 @@ class Trainer:
           0. the EMA of the momentum towers for the last optimizer step, once per optimizer step, before this step's
              keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
              step, not to this one: a checkpoint saved after that step holds the momentum towers before it, and a
-             resume runs it first.  Under ZeRO-3 every rank updates its own partitions (no collective);
-          1. keys from the momentum towers, features from the online towers, the loss (`Objective.loss` changes no
-             state: it returns the step's keys and statistics);
+             resume runs it first.  Under ZeRO-3 every rank updates its own partitions (no collective).  With
+             fne.keys=online there are no momentum towers and no EMA;
+          1. keys from the momentum towers (or, fne.keys=online, the online features detached), features from the
+             online towers, the loss (`Objective.loss` changes no state: it returns the step's keys and statistics);
           2. one all-reduce and one host sync: are the loss (which every feature and key enters) and the keys
              finite on every rank, and was a stop asked for anywhere (kept for `_checkpoint_or_stop`);
           3. a bad step ends here; else backward, the optimizer step (which makes the next EMA due), the statistics
              and the enqueue.
         """
-        if self.ema_due:
+        if self.ema_due and self.momentum is not None:
             momentum_update(self.engine.module, self.momentum, self.cfg.fne.momentum, self.zero3)
             self.ema_due = False
         out = self.forward_loss(batch, step, warmup, epoch)
@@ -227,7 +230,8 @@ class Trainer:
         device = self.rt.device
         images = batch.images.to(device, non_blocking=True)
         tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
-        if self.trunk_tap is None:
+        ik = tk = None  # fne.keys=online: Objective.loss takes the online features, detached
+        if self.momentum is not None and self.trunk_tap is None:
             with torch.no_grad(), self._autocast():
                 ik, tk, _ = encode(self.momentum, images, tokens)
         ia, ta, logit_scale = encode(self.engine, images.to(self.dtype), tokens)

@@ -81,13 +81,24 @@ def test_differing_keys_names_state_shaping_settings():
 
 @pytest.mark.parametrize("override", [
     "fne.margin=0.3", "fne.tau=2.0", "fne.prior_ratio=100", "fne.false_margin=0.99", "fne.min_count=10",
-    "fne.momentum=0.9", "fne.ema_decay=0.5", "fne.warmup_epochs=3", "data.workers=2", "data.train=other-{0..3}.tar",
+    "fne.momentum=0.9", "fne.keys=online", "fne.ema_decay=0.5", "fne.warmup_epochs=3", "data.workers=2", "data.train=other-{0..3}.tar",
     "data.shuffle_buffer=10", "train.steps_per_epoch=7", "train.seed=5", "deepspeed.gradient_accumulation_steps=2",
 ])
 def test_every_setting_that_shapes_a_resumed_run_is_compared(override):
     a = to_dict(load_config(ROOT / "configs/demo.yaml"))
     b = to_dict(load_config(ROOT / "configs/demo.yaml", [override]))
     assert [d.split(":")[0] for d in differing_keys(a, b)] == [override.split("=")[0]]
+
+
+def test_a_setting_that_a_saved_config_lacks_counts_as_its_default():
+    """A checkpoint written before fne.keys existed ran momentum keys: it resumes under the default and is refused
+    under online keys, named with the default it stands for."""
+    current = to_dict(load_config(ROOT / "configs/demo.yaml"))
+    saved = to_dict(load_config(ROOT / "configs/demo.yaml"))
+    del saved["fne"]["keys"]
+    assert differing_keys(saved, current) == []
+    online = to_dict(load_config(ROOT / "configs/demo.yaml", ["fne.keys=online"]))
+    assert differing_keys(saved, online) == ["fne.keys: 'momentum' -> 'online'"]
 
 
 def test_settings_that_do_not_shape_the_state_may_change_on_resume():

@@ -245,6 +245,55 @@ def test_at_risk_rows_are_those_with_a_false_negative_candidate():
     assert got.tolist() == want and 0 < sum(want) < 40
 
 
+def step_features(step: int, b=12, d=16):
+    """Matching pairs (image, text near it) with labels in groups of three, ids unique across steps."""
+    g = torch.Generator().manual_seed(step)
+    ia = unit(b, d, generator=g)
+    ta = F.normalize(ia + 0.5 * unit(b, d, generator=g), dim=-1)
+    return ia.requires_grad_(), ta.requires_grad_(), torch.arange(b) + b * step, torch.arange(b) // 3 + 4 * step
+
+
+@pytest.mark.parametrize("name", [*REGISTRY, "mean_cosine"])
+def test_online_keys_are_the_online_features_detached(name, monkeypatch):
+    """fne.keys=online gives, step by step, what momentum keys equal to the detached online features give: the same
+    loss and gradients (bitwise), diagnostics, draws and enqueued keys, over a buffer filled by earlier steps (the
+    statistics ready, so the posterior weighs); the keys enter the buffer without gradient.  mean_cosine (above)
+    differentiates whatever keys it gets: there only the detaching keeps the gradients equal."""
+    monkeypatch.setitem(REGISTRY, "mean_cosine", f"{__name__}:MeanCosine")
+    fne = dict(objective=name, mode="bayes", min_count=4)
+    online, momentum = objective(keys="online", **fne), objective(keys="momentum", **fne)
+    for step in range(4):
+        results = []
+        for obj, keys in ((online, lambda ia, ta: (None, None)), (momentum, lambda ia, ta: (ia.detach(), ta.detach()))):
+            ia, ta, ids, labels = step_features(step)
+            scale = torch.tensor([1 / 0.07], requires_grad=True)
+            out = obj.loss(ia, ta, *keys(ia, ta), ids, labels, step=step, rank=0, warmup=False,
+                           logit_scale=scale if obj.scaled else None)
+            inputs = (ia, ta, scale) if obj.scaled else (ia, ta)
+            results.append((out, torch.autograd.grad(out.loss, inputs)))
+            obj.commit(out)
+        (got, got_grads), (want, want_grads) = results
+        assert torch.equal(got.loss, want.loss) and torch.equal(got.diagnostics, want.diagnostics)
+        assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+        assert (got.index is None and want.index is None) or torch.equal(got.index, want.index)
+        assert torch.equal(got.keys.image, want.keys.image) and torch.equal(got.keys.text, want.keys.text)
+        assert not got.keys.image.requires_grad and not got.keys.text.requires_grad
+    assert float(online.stats.count_pos) >= 4  # the rule was on for the last steps
+    assert torch.equal(online.buffer.queue.valid, momentum.buffer.queue.valid)
+    assert not online.buffer.queue.image.requires_grad and torch.equal(online.buffer.queue.text,
+                                                                       momentum.buffer.queue.text)
+
+
+def test_keys_must_match_fne_keys():
+    ia, ta, ik, tk, ids, labels = features()
+    with pytest.raises(ValueError, match=r"fne\.keys='online': pass ik=tk=None"):
+        objective(keys="online").loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=False)
+    with pytest.raises(ValueError, match=r"fne\.keys='momentum'"):
+        objective().loss(ia, ta, None, None, ids, labels, step=0, rank=0, warmup=False)
+    with pytest.raises(ConfigError, match=r"fne\.keys='ema' is unknown: use one of \('momentum', 'online'\)"):
+        load_config("configs/demo.yaml", ["fne.keys=ema"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (host syncs are a GPU matter)")
 @pytest.mark.parametrize("impl", ["triton", "torch"])

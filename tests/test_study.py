@@ -230,6 +230,28 @@ def test_same_seed_same_run_and_every_variant_sees_the_same_data(data, monkeypat
     assert grid_points({}) == [{}] and len(grid_points({"a": (1, 2), "b": (3, 4, 5)})) == 6
 
 
+def test_online_keys_run_without_momentum_heads(data, monkeypatch):
+    """fne.keys=online in the study's budget: no momentum heads are moved or run, and every step hands the objective
+    no keys (it takes the online features, detached); the run trains and is evaluated."""
+    import fne_dist.study.run as study
+
+    def forbidden(*args):
+        raise AssertionError("the momentum heads were updated")
+
+    keys, real = [], study.Objective.loss
+
+    def spy(self, ia, ta, ik, tk, ids, labels, **kw):
+        keys.append((ik, tk, self.cfg.keys))
+        return real(self, ia, ta, ik, tk, ids, labels, **kw)
+
+    monkeypatch.setattr(study, "momentum_update", forbidden)
+    monkeypatch.setattr(study.Objective, "loss", spy)
+    train, test = data["tiny"]
+    run = train_heads(train, test, "FNE bayes", 0, replace(TINY, fne={**TINY.fne, "keys": "online"}))
+    assert len(keys) == 3 * 3 and all(k == (None, None, "online") for k in keys)  # 3 epochs of 3 steps
+    assert math.isfinite(run.metrics["rsum"]) and run.history[-1]["mean_survivors"] > 0
+
+
 def test_posterior_separation_scores_false_negatives(results, data):
     from fne_dist.study.report import posterior_separation
 

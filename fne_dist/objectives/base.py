@@ -15,12 +15,13 @@ from fne_dist.weights import FNEConfig
 @dataclass
 class StepFeatures:
     """What a step hands its objective.  ia, ta [b, D]: this rank's online features (with gradient); ik, tk [b, D]:
-    its momentum keys; ids [b]: identity keys, never negatives of each other when equal (the image ids; the labels
-    under fne.oracle: `fne_dist.objective.identity_keys`); labels [b]; keys: the global batch's keys (all ranks, the
-    same identity keys); stats: the statistics to weigh with (this step's, or the kept ones during a warm-up);
-    logit_scale: exp of the model's logit scale (with gradient) for objectives with a temperature, else None; epoch:
-    the training epoch (0-based) for objectives that switch a term on at an epoch, None where the caller has no
-    epochs (such objectives refuse it)."""
+    its keys, constants (the momentum towers', or with fne.keys=online ia and ta detached); ids [b]: identity keys,
+    never negatives of each other when equal (the image ids; the labels under fne.oracle:
+    `fne_dist.objective.identity_keys`); labels [b]; keys: the global batch's keys (all ranks, the same identity
+    keys); stats: the statistics to weigh with (this step's, or the kept ones during a warm-up); logit_scale: exp of
+    the model's logit scale (with gradient) for objectives with a temperature, else None; epoch: the training epoch
+    (0-based) for objectives that switch a term on at an epoch, None where the caller has no epochs (such objectives
+    refuse it)."""
 
     ia: torch.Tensor
     ta: torch.Tensor

@@ -161,8 +161,8 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
     seed."""
     torch.manual_seed(seed)
     heads = Heads(train.image.shape[1], train.text.shape[1], budget.embed_dim)
-    momentum_heads = copy.deepcopy(heads).requires_grad_(False)
     budget, cfg = budget.configure(settings, train)
+    momentum_heads = copy.deepcopy(heads).requires_grad_(False) if cfg.keys == "momentum" else None
     if not objective_class(cfg.objective).scaled:
         heads.logit_scale.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=budget.lr)
@@ -182,9 +182,11 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
         for b in range(steps_per_epoch):
             rows = perm[b * budget.batch_size:(b + 1) * budget.batch_size]
             image, text, ids, groups = train.image[rows], train.text[rows], train.ids[rows], train.groups[rows]
-            momentum_update(heads, momentum_heads, cfg.momentum)
-            with torch.no_grad():
-                ik, tk, _ = momentum_heads(image, text)
+            ik = tk = None  # fne.keys=online: the objective takes the online features, detached
+            if momentum_heads is not None:
+                momentum_update(heads, momentum_heads, cfg.momentum)
+                with torch.no_grad():
+                    ik, tk, _ = momentum_heads(image, text)
             ia, ta, scale = heads(image, text)
             out = objective.loss(ia, ta, ik, tk, ids, groups, step=step, rank=0, warmup=warmup, logit_scale=scale)
             optimizer.zero_grad(set_to_none=True)
