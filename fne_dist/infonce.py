@@ -10,7 +10,8 @@ and the logit scale only.
 
 `posterior_infonce` streams the candidates in tiles and never holds [b, N]: the forward keeps an online
 log-sum-exp per row, the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels
-do).  `dense_posterior_infonce` is the autograd reference the tests compare it with.
+do).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA `impl="auto"` runs
+the same two passes fused in Triton (kernels/fne_infonce.py), tested against this path.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 from fne_dist.losses import false_negative_mask
 from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, true_negative_prob
+from fne_dist.weights import IMPLS, FNEConfig, true_negative_prob
 
 
 @dataclass
@@ -83,23 +84,40 @@ class _PosteriorInfoNCE(torch.autograd.Function):
             prob = (logits - lse[:, None]).exp_()
             pull += prob @ cand.keys[start:start + ctx.tile].float()
             pull_sim += (prob * s).sum(1)
-        p_pos = (pos * t - lse).exp()
-        g = grad_loss.float()
-        # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
-        grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
-        grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+        grad_anchors, grad_scale = infonce_gradients(grad_loss, t, pos_keys, pos, (pos * t - lse).exp(), pull,
+                                                     pull_sim)
         return grad_anchors.to(ctx.dtype), grad_scale, None, None, None, None, None
 
 
+def infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 gradient of the anchors [b, D], of the logit scale, shaped as t) from the second pass's sums: pull [b, D]
+    = sum_j P_ij k_j, pull_sim [b] = sum_j P_ij s_ij, p_pos [b] = the positive's softmax probability P_i0, pos [b]
+    the positive similarities.  The torch path and the fused kernel (fne_kernels.fne_infonce) share it."""
+    g = grad_loss.float()
+    # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
+    grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
+    grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+    return grad_anchors, grad_scale
+
+
 def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,
-                      stats: SimilarityStats, cfg: FNEConfig, tile_size: int | None = None
+                      stats: SimilarityStats, cfg: FNEConfig, tile_size: int | None = None, impl: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses [b] (gradient into `anchors` [b, D] and the 0-dim or 1-element logit `scale`) and, per row,
     the softmax probability that falls on labelled false negatives [b] (no gradient; the row's whole negative
     mass is 1 - exp(-loss)).
 
     pos_keys [b, D] are the anchors' own momentum keys; memory O(b * tile_size) for any number of candidates.
+    `impl`: "torch" (this module's streaming tiles, the reference), "triton" (the fused kernels,
+    fne_kernels.fne_infonce; `tile_size` is the torch path's only), "auto" (triton for CUDA tensors, torch
+    otherwise); "dense" (fne.impl's dense sampler) runs the torch path: this loss never holds [b, N].
     """
+    if impl not in IMPLS:
+        raise ValueError(f"posterior_infonce impl={impl!r} is unknown: use one of {IMPLS}")
+    if impl == "triton" or (impl == "auto" and anchors.is_cuda):
+        from fne_kernels.fne_infonce import triton_posterior_infonce
+
+        return triton_posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg)
     tile = tile_size or max(1, DEFAULT_TILE_ELEMENTS // max(len(anchors), 1))
     return _PosteriorInfoNCE.apply(anchors, scale, pos_keys.detach(), cand, stats, cfg, tile)
 

@@ -79,6 +79,24 @@ def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNECon
     return _true_negative_prob(s, moments32(stats, s.device), stats.ready(cfg.min_count), cfg)
 
 
+def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
+    """[mu+, a, b, c] in fp32 on `device` such that log(f / (1 - f)) = (a d + b) d + c with d = s - mu+: the two
+    Gaussians' log-densities are quadratics in s, so `true_negative_prob` is sigmoid(-((a d + b) d + c)) and
+    log(1 - f) = -softplus((a d + b) d + c), one transcendental per candidate for the fused kernels.
+
+    Computed in float64 from the moments by device ops (no host sync), centred on mu+ where the posterior matters
+    so that fp32 keeps its rounding small.  Until the statistics are ready a = b = 0 and c = -inf (1 - f = 1)."""
+    mean_pos, var_pos, mean_neg, var_neg = stats.moments()
+    delta = mean_pos - mean_neg
+    # log L+ - log L- - log(rho - 1), with s - mu- = d + delta
+    a = 1 / (2 * var_neg) - 1 / (2 * var_pos)
+    b = delta / var_neg
+    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - math.log(cfg.prior_ratio - 1)
+    ready = stats.ready(cfg.min_count)
+    off = lambda value, idle: torch.where(ready, value, torch.full_like(value, idle))  # noqa: E731
+    return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
+
+
 def _true_negative_prob(s: torch.Tensor, moments, ready: torch.Tensor, cfg: FNEConfig) -> torch.Tensor:
     mean_pos, var_pos, mean_neg, var_neg = moments
     logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))

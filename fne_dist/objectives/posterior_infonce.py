@@ -31,7 +31,7 @@ class PosteriorInfoNCE(StepObjective):
         for anchors, pos_keys, pool in ((ia, x.tk, text), (ta, x.ik, image)):
             rows, false_prob = posterior_infonce(
                 anchors, x.logit_scale, pos_keys, CandidateSet(pool, cand_ids, cand_labels, valid, x.ids, x.labels),
-                x.stats, self.rule)
+                x.stats, self.rule, impl=self.cfg.impl)
             loss = loss + rows.mean() / 2
             diagnostics += softmax_diagnostics(rows.detach(), false_prob)
         return ObjectiveOutput(loss, diagnostics)
