@@ -10,7 +10,8 @@ and the logit scale only.
 
 `posterior_infonce` streams the candidates in tiles and never holds [b, N]: the forward keeps an online
 log-sum-exp per row, the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels
-do).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA `impl="auto"` runs
+do); it reads log(1 - f) as -softplus of the quadratic log-odds (`weights.log_true_negative_prob`, tested against
+`true_negative_prob`).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA `impl="auto"` runs
 the same two passes fused in Triton (kernels/fne_infonce.py), tested against this path.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from fne_dist.losses import false_negative_mask
 from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import IMPLS, FNEConfig, true_negative_prob
+from fne_dist.weights import IMPLS, FNEConfig, log_odds_coefficients, log_true_negative_prob, true_negative_prob
 
 
 @dataclass
@@ -38,15 +39,12 @@ class CandidateSet:
     anchor_labels: torch.Tensor
 
 
-def _tile_logits(a, scale, cand: CandidateSet, start: int, stop: int, stats, cfg):
-    """(logits t s + log(1 - f), -inf off the candidate set; similarities s; false-negative mask) of one tile."""
+def _tile_logits(a, scale, cand: CandidateSet, start: int, stop: int, coefficients):
+    """(logits t s + log(1 - f), -inf off the candidate set; similarities s) of one tile."""
     s = a @ cand.keys[start:stop].float().T
     drop = (cand.anchor_ids[:, None] == cand.key_ids[None, start:stop]) | ~cand.valid[None, start:stop]
-    logits = (s * scale).add_(true_negative_prob(s, stats, cfg).log_()).masked_fill_(drop, float("-inf"))
-    false_neg = cand.valid[None, start:stop] & false_negative_mask(
-        cand.anchor_ids[:, None], cand.anchor_labels[:, None], cand.key_ids[None, start:stop],
-        cand.key_labels[None, start:stop])
-    return logits, s, false_neg
+    logits = log_true_negative_prob(s, coefficients).add_(s * scale).masked_fill_(drop, float("-inf"))
+    return logits, s
 
 
 class _PosteriorInfoNCE(torch.autograd.Function):
@@ -54,12 +52,16 @@ class _PosteriorInfoNCE(torch.autograd.Function):
     def forward(ctx, anchors, scale, pos_keys, cand: CandidateSet, stats, cfg, tile):
         a = anchors.detach().float()
         t = scale.detach().float()
+        coefficients = log_odds_coefficients(stats, cfg, a.device)
         pos = (a * pos_keys.float()).sum(1)
         m = pos * t  # running max of the row's logits, starting with the positive's
         total = torch.ones_like(m)  # sum exp(logit - m) over the positive and the candidates so far
         false_mass = torch.zeros_like(m)  # ... over labelled false negatives only
         for start in range(0, len(cand.keys), tile):
-            logits, _, false_neg = _tile_logits(a, t, cand, start, start + tile, stats, cfg)
+            logits, _ = _tile_logits(a, t, cand, start, start + tile, coefficients)
+            false_neg = cand.valid[None, start:start + tile] & false_negative_mask(
+                cand.anchor_ids[:, None], cand.anchor_labels[:, None], cand.key_ids[None, start:start + tile],
+                cand.key_labels[None, start:start + tile])
             m_new = torch.maximum(m, logits.max(1).values)
             rescale = (m - m_new).exp()
             e = (logits - m_new[:, None]).exp_()
@@ -67,20 +69,20 @@ class _PosteriorInfoNCE(torch.autograd.Function):
             false_mass = false_mass * rescale + (e * false_neg).sum(1)
             m = m_new
         lse = m + total.log()
-        ctx.save_for_backward(a, t, pos_keys, pos, lse)
-        ctx.cand, ctx.stats, ctx.cfg, ctx.tile, ctx.dtype = cand, stats, cfg, tile, anchors.dtype
+        ctx.save_for_backward(a, t, pos_keys, pos, lse, coefficients)
+        ctx.cand, ctx.tile, ctx.dtype = cand, tile, anchors.dtype
         false_prob = false_mass / total  # softmax mass on labelled false negatives
         ctx.mark_non_differentiable(false_prob)
         return lse - pos * t, false_prob
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_false_prob):
-        a, t, pos_keys, pos, lse = ctx.saved_tensors
+        a, t, pos_keys, pos, lse, coefficients = ctx.saved_tensors
         cand = ctx.cand
         pull = torch.zeros_like(a)  # sum_j softmax_ij k_j
         pull_sim = torch.zeros_like(pos)  # sum_j softmax_ij s_ij
         for start in range(0, len(cand.keys), ctx.tile):
-            logits, s, _ = _tile_logits(a, t, cand, start, start + ctx.tile, ctx.stats, ctx.cfg)
+            logits, s = _tile_logits(a, t, cand, start, start + ctx.tile, coefficients)
             prob = (logits - lse[:, None]).exp_()
             pull += prob @ cand.keys[start:start + ctx.tile].float()
             pull_sim += (prob * s).sum(1)

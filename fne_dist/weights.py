@@ -97,6 +97,14 @@ def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> t
     return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
 
 
+def log_true_negative_prob(sims: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """log(1 - f) = -softplus((a d + b) d + c), d = s - mu+, from `log_odds_coefficients` (fp32, shape of sims):
+    finite where 1 - f underflows, and a few passes over a tile where the densities' form takes a dozen."""
+    mean_pos, a, b, c = coefficients
+    d = sims.float() - mean_pos
+    return torch.nn.functional.softplus(d.mul(a).add_(b).mul_(d).add_(c)).neg_()
+
+
 def _true_negative_prob(s: torch.Tensor, moments, ready: torch.Tensor, cfg: FNEConfig) -> torch.Tensor:
     mean_pos, var_pos, mean_neg, var_neg = moments
     logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))

@@ -4,7 +4,10 @@ fused, forward and backward, never writing an [anchors x candidates] array.
 Per row i and candidate j (momentum keys k_j, similarity s_ij, logit scale t) the logit is
 t s_ij + log(1 - f_ij), with log(1 - f) = -softplus(x) and the log-odds x = (a d + b) d + c, d = s - mu+
 (`fne_dist.weights.log_odds_coefficients`: one transcendental pair per candidate instead of two densities), and -inf
-off the candidate set (the anchor's own id, invalid slots).  Everything runs in log2 units (exp2, log2: one MUFU each).
+off the candidate set (the anchor's own id, invalid slots).  Everything runs in log2 units: compiled, exp2 and log2
+are the bare approximate instructions (one MUFU each, ~2 ulp, results below 2^-126 flushed to 0: terms that small
+do not move a sum that holds a 1), three per candidate in the forward and in the backward; the interpreter uses
+tl.exp2 and tl.log2.
 
 1. `_forward_kernel`, grid = anchor blocks x candidate splits: each program streams its candidate tiles (the
    similarity tile by `tl.dot` over BLOCK_K chunks, fp32 accumulation) and keeps per row an online log-sum-exp
@@ -31,7 +34,9 @@ import triton.language as tl
 from fne_dist.infonce import CandidateSet, infonce_gradients
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, log_odds_coefficients
-from fne_kernels.fne_sampler import Blocks, _dot_dtype, fit_k
+from triton.language.extra import libdevice
+
+from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, fit_k
 
 LOG2E = 1.0 / math.log(2.0)
 # On sm_90, by operand bytes; the largest tiles that compile without register spills (python -m
@@ -67,7 +72,16 @@ def _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, strid
 
 
 @triton.jit
-def _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N):
+def _log2(x, FAST: tl.constexpr):
+    """log2(x); compiled: libdevice's fast_log2f (one MUFU.LG2, ~2 ulp) instead of the accurate lg2 sequence."""
+    if FAST:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST: tl.constexpr):
     """(z, excluded) of a tile: z = log2(e) (t s + log(1 - f)), -inf where excluded (the anchor's own id, invalid
     slots, columns past N); params = [mu+, a, b, c] of `log_odds_coefficients` with a, b, c times log2(e),
     t2 = log2(e) t."""
@@ -77,7 +91,7 @@ def _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N):
     qa, qb, qc = tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
     d = s - mean_pos
     x = tl.fma(tl.fma(d, qa, qb), d, qc)  # log2 of the odds of a false negative
-    softplus = tl.maximum(x, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(x)))  # log2(1 + 2^x), finite for any x
+    softplus = tl.maximum(x, 0.0) + _log2(1.0 + _exp2(-tl.abs(x), FAST), FAST)  # log2(1 + 2^x), finite for any x
     return tl.where(excluded, float("-inf"), t2 * s - softplus), excluded
 
 
@@ -86,7 +100,7 @@ def _forward_kernel(
     a_ptr, k_ptr, aid_ptr, alab_ptr, kid_ptr, klab_ptr, valid_ptr, params_ptr, scale_ptr,
     max_ptr, sum_ptr, false_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, TILES_PER_SPLIT,
-    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per row of the anchor block, over this split's candidate tiles: running max, sum of exp2(z - max), and that
@@ -106,10 +120,10 @@ def _forward_kernel(
         cols_in = tl.minimum(cols, N - 1)
         s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N)
+        z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far: exp2(-inf - 0) = 0
-        e = tl.exp2(z - m_safe[:, None])
+        e = _exp2(z - m_safe[:, None], FAST)
         klab = tl.load(klab_ptr + cols_in)[None, :]
         false_neg = ~excluded & (klab >= 0) & (klab == alab[:, None])
         alpha = tl.exp2(m - m_safe)
@@ -128,7 +142,7 @@ def _backward_kernel(
     a_ptr, k_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr, scale_ptr, lse_ptr,
     pull_ptr, pull_sim_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, TILES_PER_SPLIT,
-    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row of the anchor block, over this split's candidate tiles, with P = exp2(z - lse) (lse in log2 units):
@@ -150,8 +164,8 @@ def _backward_kernel(
         cols_in = tl.minimum(cols, N - 1)
         s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, _ = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N)
-        p = tl.exp2(z - lse[:, None])
+        z, _ = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+        p = _exp2(z - lse[:, None], FAST)
         pull_sim += tl.sum(p * s, axis=1)
         k = tl.load(k_ptr + cols_in.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                     mask=d_ok[None, :], other=0.0)
@@ -177,8 +191,8 @@ def configs(b: int, d: int, dtype: torch.dtype, compiled: bool) -> tuple[Blocks,
         return blocks, blocks, min(256, fit_k(d))
     forward = FORWARD_CONFIGS[dtype.itemsize]
     backward, block_d = BACKWARD_CONFIGS[dtype.itemsize]
-    fit = lambda blocks: blocks._replace(block_m=min(blocks.block_m, fit_m), block_k=min(blocks.block_k, fit_k(d)))  # noqa: E731
-    return fit(forward), fit(backward), min(block_d, fit_k(d))
+    return (*(blocks._replace(block_m=min(blocks.block_m, fit_m), block_k=min(blocks.block_k, fit_k(d)))
+              for blocks in (forward, backward)), min(block_d, fit_k(d)))
 
 
 def _splits(m_blocks: int, n_tiles: int, programs: int) -> tuple[int, int]:
@@ -221,8 +235,8 @@ class _Launch:
         aid, alab, kid, klab, valid = self.index
         _forward_kernel[(m_blocks, splits)](
             self.anchors, self.keys, aid, alab, kid, klab, valid, self.params, self.scale, *partials, *self.shape,
-            per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision, BLOCK_M=blocks.block_m,
-            BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, num_warps=blocks.num_warps,
+            per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision, FAST=self.compiled,
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, num_warps=blocks.num_warps,
             num_stages=blocks.num_stages)
         return partials
 
@@ -238,7 +252,7 @@ class _Launch:
         aid, _, kid, _, valid = self.index
         _backward_kernel[(m_blocks, d_blocks, splits)](
             self.anchors, self.keys, aid, kid, valid, self.params, self.scale, lse2.contiguous(), pull, pull_sim,
-            *self.shape, per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision,
+            *self.shape, per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision, FAST=self.compiled,
             BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_D=self.block_d,
             num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         return pull.sum(0), pull_sim.sum(0)

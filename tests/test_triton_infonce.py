@@ -152,7 +152,7 @@ def test_bf16_operands_on_gpu():
 
 
 def test_dispatch():
-    """auto: triton on CUDA tensors, torch otherwise (bit-identical to impl='torch' on the CPU); unknown impls refused."""
+    """auto: triton on CUDA tensors, torch otherwise (bit-identical to the impl it picks); unknown impls refused."""
     anchors, pos_keys, cand = problem(6, 50, 8, seed=3)
     auto = posterior_infonce(anchors, torch.tensor(10.0, device=anchors.device), pos_keys, cand, READY, CFG)
     want = "triton" if CUDA else "torch"
