@@ -11,8 +11,8 @@ and the logit scale only.
 `posterior_infonce` streams the candidates in tiles and never holds [b, N]: the forward keeps an online
 log-sum-exp per row, the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels
 do); it reads log(1 - f) as -softplus of the quadratic log-odds (`weights.log_true_negative_prob`, tested against
-`true_negative_prob`).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA `impl="auto"` runs
-the same two passes fused in Triton (kernels/fne_infonce.py), tested against this path.
+`true_negative_prob`).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA
+`impl="auto"` runs the same two passes fused in Triton (kernels/fne_infonce.py), tested against this path.
 """
 from __future__ import annotations
 

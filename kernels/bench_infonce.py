@@ -64,7 +64,8 @@ def run_cases(args) -> list[dict]:
         case = []
         for impl in args.impl:
             build = functools.partial(build_case, impl, b, n, d, dtype, args.device)
-            result = time_gpu(build, args.warmup, args.repeats) if args.device == "cuda" else time_cpu(build, args.repeats)
+            cuda = args.device == "cuda"
+            result = time_gpu(build, args.warmup, args.repeats) if cuda else time_cpu(build, args.repeats)
             case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": "posterior",
                          "regime": "fwd+bwd", "tile": "-", "impl": impl, **result})
             print(format_row(case[-1]), flush=True)
