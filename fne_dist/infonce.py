@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fne_dist.losses import false_negative_mask
-from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
+from fne_dist.losses import false_negative_mask, infonce_gradients
+from fne_dist.sampler import DEFAULT_TILE_ELEMENTS, compiled_step
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import IMPLS, FNEConfig, log_odds_coefficients, log_true_negative_prob, true_negative_prob
 
@@ -39,12 +39,28 @@ class CandidateSet:
     anchor_labels: torch.Tensor
 
 
-def _tile_logits(a, scale, cand: CandidateSet, start: int, stop: int, coefficients):
-    """(logits t s + log(1 - f), -inf off the candidate set; similarities s) of one tile."""
-    s = a @ cand.keys[start:stop].float().T
-    drop = (cand.anchor_ids[:, None] == cand.key_ids[None, start:stop]) | ~cand.valid[None, start:stop]
-    logits = log_true_negative_prob(s, coefficients).add_(s * scale).masked_fill_(drop, float("-inf"))
-    return logits, s
+def _tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid):
+    """Logits t s + log(1 - f) of one tile of similarities s, -inf off the candidate set."""
+    drop = (anchor_ids[:, None] == key_ids[None, :]) | ~valid[None, :]
+    return log_true_negative_prob(s, coefficients).add_(s * scale).masked_fill_(drop, float("-inf"))
+
+
+def forward_tile(s, m, scale, coefficients, anchor_ids, anchor_labels, key_ids, key_labels, valid):
+    """The forward's step over one tile (`compiled_step` fuses it on the CPU): the new running max, the factor that
+    rescales the old sums to it, and the tile's sums of exp(logit - max) over all candidates and over labelled
+    false negatives."""
+    logits = _tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid)
+    m_new = torch.maximum(m, logits.max(1).values)
+    e = (logits - m_new[:, None]).exp()
+    false_neg = valid[None, :] & false_negative_mask(anchor_ids[:, None], anchor_labels[:, None], key_ids[None, :],
+                                                     key_labels[None, :])
+    return m_new, (m - m_new).exp(), e.sum(1), (e * false_neg).sum(1)
+
+
+def backward_tile(s, lse, scale, coefficients, anchor_ids, key_ids, valid):
+    """The backward's step over one tile: the softmax probabilities P [b, T] and sum_j P_ij s_ij."""
+    prob = (_tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid) - lse[:, None]).exp()
+    return prob, (prob * s).sum(1)
 
 
 class _PosteriorInfoNCE(torch.autograd.Function):
@@ -58,16 +74,12 @@ class _PosteriorInfoNCE(torch.autograd.Function):
         total = torch.ones_like(m)  # sum exp(logit - m) over the positive and the candidates so far
         false_mass = torch.zeros_like(m)  # ... over labelled false negatives only
         for start in range(0, len(cand.keys), tile):
-            logits, _ = _tile_logits(a, t, cand, start, start + tile, coefficients)
-            false_neg = cand.valid[None, start:start + tile] & false_negative_mask(
-                cand.anchor_ids[:, None], cand.anchor_labels[:, None], cand.key_ids[None, start:start + tile],
-                cand.key_labels[None, start:start + tile])
-            m_new = torch.maximum(m, logits.max(1).values)
-            rescale = (m - m_new).exp()
-            e = (logits - m_new[:, None]).exp_()
-            total = total * rescale + e.sum(1)
-            false_mass = false_mass * rescale + (e * false_neg).sum(1)
-            m = m_new
+            at = slice(start, start + tile)
+            m, rescale, tile_total, tile_false = compiled_step(
+                "infonce_forward", forward_tile, a @ cand.keys[at].float().T, m, t, coefficients, cand.anchor_ids,
+                cand.anchor_labels, cand.key_ids[at], cand.key_labels[at], cand.valid[at])
+            total = total * rescale + tile_total
+            false_mass = false_mass * rescale + tile_false
         lse = m + total.log()
         ctx.save_for_backward(a, t, pos_keys, pos, lse, coefficients)
         ctx.cand, ctx.tile, ctx.dtype = cand, tile, anchors.dtype
@@ -82,24 +94,15 @@ class _PosteriorInfoNCE(torch.autograd.Function):
         pull = torch.zeros_like(a)  # sum_j softmax_ij k_j
         pull_sim = torch.zeros_like(pos)  # sum_j softmax_ij s_ij
         for start in range(0, len(cand.keys), ctx.tile):
-            logits, s = _tile_logits(a, t, cand, start, start + ctx.tile, coefficients)
-            prob = (logits - lse[:, None]).exp_()
-            pull += prob @ cand.keys[start:start + ctx.tile].float()
-            pull_sim += (prob * s).sum(1)
+            at = slice(start, start + ctx.tile)
+            keys = cand.keys[at].float()
+            prob, tile_sim = compiled_step("infonce_backward", backward_tile, a @ keys.T, lse, t, coefficients,
+                                           cand.anchor_ids, cand.key_ids[at], cand.valid[at])
+            pull += prob @ keys
+            pull_sim += tile_sim
         grad_anchors, grad_scale = infonce_gradients(grad_loss, t, pos_keys, pos, (pos * t - lse).exp(), pull,
                                                      pull_sim)
         return grad_anchors.to(ctx.dtype), grad_scale, None, None, None, None, None
-
-
-def infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 gradient of the anchors [b, D], of the logit scale, shaped as t) from the second pass's sums: pull [b, D]
-    = sum_j P_ij k_j, pull_sim [b] = sum_j P_ij s_ij, p_pos [b] = the positive's softmax probability P_i0, pos [b]
-    the positive similarities.  The torch path and the fused kernel (fne_kernels.fne_infonce) share it."""
-    g = grad_loss.float()
-    # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
-    grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
-    grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
-    return grad_anchors, grad_scale
 
 
 def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,

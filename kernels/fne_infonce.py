@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fne_dist.infonce import CandidateSet, infonce_gradients
+from fne_dist.losses import infonce_gradients
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, log_odds_coefficients
 from triton.language.extra import libdevice
@@ -204,7 +204,7 @@ def _splits(m_blocks: int, n_tiles: int, programs: int) -> tuple[int, int]:
 class _Launch:
     """What both kernels read: the operands in the product's dtype, the index tensors, the coefficients, the grid."""
 
-    def __init__(self, anchors, scale, cand: CandidateSet, stats, cfg, programs):
+    def __init__(self, anchors, scale, cand, stats, cfg, programs):
         b, d = anchors.shape
         n = cand.keys.shape[0]
         self.device = anchors.device
@@ -260,7 +260,7 @@ class _Launch:
 
 class _TritonPosteriorInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchors, scale, pos_keys, cand: CandidateSet, stats, cfg, programs):
+    def forward(ctx, anchors, scale, pos_keys, cand, stats, cfg, programs):
         launch = _Launch(anchors, scale, cand, stats, cfg, programs)
         t = scale.detach().float()
         pos = (anchors.detach().float() * pos_keys.float()).sum(1)
@@ -285,11 +285,12 @@ class _TritonPosteriorInfoNCE(torch.autograd.Function):
         return grad_anchors.to(ctx.dtype), grad_scale, None, None, None, None, None
 
 
-def triton_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,
+def triton_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand,
                              stats: SimilarityStats, cfg: FNEConfig, programs: int | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernels: same arguments and results as `fne_dist.infonce.posterior_infonce` (per-row losses with
-    gradients into `anchors` and `scale`, and the softmax mass on labelled false negatives).
+    gradients into `anchors` and `scale`, and the softmax mass on labelled false negatives; `cand` a
+    `fne_dist.infonce.CandidateSet`, not imported here: fne_dist.infonce dispatches to this module).
 
     anchors [b, D] and keys [N, D] in bf16, fp16 or fp32 (the product runs in the narrower dtype, fp32
     accumulation); `programs`: about how many programs share the candidates (default PROGRAMS_PER_SM per SM).
