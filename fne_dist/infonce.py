@@ -120,7 +120,7 @@ def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torc
     if impl not in IMPLS:
         raise ValueError(f"posterior_infonce impl={impl!r} is unknown: use one of {IMPLS}")
     if impl == "triton" or (impl == "auto" and anchors.is_cuda):
-        from fne_kernels.fne_infonce import triton_posterior_infonce
+        from fne_kernels import triton_posterior_infonce
 
         return triton_posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg)
     tile = tile_size or max(1, DEFAULT_TILE_ELEMENTS // max(len(anchors), 1))

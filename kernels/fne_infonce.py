@@ -39,11 +39,12 @@ from triton.language.extra import libdevice
 from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, fit_k
 
 LOG2E = 1.0 / math.log(2.0)
-# On sm_90, by operand bytes; the largest tiles that compile without register spills (python -m
-# fne_kernels.compile_check --kernel infonce); not yet timed on a GPU (kernels/gpu_check.sh measures them).
-# Backward: (BLOCK_M, BLOCK_N, BLOCK_K) as for the forward, and BLOCK_D, the output columns one program accumulates.
+# On sm_90, by operand bytes; tiles that compile without register spills (python -m fne_kernels.compile_check
+# --kernel infonce); not yet timed on a GPU (kernels/gpu_check.sh measures them).  Backward: the blocks, and
+# BLOCK_D, the output columns one program accumulates: each feature chunk recomputes the similarity tile, so bf16
+# holds all 512 columns of D=512 (64 x 512 fp32 accumulators, 255 registers; 128 columns took 4 recomputations).
 FORWARD_CONFIGS = {2: Blocks(128, 128, 64, 8, 3), 4: Blocks(64, 128, 32, 8, 2)}
-BACKWARD_CONFIGS = {2: (Blocks(128, 64, 64, 8, 2), 128), 4: (Blocks(64, 64, 32, 8, 2), 64)}
+BACKWARD_CONFIGS = {2: (Blocks(64, 64, 64, 8, 2), 512), 4: (Blocks(64, 64, 32, 8, 2), 64)}
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 MAX_GRID = 65535  # CUDA's limit on the second and third grid dimensions

@@ -9,6 +9,9 @@ fp16 operands: the product rounds the anchors to fp16 (the torch path keeps them
 in the interpreter: tested on a GPU only.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +164,19 @@ def test_dispatch():
     with pytest.raises(ValueError, match="impl='fast' is unknown"):
         posterior_infonce(anchors, torch.tensor(10.0), pos_keys, cand, READY, CFG, impl="fast")
     assert math.isfinite(float(auto[0].sum()))
+
+
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """Both kernels compiled for sm_90 (Triton's bundled ptxas, no GPU needed) at the shipped bf16 configs: on the
+    tensor cores, no register spills, and 3 MUFU per candidate (exp2 and log2 of the softplus, exp2 of the sum)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "fne_kernels.compile_check", "--kernel", "infonce", "--dtype", "bf16"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 kernels compiled for sm_90, 0 spill registers" in out.stdout, out.stdout
+    header = out.stdout.splitlines()[0].split()
+    rows = {row["kernel"]: row for row in (dict(zip(header, line.split())) for line in out.stdout.splitlines()[1:-1])}
+    assert rows["infonce-fwd"]["mma"] == rows["infonce-bwd"]["mma"] == "wgmma"
+    assert all(row["spills"] == "0" for row in rows.values()), rows
+    for name, per_thread in (("infonce-fwd", 128 * 128 // 256), ("infonce-bwd", 64 * 64 // 256)):
+        assert 3 * per_thread <= int(rows[name]["mufu"]) < 4 * per_thread, rows[name]
