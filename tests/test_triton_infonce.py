@@ -113,6 +113,13 @@ def test_rows_and_splits_without_candidates():
     assert (tri[0] == 0).all() and (tri[2] == 0).all() and tri[3] == 0
 
 
+def test_wide_features_span_two_output_chunks():
+    """D=300: the interpreter's backward accumulates 256 output columns per program, so two feature chunks (and a
+    partial one) write the anchors' gradient; only the first writes the logit scale's sum."""
+    anchors, pos_keys, cand = problem(9, 200, 300, seed=8)
+    assert_matches(run("triton", anchors, pos_keys, cand, READY), run("torch", anchors, pos_keys, cand, READY))
+
+
 def test_large_scale_and_sharp_posterior():
     """t = 100 (logits up to 100) with log(1 - f) down to about -10^4: the online max keeps every sum finite."""
     anchors, pos_keys, cand = problem(21, 257, 32, seed=7)
