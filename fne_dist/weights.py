@@ -82,7 +82,8 @@ def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNECon
 def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
     """[mu+, a, b, c] in fp32 on `device` such that log(f / (1 - f)) = (a d + b) d + c with d = s - mu+: the two
     Gaussians' log-densities are quadratics in s, so `true_negative_prob` is sigmoid(-((a d + b) d + c)) and
-    log(1 - f) = -softplus((a d + b) d + c), one transcendental per candidate for the fused kernels.
+    log(1 - f) = -softplus((a d + b) d + c): one softplus per candidate instead of two densities (the fused kernels,
+    the streaming InfoNCE, the sampler kernel's log2 parameters).
 
     Computed in float64 from the moments by device ops (no host sync), centred on mu+ where the posterior matters
     so that fp32 keeps its rounding small.  Until the statistics are ready a = b = 0 and c = -inf (1 - f = 1)."""

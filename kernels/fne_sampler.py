@@ -446,7 +446,8 @@ def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device)
     """[global cut-down threshold, mu+, qa, qb, qc, r+] in fp32 on `device` (see the module docstring), by device ops
     only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down (official,
     hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.  Until the
-    stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h."""
+    stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h.  (qa, qb, qc) are
+    `fne_dist.weights.log_odds_coefficients` in log2 units, the posterior's one statement as a quadratic."""
     mean_pos, var_pos = moments32(stats, device)[:2]
     ready = stats.ready(cfg.min_count).to(device)
     counted = global_cutdown_on(stats, cfg).to(device)
