@@ -216,8 +216,8 @@ class _Launch:
         self.index = [x.to(device=self.device, dtype=dt).contiguous() for x, dt in (
             (cand.anchor_ids, torch.long), (cand.anchor_labels, torch.long), (cand.key_ids, torch.long),
             (cand.key_labels, torch.long), (cand.valid, torch.uint8))]
-        self.params = log_odds_coefficients(stats, cfg, self.device) * torch.tensor([1.0, LOG2E, LOG2E, LOG2E],
-                                                                                    device=self.device)
+        coefficients = log_odds_coefficients(stats, cfg, self.device)
+        self.params = torch.cat([coefficients[:1], coefficients[1:] * LOG2E])  # log2 units, mu+ as it is
         self.forward, self.backward, self.block_d = configs(b, d, self.anchors.dtype, self.compiled)
         if programs is None:
             programs = PROGRAMS_PER_SM * _sm_count(self.device.index or 0) if self.compiled else INTERPRETER_PROGRAMS
