@@ -10,7 +10,7 @@ and the logit scale only.
 
 `posterior_infonce` streams the candidates in tiles and never holds [b, N]: the forward keeps an online
 log-sum-exp per row, the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels
-do); it reads log(1 - f) as -softplus of the quadratic log-odds (`weights.log_true_negative_prob`, tested against
+do); it reads log(1 - f) as -softplus of the quadratic log-odds (`weights.false_negative_log_odds`, tested against
 `true_negative_prob`).  `dense_posterior_infonce` is the autograd reference the tests compare it with.  On CUDA
 `impl="auto"` runs the same two passes fused in Triton (kernels/fne_infonce.py), tested against this path.
 """
@@ -23,7 +23,7 @@ import torch
 from fne_dist.losses import false_negative_mask, infonce_gradients
 from fne_dist.sampler import DEFAULT_TILE_ELEMENTS, compiled_step
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import IMPLS, FNEConfig, log_odds_coefficients, log_true_negative_prob, true_negative_prob
+from fne_dist.weights import IMPLS, FNEConfig, false_negative_log_odds, log_odds_coefficients, true_negative_prob
 
 
 @dataclass
@@ -39,19 +39,24 @@ class CandidateSet:
     anchor_labels: torch.Tensor
 
 
-def _tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid):
-    """Logits t s + log(1 - f) of one tile of similarities s, -inf off the candidate set."""
+def _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid):
+    """(u, w) of one tile of similarities s with the logit t s + log(1 - f) = u + log(w): u = t s - max(x, 0) (-inf
+    off the candidate set) and w = 1 / (1 + exp(-|x|)) in [1/2, 1], x the log-odds of a false negative
+    (log(1 - f) = -softplus(x)).  u bounds the logit within log 2, so it serves as the running max: two exp and a
+    division per candidate, no log, and no [b, T] logits to reduce twice."""
+    x = false_negative_log_odds(s, coefficients)
     drop = (anchor_ids[:, None] == key_ids[None, :]) | ~valid[None, :]
-    return log_true_negative_prob(s, coefficients).add_(s * scale).masked_fill_(drop, float("-inf"))
+    u = (s * scale).sub_(x.clamp_min(0)).masked_fill_(drop, float("-inf"))
+    return u, x.abs_().neg_().exp_().add_(1).reciprocal_()
 
 
 def forward_tile(s, m, scale, coefficients, anchor_ids, anchor_labels, key_ids, key_labels, valid):
-    """The forward's step over one tile (`compiled_step` fuses it on the CPU): the new running max, the factor that
-    rescales the old sums to it, and the tile's sums of exp(logit - max) over all candidates and over labelled
-    false negatives."""
-    logits = _tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid)
-    m_new = torch.maximum(m, logits.max(1).values)
-    e = (logits - m_new[:, None]).exp()
+    """The forward's step over one tile (`compiled_step` fuses it on the CPU): the new running bound m (the largest
+    u; the sums are exact for any m that keeps exp(u - m) <= 1), the factor that rescales the old sums to it, and
+    the tile's sums of exp(logit - m) over all candidates and over labelled false negatives."""
+    u, w = _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid)
+    m_new = torch.maximum(m, u.max(1).values)
+    e = (u - m_new[:, None]).exp() * w
     false_neg = valid[None, :] & false_negative_mask(anchor_ids[:, None], anchor_labels[:, None], key_ids[None, :],
                                                      key_labels[None, :])
     return m_new, (m - m_new).exp(), e.sum(1), (e * false_neg).sum(1)
@@ -59,7 +64,8 @@ def forward_tile(s, m, scale, coefficients, anchor_ids, anchor_labels, key_ids, 
 
 def backward_tile(s, lse, scale, coefficients, anchor_ids, key_ids, valid):
     """The backward's step over one tile: the softmax probabilities P [b, T] and sum_j P_ij s_ij."""
-    prob = (_tile_logits(s, scale, coefficients, anchor_ids, key_ids, valid) - lse[:, None]).exp()
+    u, w = _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid)
+    prob = (u - lse[:, None]).exp() * w
     return prob, (prob * s).sum(1)
 
 
@@ -70,7 +76,7 @@ class _PosteriorInfoNCE(torch.autograd.Function):
         t = scale.detach().float()
         coefficients = log_odds_coefficients(stats, cfg, a.device)
         pos = (a * pos_keys.float()).sum(1)
-        m = pos * t  # running max of the row's logits, starting with the positive's
+        m = pos * t  # running bound of the row's logits (see _tile_terms), starting with the positive's
         total = torch.ones_like(m)  # sum exp(logit - m) over the positive and the candidates so far
         false_mass = torch.zeros_like(m)  # ... over labelled false negatives only
         for start in range(0, len(cand.keys), tile):

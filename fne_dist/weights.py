@@ -98,12 +98,12 @@ def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> t
     return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
 
 
-def log_true_negative_prob(sims: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """log(1 - f) = -softplus((a d + b) d + c), d = s - mu+, from `log_odds_coefficients` (fp32, shape of sims):
-    finite where 1 - f underflows, and a few passes over a tile where the densities' form takes a dozen."""
+def false_negative_log_odds(sims: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """x = log(f / (1 - f)) = (a d + b) d + c, d = s - mu+, from `log_odds_coefficients` (fp32, shape of sims): a
+    few passes over a tile where the densities' form takes a dozen; 1 - f = sigmoid(-x), log(1 - f) = -softplus(x)."""
     mean_pos, a, b, c = coefficients
     d = sims.float() - mean_pos
-    return torch.nn.functional.softplus(d.mul(a).add_(b).mul_(d).add_(c)).neg_()
+    return d.mul(a).add_(b).mul_(d).add_(c)
 
 
 def _true_negative_prob(s: torch.Tensor, moments, ready: torch.Tensor, cfg: FNEConfig) -> torch.Tensor:
