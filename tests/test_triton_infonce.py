@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fne_dist.infonce import CandidateSet, dense_posterior_infonce, posterior_infonce
+from fne_dist.infonce import (CandidateSet, Candidates, dense_posterior_infonce, posterior_infonce,
+                             streamed_posterior_infonce)
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, log_odds_coefficients, true_negative_prob
 
@@ -171,6 +172,29 @@ def test_dispatch():
     with pytest.raises(ValueError, match="impl='fast' is unknown"):
         posterior_infonce(anchors, torch.tensor(10.0), pos_keys, cand, READY, CFG, impl="fast")
     assert math.isfinite(float(auto[0].sum()))
+
+
+def test_streamed_dispatch_serves_one_run_and_falls_back_over_several():
+    """`streamed_posterior_infonce` (the buffer's InfoNCE): impl="triton" over one run (valid=None: every slot) is
+    the fused kernels, equal to the torch tiles; over two runs the torch tiles serve it (bit-identical)."""
+    anchors, pos_keys, cand = problem(13, 260, 16, seed=9)
+    keep = cand.valid
+    keys, ids, labels = cand.keys[keep], cand.key_ids[keep], cand.key_labels[keep]
+    args = (cand.anchor_ids, cand.anchor_labels, READY, CFG)
+    one = [Candidates(keys, ids, labels, None)]
+    two = [Candidates(keys[:100], ids[:100], labels[:100], None), Candidates(keys[100:], ids[100:], labels[100:], None)]
+
+    def losses(runs, impl):
+        a = anchors.clone().requires_grad_()
+        rows, false_prob = streamed_posterior_infonce(a, torch.tensor(14.0), pos_keys, runs, *args, impl=impl)
+        return rows.detach(), false_prob, *torch.autograd.grad(rows.sum(), a)
+
+    fused, torch_one = losses(one, "triton"), losses(one, "torch")
+    for x, y in zip(fused, torch_one):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(losses(two, "triton"), losses(two, "torch")))
+    for x, y in zip(losses(two, "torch"), torch_one):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
