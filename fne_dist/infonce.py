@@ -12,8 +12,8 @@ The loss streams the candidates in tiles and never holds [b, N]: the forward kee
 the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels do).  The candidates
 are `Candidates` runs read in place (the buffer's segments: no per-step copy of the ring), and both passes are sums
 over candidates, so disjoint candidate sets combine exactly:
-  forward: each set gives per anchor a partial log-sum-exp, (running max m, sum of exp(logit - m), the same sum
-    over labelled false negatives) [n, 3]; `combine_partials` joins them with the positive's logit;
+  forward: each set gives per anchor a partial log-sum-exp, (a running bound m of the logits, sum of
+    exp(logit - m), the same sum over labelled false negatives) [n, 3]; `combine_partials` joins them with the positive's logit;
   backward: each set gives per anchor its share of sum_j P_ij k_j and of sum_j P_ij s_ij [n, D + 1], which add.
 Sharded (the sharded buffer, `fne_dist.buffer`), every rank holds one such set: the anchors are all-gathered, each
 rank computes the partials of all G anchors over its shard, and an all-to-all sends each anchor's world partials
@@ -24,8 +24,8 @@ Each tile reads log(1 - f) as -softplus of the quadratic log-odds (`weights.fals
 against `true_negative_prob`), in one step that `sampler.compiled_step` fuses on large CPU tiles.
 `dense_posterior_infonce` is the autograd reference the tests compare with.  On CUDA `impl="auto"` runs the
 two passes fused in Triton (kernels/fne_infonce.py, tested against this path) where the candidates are one run on
-one process (`posterior_infonce`, a one-run replicated buffer); sharded or over several runs (the replicated
-buffer's batch and queue segments) the torch tiles serve.
+one process (`posterior_infonce`; over the replicated buffer, clip_queue's queue term or a step with an empty
+queue); sharded or over several runs (the replicated buffer's batch and queue segments) the torch tiles serve.
 """
 from __future__ import annotations
 
