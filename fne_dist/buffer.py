@@ -144,16 +144,17 @@ class NegativeBuffer:
 
     def infonce(self, anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, ids: torch.Tensor,
                 labels: torch.Tensor, batch: GlobalKeys, stats: SimilarityStats, rule: FNEConfig, *, direction: int,
-                queue_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                queue_only: bool = False, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior-weighted InfoNCE of this rank's anchors [b, D] (ids, labels [b]; pos_keys: their own
         momentum keys) against the whole buffer's candidates of `direction`, or its queue only (`queue_only`: the
         batch's columns left out): per-row losses [b] and false-negative softmax mass [b]
-        (`fne_dist.infonce.streamed_posterior_infonce`).  The segments are read in place; sharded, every rank reads
-        its own against all G anchors and the partials are exchanged (collective, in the backward too)."""
+        (`fne_dist.infonce.streamed_posterior_infonce`, `impl` as there).  The segments are read in place; sharded,
+        every rank reads its own against all G anchors and the partials are exchanged (collective, in the backward
+        too)."""
         segments = [s for s in self.segments(batch) if not queue_only or s.col_offset >= len(batch.ids)]
         anchor_ids, anchor_labels = (batch.ids, batch.labels) if self.sharded else (ids, labels)
         return streamed_posterior_infonce(anchors, scale, pos_keys, [s.candidates(direction) for s in segments],
-                                          anchor_ids, anchor_labels, stats, rule, sharded=self.sharded)
+                                          anchor_ids, anchor_labels, stats, rule, sharded=self.sharded, impl=impl)
 
     def at_risk(self, ids: torch.Tensor, labels: torch.Tensor, batch: GlobalKeys, *, row_offset: int) -> torch.Tensor:
         """[b] bool: this rank's anchor (global row row_offset + i) has a false negative among the whole buffer's

@@ -12,15 +12,20 @@ The loss streams the candidates in tiles and never holds [b, N]: the forward kee
 the backward makes a second pass that accumulates sum_j softmax_ij k_j (as attention kernels do).  The candidates
 are `Candidates` runs read in place (the buffer's segments: no per-step copy of the ring), and both passes are sums
 over candidates, so disjoint candidate sets combine exactly:
-  forward: each set gives per anchor a partial log-sum-exp, (running max m, sum of exp(logit - m), the same sum
-    over labelled false negatives) [n, 3]; `combine_partials` joins them with the positive's logit;
+  forward: each set gives per anchor a partial log-sum-exp, (a running bound m of the logits, sum of
+    exp(logit - m), the same sum over labelled false negatives) [n, 3]; `combine_partials` joins them with the positive's logit;
   backward: each set gives per anchor its share of sum_j P_ij k_j and of sum_j P_ij s_ij [n, D + 1], which add.
 Sharded (the sharded buffer, `fne_dist.buffer`), every rank holds one such set: the anchors are all-gathered, each
 rank computes the partials of all G anchors over its shard, and an all-to-all sends each anchor's world partials
 to its rank, which combines them; the backward all-gathers the G log-sum-exps, each rank computes its shard's
 gradient partials for all G anchors and an all-to-all sends them back the same way.  Traffic per rank and
 direction: G x D (anchors) + 3 G (partials) forward, G + G x (D + 1) backward: O(G x D), independent of the buffer.
-`dense_posterior_infonce` is the autograd reference the tests compare with.
+Each tile reads log(1 - f) as -softplus of the quadratic log-odds (`weights.false_negative_log_odds`, tested
+against `true_negative_prob`), in one step that `sampler.compiled_step` fuses on large CPU tiles.
+`dense_posterior_infonce` is the autograd reference the tests compare with.  On CUDA `impl="auto"` runs the
+two passes fused in Triton (kernels/fne_infonce.py, tested against this path) where the candidates are one run on
+one process (`posterior_infonce`; over the replicated buffer, clip_queue's queue term or a step with an empty
+queue); sharded or over several runs (the replicated buffer's batch and queue segments) the torch tiles serve.
 """
 from __future__ import annotations
 
@@ -29,10 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from fne_dist.distributed import all_gather_cat, all_to_all, world_size
-from fne_dist.losses import false_negative_mask
-from fne_dist.sampler import DEFAULT_TILE_ELEMENTS
+from fne_dist.losses import false_negative_mask, infonce_gradients
+from fne_dist.sampler import DEFAULT_TILE_ELEMENTS, compiled_step
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, true_negative_prob
+from fne_dist.weights import IMPLS, FNEConfig, false_negative_log_odds, log_odds_coefficients, true_negative_prob
 
 
 @dataclass
@@ -59,38 +64,57 @@ class CandidateSet:
     anchor_labels: torch.Tensor
 
 
-def _tile_logits(a, scale, run: Candidates, anchor_ids, start: int, stop: int, stats, cfg):
-    """(logits t s + log(1 - f), -inf off the candidate set; similarities s; the mask off the set) of one tile."""
-    s = a @ run.keys[start:stop].float().T
-    drop = anchor_ids[:, None] == run.ids[None, start:stop]
-    if run.valid is not None:
-        drop |= ~run.valid[None, start:stop]
-    logits = (s * scale).add_(true_negative_prob(s, stats, cfg).log_()).masked_fill_(drop, float("-inf"))
-    return logits, s, drop
+def _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid):
+    """(u, w) of one tile of similarities s with the logit t s + log(1 - f) = u + log(w): u = t s - max(x, 0) (-inf
+    off the candidate set) and w = 1 / (1 + exp(-|x|)) in [1/2, 1], x the log-odds of a false negative
+    (log(1 - f) = -softplus(x)).  u bounds the logit within log 2, so it serves as the running max: two exp and a
+    division per candidate, no log, and no [n, T] logits to reduce twice."""
+    x = false_negative_log_odds(s, coefficients)
+    drop = anchor_ids[:, None] == key_ids[None, :]
+    if valid is not None:
+        drop |= ~valid[None, :]
+    u = (s * scale).sub_(x.clamp_min(0)).masked_fill_(drop, float("-inf"))
+    return u, x.abs_().neg_().exp_().add_(1).reciprocal_()
+
+
+def forward_tile(s, m, scale, coefficients, anchor_ids, anchor_labels, key_ids, key_labels, valid):
+    """The forward's step over one tile (`compiled_step` fuses it on the CPU): the new running bound m (the largest
+    u, -inf while a row has no candidate; the sums are exact for any m that keeps exp(u - m) <= 1), the factor that
+    rescales the old sums to it, and the tile's sums of exp(logit - m) over all candidates and over labelled false
+    negatives (excluded slots add exp(-inf) = 0)."""
+    u, w = _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid)
+    m_new = torch.maximum(m, u.max(1).values)
+    ref = m_new.masked_fill(m_new == float("-inf"), 0)  # a finite reference: exp(-inf - ref) = 0, never nan
+    e = (u - ref[:, None]).exp() * w
+    false_neg = false_negative_mask(anchor_ids[:, None], anchor_labels[:, None], key_ids[None, :], key_labels[None, :])
+    return m_new, (m - ref).exp(), e.sum(1), (e * false_neg).sum(1)
+
+
+def backward_tile(s, lse, scale, coefficients, anchor_ids, key_ids, valid):
+    """The backward's step over one tile: the softmax probabilities P [n, T] and sum_j P_ij s_ij."""
+    u, w = _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid)
+    prob = (u - lse[:, None]).exp() * w
+    return prob, (prob * s).sum(1)
 
 
 def _tiles(runs: list[Candidates], tile: int):
     for run in runs:
         for start in range(0, len(run.ids), tile):
-            yield run, start, start + tile
+            at = slice(start, start + tile)
+            yield run.keys[at].float(), run.ids[at], run.labels[at], None if run.valid is None else run.valid[at]
 
 
-def lse_partials(a, scale, runs: list[Candidates], anchor_ids, anchor_labels, stats, cfg, tile: int) -> torch.Tensor:
-    """[n, 3] per anchor of a [n, D] over these candidates: the running max m of its logits (-inf: none), the sum
-    of exp(logit - m) and the same sum over labelled false negatives (0, 0 where there is none)."""
+def lse_partials(a, scale, runs: list[Candidates], anchor_ids, anchor_labels, coefficients, tile: int) -> torch.Tensor:
+    """[n, 3] per anchor of a [n, D] over these candidates (posterior from `log_odds_coefficients`): a running bound
+    m of its logits (-inf: none), the sum of exp(logit - m) and the same sum over labelled false negatives (0, 0
+    where there is none)."""
     m = torch.full((len(a),), float("-inf"), device=a.device)
     total, false_mass = torch.zeros_like(m), torch.zeros_like(m)
-    for run, start, stop in _tiles(runs, tile):
-        logits, _, drop = _tile_logits(a, scale, run, anchor_ids, start, stop, stats, cfg)
-        false_neg = ~drop & false_negative_mask(anchor_ids[:, None], anchor_labels[:, None], run.ids[None, start:stop],
-                                                run.labels[None, start:stop])
-        m_new = torch.maximum(m, logits.max(1).values)
-        ref = m_new.masked_fill(m_new == float("-inf"), 0)  # a finite reference: exp(-inf - ref) = 0, never nan
-        rescale = (m - ref).exp()
-        e = (logits - ref[:, None]).exp_()
-        total = total * rescale + e.sum(1)
-        false_mass = false_mass * rescale + (e * false_neg).sum(1)
-        m = m_new
+    for keys, ids, labels, valid in _tiles(runs, tile):
+        m, rescale, tile_total, tile_false = compiled_step("infonce_forward", forward_tile, a @ keys.T, m, scale,
+                                                           coefficients, anchor_ids, anchor_labels, ids, labels, valid)
+        total = total * rescale + tile_total
+        false_mass = false_mass * rescale + tile_false
     return torch.stack([m, total, false_mass], 1)
 
 
@@ -103,15 +127,15 @@ def combine_partials(pos_logit: torch.Tensor, partials: torch.Tensor) -> tuple[t
     return m + total.log(), (partials[..., 2] * weight).sum(0) / total
 
 
-def pull_partials(a, scale, lse, runs: list[Candidates], anchor_ids, stats, cfg, tile: int) -> torch.Tensor:
+def pull_partials(a, scale, lse, runs: list[Candidates], anchor_ids, coefficients, tile: int) -> torch.Tensor:
     """[n, D + 1] per anchor of a [n, D] with log-sum-exp lse [n]: over these candidates, sum_j P_ij k_j and
     sum_j P_ij s_ij (P: the softmax), which add up over disjoint candidate sets."""
     pull = a.new_zeros(len(a), a.shape[1] + 1)
-    for run, start, stop in _tiles(runs, tile):
-        logits, s, _ = _tile_logits(a, scale, run, anchor_ids, start, stop, stats, cfg)
-        prob = (logits - lse[:, None]).exp_()
-        pull[:, :-1] += prob @ run.keys[start:stop].float()
-        pull[:, -1] += (prob * s).sum(1)
+    for keys, ids, _, valid in _tiles(runs, tile):
+        prob, tile_sim = compiled_step("infonce_backward", backward_tile, a @ keys.T, lse, scale, coefficients,
+                                       anchor_ids, ids, valid)
+        pull[:, :-1] += prob @ keys
+        pull[:, -1] += tile_sim
     return pull
 
 
@@ -125,37 +149,42 @@ class _PosteriorInfoNCE(torch.autograd.Function):
     def forward(ctx, anchors, scale, pos_keys, runs, anchor_ids, anchor_labels, stats, cfg, tile, sharded):
         a = anchors.detach().float()
         t = scale.detach().float()
+        coefficients = log_odds_coefficients(stats, cfg, a.device)
         pos = (a * pos_keys.float()).sum(1)
         every = all_gather_cat(a) if sharded else a  # the anchors this rank's candidates are read against
-        partials = lse_partials(every, t, runs, anchor_ids, anchor_labels, stats, cfg, tile)
+        partials = lse_partials(every, t, runs, anchor_ids, anchor_labels, coefficients, tile)
         partials = _to_owners(partials, len(a)) if sharded else partials[None]
         lse, false_prob = combine_partials(pos * t, partials)
-        ctx.save_for_backward(a, every, t, pos_keys, pos, lse, anchor_ids)
-        ctx.runs, ctx.stats, ctx.cfg, ctx.tile, ctx.sharded, ctx.dtype = runs, stats, cfg, tile, sharded, anchors.dtype
+        ctx.save_for_backward(a, every, t, pos_keys, pos, lse, anchor_ids, coefficients)
+        ctx.runs, ctx.tile, ctx.sharded, ctx.dtype = runs, tile, sharded, anchors.dtype
         ctx.mark_non_differentiable(false_prob)
         return lse - pos * t, false_prob
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_false_prob):
-        a, every, t, pos_keys, pos, lse, anchor_ids = ctx.saved_tensors
+        a, every, t, pos_keys, pos, lse, anchor_ids, coefficients = ctx.saved_tensors
         if ctx.sharded:
-            pulls = _to_owners(pull_partials(every, t, all_gather_cat(lse), ctx.runs, anchor_ids, ctx.stats,
-                                             ctx.cfg, ctx.tile), len(a)).sum(0)
+            pulls = _to_owners(pull_partials(every, t, all_gather_cat(lse), ctx.runs, anchor_ids, coefficients,
+                                             ctx.tile), len(a)).sum(0)
         else:
-            pulls = pull_partials(a, t, lse, ctx.runs, anchor_ids, ctx.stats, ctx.cfg, ctx.tile)
-        pull, pull_sim = pulls[:, :-1], pulls[:, -1]  # sum_j P_ij k_j, sum_j P_ij s_ij
-        p_pos = (pos * t - lse).exp()
-        g = grad_loss.float()
-        # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
-        grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
-        grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+            pulls = pull_partials(a, t, lse, ctx.runs, anchor_ids, coefficients, ctx.tile)
+        grad_anchors, grad_scale = infonce_gradients(grad_loss, t, pos_keys, pos, (pos * t - lse).exp(),
+                                                     pulls[:, :-1], pulls[:, -1])
         return grad_anchors.to(ctx.dtype), grad_scale, *(None,) * 8
+
+
+def _fused(impl: str, anchors: torch.Tensor, runs: list[Candidates], sharded: bool) -> bool:
+    """Whether the Triton kernels serve: impl "triton", or "auto" on CUDA, where the candidates are one run on one
+    process (the kernels take one candidate set; partials across runs and ranks are the torch tiles' so far)."""
+    if impl not in IMPLS:
+        raise ValueError(f"posterior_infonce impl={impl!r} is unknown: use one of {IMPLS}")
+    return (impl == "triton" or (impl == "auto" and anchors.is_cuda)) and not sharded and len(runs) == 1
 
 
 def streamed_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor,
                                runs: list[Candidates], anchor_ids: torch.Tensor, anchor_labels: torch.Tensor,
                                stats: SimilarityStats, cfg: FNEConfig, *, sharded: bool = False,
-                               tile_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               tile_size: int | None = None, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses [b] of this rank's anchors [b, D] (gradient into them and into the 0-dim or 1-element logit
     `scale`) and, per row, the softmax probability that falls on labelled false negatives [b] (no gradient; the
     row's whole negative mass is 1 - exp(-loss)).  pos_keys [b, D]: the anchors' own momentum keys.
@@ -165,7 +194,18 @@ def streamed_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_k
     rank's share of the candidates (possibly none), disjoint across ranks, and anchor_ids, anchor_labels are the
     G = world x b anchors' of all ranks in rank order (the global batch's).  Memory O(n x tile_size) besides the
     runs (n = b, or G sharded), for any number of candidates.
+
+    `impl`: "torch" (the streaming tiles, the reference), "triton" (the fused kernels, fne_kernels.fne_infonce,
+    where they fit: see `_fused`; `tile_size` is the torch path's only), "auto" (triton for CUDA tensors, torch
+    otherwise); "dense" (fne.impl's dense sampler) runs the torch path: this loss never holds [b, N].
     """
+    if _fused(impl, anchors, runs, sharded):
+        from fne_kernels import triton_posterior_infonce
+
+        run = runs[0]
+        valid = torch.ones_like(run.ids, dtype=torch.bool) if run.valid is None else run.valid
+        cand = CandidateSet(run.keys, run.ids, run.labels, valid, anchor_ids, anchor_labels)
+        return triton_posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg)
     n = len(anchor_ids)
     tile = tile_size or max(1, DEFAULT_TILE_ELEMENTS // max(n, 1))
     return _PosteriorInfoNCE.apply(anchors, scale, pos_keys.detach(), runs, anchor_ids, anchor_labels, stats, cfg,
@@ -173,13 +213,14 @@ def streamed_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_k
 
 
 def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,
-                      stats: SimilarityStats, cfg: FNEConfig, tile_size: int | None = None
+                      stats: SimilarityStats, cfg: FNEConfig, tile_size: int | None = None, impl: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`streamed_posterior_infonce` over one candidate set (one process): per-row losses [b] and false-negative
-    softmax mass [b]; memory O(b * tile_size) for any number of candidates."""
+    """`streamed_posterior_infonce` over one candidate set (one process; `impl` as there, the fused kernels on
+    CUDA): per-row losses [b] and false-negative softmax mass [b]; memory O(b * tile_size) for any number of
+    candidates."""
     run = Candidates(cand.keys, cand.key_ids, cand.key_labels, cand.valid)
     return streamed_posterior_infonce(anchors, scale, pos_keys, [run], cand.anchor_ids, cand.anchor_labels, stats,
-                                      cfg, tile_size=tile_size)
+                                      cfg, tile_size=tile_size, impl=impl)
 
 
 def dense_posterior_infonce(anchors, scale, pos_keys, cand: CandidateSet, stats, cfg) -> torch.Tensor:

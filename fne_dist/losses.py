@@ -46,3 +46,15 @@ def false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
     """True where the other item has the anchor's (known) label but another image id: a false negative (labels
     only measure them; the objectives read labels only as fne.oracle's identity keys)."""
     return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)
+
+
+def infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 gradient of the anchors [b, D], of the logit scale, shaped as t) from the second pass's sums: pull [b, D]
+    = sum_j P_ij k_j, pull_sim [b] = sum_j P_ij s_ij, p_pos [b] = the positive's softmax probability P_i0, pos [b]
+    the positive similarities.  Both InfoNCE paths share it (fne_dist.infonce,
+    fne_kernels.fne_infonce)."""
+    g = grad_loss.float()
+    # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
+    grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
+    grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+    return grad_anchors, grad_scale

@@ -99,23 +99,28 @@ def tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: Similari
     return blocks, blocks.sum(2), survivors, score, column
 
 
-_COMPILED = {}  # "tile_stats": the compiled tile step; None once compiling failed
+_COMPILED = {}  # the compiled tile steps by name ("tile_stats", ...); None once compiling failed
+
+
+def compiled_step(name: str, step, sims, *args):
+    """`step(sims, *args)`, compiled into one fused loop for large CPU tiles: eager, the ~30 elementwise passes of a
+    tile step (the sampler's `tile_stats`, the posterior InfoNCE's) cost several times the matmul; compiled, less
+    than it, with the same results up to float rounding.  Small tiles (tests, small batches) stay eager: compiling
+    costs about a minute once per process and step (Inductor caches it on disk); where compiling fails, eager it is,
+    with a warning."""
+    if sims.device.type == "cpu" and sims.numel() >= COMPILE_MIN_ELEMENTS:
+        compiled = _COMPILED.setdefault(name, torch.compile(step, dynamic=True))
+        if compiled is not None:
+            try:
+                return compiled(sims, *args)
+            except Exception as error:  # no C++ compiler, an unsupported platform: the eager step is always there
+                warnings.warn(f"torch.compile of the tile step {name} failed ({error!r:.200}); running it eagerly")
+                _COMPILED[name] = None
+    return step(sims, *args)
 
 
 def _tile_stats(sims, *args):
-    """`tile_stats`, compiled into one fused loop for large CPU tiles: eager, its ~30 elementwise passes over the
-    tile cost several times the matmul; compiled, less than it.  The compiled rule computes the same weights up to
-    float rounding.  Small tiles (tests, small batches) stay eager: compiling costs about a minute once per process
-    (Inductor caches it on disk); where compiling fails, eager it is, with a warning."""
-    if sims.device.type == "cpu" and sims.numel() >= COMPILE_MIN_ELEMENTS:
-        step = _COMPILED.setdefault("tile_stats", torch.compile(tile_stats, dynamic=True))
-        if step is not None:
-            try:
-                return step(sims, *args)
-            except Exception as error:  # no C++ compiler, an unsupported platform: the eager step is always there
-                warnings.warn(f"torch.compile of the sampler's tile step failed ({error!r:.200}); running it eagerly")
-                _COMPILED["tile_stats"] = None
-    return tile_stats(sims, *args)
+    return compiled_step("tile_stats", tile_stats, sims, *args)
 
 
 def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,

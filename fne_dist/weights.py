@@ -87,6 +87,33 @@ def log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Te
     return stats.log_prior_odds(cfg.prior_ratio).to(device)
 
 
+def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
+    """[mu+, a, b, c] in fp32 on `device` such that log(f / (1 - f)) = (a d + b) d + c with d = s - mu+: the two
+    Gaussians' log-densities are quadratics in s, so `true_negative_prob` is sigmoid(-((a d + b) d + c)) and
+    log(1 - f) = -softplus((a d + b) d + c): one softplus per candidate instead of two densities (the fused kernels,
+    the streaming InfoNCE, the sampler kernel's log2 parameters).
+
+    Computed in float64 from the moments by device ops (no host sync), centred on mu+ where the posterior matters
+    so that fp32 keeps its rounding small.  Until the statistics are ready a = b = 0 and c = -inf (1 - f = 1)."""
+    mean_pos, var_pos, mean_neg, var_neg = stats.moments()
+    delta = mean_pos - mean_neg
+    # log L+ - log L- - log(rho - 1), with s - mu- = d + delta
+    a = 1 / (2 * var_neg) - 1 / (2 * var_pos)
+    b = delta / var_neg
+    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - log_prior_odds(stats, cfg, delta.device)
+    ready = stats.ready(cfg.min_count)
+    off = lambda value, idle: torch.where(ready, value, torch.full_like(value, idle))  # noqa: E731
+    return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
+
+
+def false_negative_log_odds(sims: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """x = log(f / (1 - f)) = (a d + b) d + c, d = s - mu+, from `log_odds_coefficients` (fp32, shape of sims): a
+    few passes over a tile where the densities' form takes a dozen; 1 - f = sigmoid(-x), log(1 - f) = -softplus(x)."""
+    mean_pos, a, b, c = coefficients
+    d = sims.float() - mean_pos
+    return d.mul(a).add_(b).mul_(d).add_(c)
+
+
 def _true_negative_prob(s: torch.Tensor, moments, log_odds: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
     mean_pos, var_pos, mean_neg, var_neg = moments
     logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import itertools
 import multiprocessing
@@ -77,12 +78,17 @@ def runner(impl: str, inputs, tile_size: int | None, mode: str = "official"):
                                     impl=impl, tile_size=tile_size)
 
 
-def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
-    """Median CUDA-event time and peak extra memory of one case in this process; OOM is a result."""
-    inputs = run = None
+def build_case(impl, b, n, d, dtype, device, tile_size, mode, fallback):
+    """The no-argument callable of one case, inputs made (a picklable `build` for `time_gpu` / `time_cpu`)."""
+    return runner(impl, make_inputs(b, n, d, dtype, device, fallback), tile_size, mode)
+
+
+def time_gpu(build, warmup: int, repeats: int) -> dict:
+    """Median CUDA-event time and peak extra memory of `build()`'s callable in this process (the inputs that
+    `build` makes count in neither); OOM is a result."""
+    run = None
     try:
-        inputs = make_inputs(b, n, d, dtype, "cuda", fallback)
-        run = runner(impl, inputs, tile_size, mode)
+        run = build()
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -101,9 +107,14 @@ def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback
     except torch.cuda.OutOfMemoryError:
         return {"time_ms": None, "peak_mib": None, "status": "OOM"}
     finally:
-        inputs = run = None
+        run = None
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def measure_gpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
+    return time_gpu(functools.partial(build_case, impl, b, n, d, dtype, "cuda", tile_size, mode, fallback), warmup,
+                    repeats)
 
 
 def _resident_kib() -> dict:
@@ -111,10 +122,10 @@ def _resident_kib() -> dict:
         return {k: int(v) for k, v in re.findall(r"(VmHWM|VmRSS):\s+(\d+) kB", f.read())}
 
 
-def _cpu_case(impl, b, n, d, dtype, repeats, tile_size, mode, fallback) -> dict:
+def _cpu_case(build, repeats) -> dict:
     """Runs in a fresh process: the first call's peak extra resident memory, then the median time of `repeats`."""
     try:
-        run = runner(impl, make_inputs(b, n, d, dtype, "cpu", fallback), tile_size, mode)
+        run = build()
         gc.collect()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark to the current resident set
@@ -132,14 +143,18 @@ def _cpu_case(impl, b, n, d, dtype, repeats, tile_size, mode, fallback) -> dict:
         return {"time_ms": None, "peak_mib": None, "status": "OOM"}
 
 
-def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
-    """One fresh process per case, so that neither the allocator's cache nor another case's peak leaks in;
-    the memory-measured first call is the warm-up.  A process killed for memory counts as OOM."""
+def time_cpu(build, repeats: int) -> dict:
+    """One fresh process per case (`build` must pickle), so that neither the allocator's cache nor another case's
+    peak leaks in; the memory-measured first call is the warm-up.  A process killed for memory counts as OOM."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         try:
-            return pool.submit(_cpu_case, impl, b, n, d, dtype, repeats, tile_size, mode, fallback).result()
+            return pool.submit(_cpu_case, build, repeats).result()
         except BrokenProcessPool:
             return {"time_ms": None, "peak_mib": None, "status": "OOM"}
+
+
+def measure_cpu(impl, b, n, d, dtype, warmup, repeats, tile_size, mode, fallback) -> dict:
+    return time_cpu(functools.partial(build_case, impl, b, n, d, dtype, "cpu", tile_size, mode, fallback), repeats)
 
 
 def use_blocks(text: str, dtype: torch.dtype) -> str:

@@ -1,6 +1,7 @@
 """Compile the sampler kernels for an NVIDIA GPU on a machine without one, and report their resource use.
 
     python -m fne_kernels.compile_check [--arch 90] [--dtype bf16 ...] [--mode ...] [--cutdown ...]
+    python -m fne_kernels.compile_check --kernel infonce [-b 4096] [-d 512]   # the posterior InfoNCE's kernels
 
 Triton compiles ahead of time with its bundled ptxas, no driver needed.  This catches what the interpreter
 cannot (type rules of the compiled path, e.g. the uint64 hash, and code generation failures) and prints per
@@ -33,7 +34,10 @@ POINTERS = {"pos_ptr": "*fp32", "aid_ptr": "*i64", "kid_ptr": "*i64", "valid_ptr
             "key_ptr": "*fp32", "block_ptr": "*i32", "score_ptr": "*fp32", "sblock_ptr": "*i32", "surv_ptr": "*i32",
             "wsum_ptr": "*fp32", "index_ptr": "*i64", "fallback_ptr": "*u8", "survivors_ptr": "*i64",
             "weight_sum_ptr": "*fp32", "race_key_ptr": "*fp32", "fallback_score_ptr": "*fp32",
-            "fallback_index_ptr": "*i64"}
+            "fallback_index_ptr": "*i64",
+            # fne_infonce
+            "alab_ptr": "*i64", "klab_ptr": "*i64", "scale_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
+            "false_ptr": "*fp32", "lse_ptr": "*fp32", "pull_ptr": "*fp32", "pull_sim_ptr": "*fp32"}
 FLOATS = ("margin", "neg_tau2", "official_logit2", "keep_min")
 ALIGNED_INTS = ("N", "D", "stride_am", "stride_kn")
 
@@ -124,6 +128,27 @@ def check(arch: int = 90, b: int = 4096, dtypes=tuple(DTYPES), modes=MODES, cutd
     return rows
 
 
+def check_infonce(arch: int = 90, b: int = 4096, d: int = 512, dtypes=tuple(DTYPES)) -> list[dict]:
+    """Compile the posterior InfoNCE's forward and backward kernels (kernels/fne_infonce.py) at the block sizes
+    `fne_infonce.configs` gives for `b` anchors of width `d`; one row of resource use per kernel."""
+    from fne_kernels import fne_infonce as fi
+
+    rows = []
+    for name in dtypes:
+        dtype = DTYPES[name]
+        forward, backward, block_d = fi.configs(b, d, dtype, True)
+        types = {"a_ptr": f"*{name}", "k_ptr": f"*{name}", **POINTERS}
+        common = dict(stride_ak=1, stride_kk=1, EVEN_K=d % forward.block_k == 0,
+                      INPUT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FAST=True)
+        for kernel_name, fn, blocks, extra, label in (
+                ("infonce-fwd", fi._forward_kernel, forward, {}, str(forward)),
+                ("infonce-bwd", fi._backward_kernel, backward, {"BLOCK_D": block_d}, f"{backward}/d{block_d}")):
+            constants = dict(common, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, **extra)
+            kernel = _compile(fn, types, constants, arch, blocks.num_warps, blocks.num_stages, blocks.maxnreg)
+            rows.append({"kernel": kernel_name, "dtype": name, "d": d, "blocks": label, **_resources(kernel)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fne_kernels.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (90: H100/H200)")
@@ -133,13 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cutdown", nargs="+", choices=CUTDOWNS, default=list(CUTDOWNS))
     parser.add_argument("--keys", choices=list(DTYPES), help="keys of this dtype (cast on load); default: the anchors'")
     parser.add_argument("--blocks", help="main-loop config M,N,K,warps,stages[,maxnreg] (default: GPU_CONFIGS)")
+    parser.add_argument("--kernel", choices=("sampler", "infonce"), default="sampler",
+                        help="the sampler's kernels, or the posterior InfoNCE's (fne_infonce: --dtype, -b, -d apply)")
+    parser.add_argument("-d", type=int, default=512, help="feature width of the InfoNCE kernels (caps BLOCK_D)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check compiles the kernels: unset TRITON_INTERPRET")
     from fne_kernels.fne_sampler import Blocks
 
     blocks = Blocks.parse(args.blocks) if args.blocks else None
-    rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown, args.keys, blocks)
+    if args.kernel == "infonce":
+        rows = check_infonce(args.arch, args.b, args.d, args.dtype)
+    else:
+        rows = check(args.arch, args.b, args.dtype, args.mode, args.cutdown, args.keys, blocks)
     header = list(rows[0])
     print("  ".join(f"{h:>9}" for h in header))
     for row in rows:

@@ -61,7 +61,7 @@ from triton.language.extra import libdevice
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, global_cutdown_on, log_prior_odds, moments32
+from fne_dist.weights import FNEConfig, global_cutdown_on, log_odds_coefficients, moments32
 
 MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
@@ -446,19 +446,17 @@ def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device)
     """[global cut-down threshold, mu+, qa, qb, qc, r+] in fp32 on `device` (see the module docstring), by device ops
     only (no host sync).  The threshold is mu+ - margin where fne_weights applies the global cut-down (official,
     hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.  Until the
-    stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h."""
-    mean_pos, var_pos, mean_neg, var_neg = moments32(stats, device)
+    stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h.  (qa, qb, qc) are
+    `fne_dist.weights.log_odds_coefficients` in log2 units, the posterior's one statement as a quadratic."""
+    mean_pos, var_pos = moments32(stats, device)[:2]
     ready = stats.ready(cfg.min_count).to(device)
     counted = global_cutdown_on(stats, cfg).to(device)
-    lognorm_pos, lognorm_neg = 0.5 * torch.log(2 * math.pi * var_pos), 0.5 * torch.log(2 * math.pi * var_neg)
-    cp, cn = LOG2E / (2 * var_pos), LOG2E / (2 * var_neg)
-    c0 = LOG2E * (lognorm_neg - lognorm_pos - log_prior_odds(stats, cfg, device).float())
-    delta = mean_pos - mean_neg
-    off = lambda value, idle: torch.where(ready, value, idle)  # noqa: E731
+    lognorm_pos = 0.5 * torch.log(2 * math.pi * var_pos)
+    coefficients = log_odds_coefficients(stats, cfg, device)  # natural log units: log2 below
     return torch.stack([
         torch.where(counted, mean_pos - cfg.margin, float("-inf")),
-        off(mean_pos, 0.0), off(cn - cp, 0.0), off(2 * cn * delta, 0.0), off(cn * delta * delta + c0, -math.inf),
-        off(torch.sqrt((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos), math.inf),
+        torch.where(ready, mean_pos, 0.0), *(coefficients[1:] * LOG2E),
+        torch.where(ready, torch.sqrt((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos), math.inf),
     ]).float()
 
 

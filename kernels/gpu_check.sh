@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The sampler's GPU check in one run (< 8 minutes): a sweep of the main loop's launch configs (the fastest is used by
+# The sampler's GPU check in one run (< 10 minutes): a sweep of the main loop's launch configs (the fastest is used by
 # every stage after it: see below), the sampler tests with the gpu-marked ones, then
 # `fne-bench sampler` at the scale target (bf16, b=4096, N=2^20, D=512: matmul, triton, torch streaming, dense --
 # dense may run out of memory, the table then says OOM), the kernel's candidate tile, the many-fallback regime, bayes
-# mode, and N=2^16.  Needs only torch, triton, numpy, scipy, pytest, matplotlib (no deepspeed, open_clip, webdataset,
+# mode, and N=2^16; then the posterior InfoNCE's fused kernels (kernels/fne_infonce.py: their tests, and
+# `fne-bench infonce` forward + backward against its three bare matmuls at the same scale, rows with regime fwd+bwd).  Needs only torch, triton, numpy, scipy, pytest, matplotlib (no deepspeed, open_clip, webdataset,
 # omegaconf, submitit): the repository is put on PYTHONPATH and `fne_kernels` is a copy of kernels/.
 #
 # The sweep times the fused kernel (bf16, official, at the scale target) under each launch config of SWEEP and
@@ -55,7 +56,7 @@ if [ "$TINY" = 1 ]; then
   BENCH=(--device cpu --dtype fp32 --d 32 --repeats 1)
   BIG=(--b 32 --n 2048)
   SMALL=(--b 32 --n 512)
-  TESTS=(-k "block_law or parts_merged or hash or fallback_row")
+  TESTS=(-k "block_law or parts_merged or hash or fallback_row or splits_do_not")
   LIMIT=600  # the interpreter is slow: generous limits for the dry run
 else
   BENCH=(--device cuda --dtype bf16 --d 512 --repeats 10 --warmup 2)
@@ -116,7 +117,8 @@ EOF
 fi
 
 stage tests 300 $PY -m pytest -q -p no:cacheprovider -m "gpu or not gpu" "${TESTS[@]}" \
-  "$ROOT/tests/test_triton_sampler.py" "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_sampler_bench.py"
+  "$ROOT/tests/test_triton_sampler.py" "$ROOT/tests/test_sampler.py" "$ROOT/tests/test_sampler_bench.py" \
+  "$ROOT/tests/test_triton_infonce.py"
 bench scale 90 "${BIG[@]}" --impl matmul triton torch dense
 if [ -n "$BASELINE" ]; then  # the same benchmark through a copy of kernels/ whose sampler is the baseline's
   mkdir -p "$WORK/base"
@@ -129,6 +131,11 @@ bench tile256 25 "${BIG[@]}" --impl triton --tile-size 256
 bench fallback 40 "${BIG[@]}" --impl matmul triton torch --fallback
 bench bayes 20 "${BIG[@]}" --impl triton --mode bayes
 bench small 25 "${SMALL[@]}" --impl matmul triton torch dense
+# The posterior InfoNCE (target: triton <= 1.5x its three matmuls at the scale target), and at N=2^16 with dense.
+stage infonce 60 $PY -m fne_kernels.bench_infonce "${BENCH[@]}" --out "$WORK/infonce" "${BIG[@]}" \
+  --impl matmul triton torch
+stage infonce-small 30 $PY -m fne_kernels.bench_infonce "${BENCH[@]}" --out "$WORK/infonce-small" "${SMALL[@]}" \
+  --impl matmul triton torch dense
 # Where the main loop's time goes (pipe use, stall reasons, L1/L2 throughput), if Nsight Compute is on the machine:
 # one launch of _fne_blocks_kernel at the scale target under the swept config, the sections' text in the log.
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null || true)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, fne_weights, prior_e_step, true_negative_prob
+from fne_dist.weights import FNEConfig, fne_weights, log_odds_coefficients, prior_e_step, true_negative_prob
 
 
 def test_batch_moments_follow_the_mutual_top1_rule():
@@ -131,7 +131,8 @@ def test_em_waits_for_ready_statistics_and_follows_the_reset_policy():
 
 def test_the_fitted_prior_is_the_prior_of_every_rule():
     """Statistics whose fitted prior is 1/20 weigh exactly as a preset prior_ratio of 20: fne_weights in every mode
-    (the rule the samplers use) and true_negative_prob."""
+    (the rule the samplers use), true_negative_prob and the quadratic log-odds (the InfoNCE paths, the sampler
+    kernel)."""
     fitted = SimilarityStats.from_moments(count_pos=500, mean_pos=0.6, var_pos=0.01, mean_neg=0.3, var_neg=0.02,
                                           prior_fit=True)
     fitted.prior_sums = torch.tensor([400.0, 20.0], dtype=torch.float64)
@@ -146,3 +147,5 @@ def test_the_fitted_prior_is_the_prior_of_every_rule():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     torch.testing.assert_close(true_negative_prob(sims, fitted, FNEConfig(prior_ratio=1e4)),
                                true_negative_prob(sims, preset, FNEConfig(prior_ratio=20.0)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(log_odds_coefficients(fitted, FNEConfig(prior_ratio=1e4), "cpu"),
+                               log_odds_coefficients(preset, FNEConfig(prior_ratio=20.0), "cpu"), rtol=1e-6, atol=0)

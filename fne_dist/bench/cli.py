@@ -1,7 +1,7 @@
-"""`fne-bench sampler ...` (the sampler kernels), `fne-bench step ...` (the trainer's FNE step against a CLIP step),
-`fne-bench buffer ...` (the negative buffer's memory and step time against world and buffer size),
-`fne-bench ema ...` (the momentum towers under ZeRO-3, sharded against a full copy) and `fne-bench data ...` (the
-loader's samples/s per worker)."""
+"""`fne-bench sampler ...` (the sampler kernels), `fne-bench infonce ...` (the posterior InfoNCE kernels),
+`fne-bench step ...` (the trainer's FNE step against a CLIP step), `fne-bench buffer ...` (the negative buffer's
+memory and step time against world and buffer size), `fne-bench ema ...` (the momentum towers under ZeRO-3, sharded
+against a full copy) and `fne-bench data ...` (the loader's samples/s per worker)."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ import sys
 from fne_dist.cli import ArgumentParser
 
 COMMANDS = {"sampler": "the sampler kernels against a matmul and the dense recipe (fne-bench sampler --help)",
+            "infonce": "the posterior InfoNCE against its three matmuls (fne-bench infonce --help)",
             "step": "the trainer's FNE step against a CLIP step (fne-bench step --help)",
             "buffer": "buffer memory and step time against world and buffer size (fne-bench buffer --help)",
             "ema": "ZeRO-3 momentum towers per rank, EMA and forward time (fne-bench ema --help)",
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.parse_args(argv)  # --help (exit 0) or a usage error (exit 2)
     if argv[0] == "sampler":
         from fne_kernels.bench_sampler import main as run
+    elif argv[0] == "infonce":
+        from fne_kernels.bench_infonce import main as run
     elif argv[0] == "step":
         from fne_dist.bench.step import main as run
     elif argv[0] == "buffer":

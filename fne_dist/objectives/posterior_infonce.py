@@ -28,7 +28,7 @@ def buffer_infonce(objective: StepObjective, x: StepFeatures, queue_only: bool =
     for direction, (anchors, pos_keys) in enumerate(((x.ia, x.tk), (x.ta, x.ik))):
         rows, false_prob = objective.buffer.infonce(anchors.float(), x.logit_scale, pos_keys, x.ids, x.labels, x.keys,
                                                     x.stats, objective.rule, direction=direction,
-                                                    queue_only=queue_only)
+                                                    queue_only=queue_only, impl=objective.cfg.impl)
         loss = loss + rows.mean() / 2
         diagnostics += softmax_diagnostics(rows.detach(), false_prob)
     return loss, diagnostics

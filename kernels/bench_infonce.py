@@ -1,0 +1,117 @@
+"""`fne-bench infonce`: forward + backward of the posterior-weighted InfoNCE against the three bare matmuls it needs.
+
+Implementations (`fne_dist.infonce.posterior_infonce`): `triton` (the fused kernels), `torch` (streaming tiles),
+`dense` (the [b, N] autograd reference) and `matmul`: anchors @ keys.T for the forward, and for the backward the
+same product again and P @ keys (P [b, N] of the keys' dtype): the floor of any implementation that never stores
+[b, N] between the passes (attention kernels recompute it in the backward as this one does).  Every case is one
+forward and one backward into the anchors and the logit scale, with the posterior on (statistics ready), 1%
+invalid slots and the inputs of `fne-bench sampler`.
+
+Timing and memory as `fne-bench sampler` (GPU: CUDA events after warm-up; CPU: a fresh process per case, the median
+wall clock on torch's default threads).  Writes `{prefix}results.csv` (the sampler's columns; mode `posterior`,
+regime `fwd+bwd`), `{prefix}time.png` and `{prefix}ratio.png` to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import os
+from pathlib import Path
+
+import torch
+
+from fne_kernels.bench_sampler import DTYPES, format_row, make_inputs, plot, print_table, time_cpu, time_gpu, write_csv
+
+IMPLS = ("triton", "torch", "dense", "matmul")
+GPU_DEFAULTS = dict(b=[4096], n=[1 << 16, 1 << 18, 1 << 20], d=[512], impl=list(IMPLS), dtype="bf16")
+CPU_DEFAULTS = dict(b=[1024], n=[65536], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32")
+
+
+def build_case(impl: str, b: int, n: int, d: int, dtype: torch.dtype, device: str):
+    """The inputs of one case and a no-argument callable running its forward and backward once."""
+    from fne_dist.infonce import CandidateSet, dense_posterior_infonce, posterior_infonce
+    from fne_dist.weights import FNEConfig
+
+    anchors, keys, _, anchor_ids, key_ids, valid, stats = make_inputs(b, n, d, dtype, device)
+    g = torch.Generator(device=device).manual_seed(1)
+    pos_keys = torch.nn.functional.normalize(anchors.float() + torch.randn(b, d, device=device, generator=g) / d**0.5,
+                                             dim=1).to(dtype)
+    labels = torch.randint(-1, 100, (n,), device=device, generator=g)
+    cand = CandidateSet(keys, key_ids, labels, valid, anchor_ids, torch.randint(0, 100, (b,), device=device,
+                                                                                   generator=g))
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    anchors.requires_grad_()
+    cfg = FNEConfig(mode="bayes")
+    if impl == "matmul":
+        def run():
+            s = anchors.detach() @ keys.T  # forward
+            s = anchors.detach() @ keys.T  # backward: the recomputed product, then P @ keys
+            return s @ keys
+    elif impl == "dense":
+        def run():
+            dense_posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg).sum().backward()
+    else:
+        def run():
+            posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg, impl=impl)[0].sum().backward()
+    return run
+
+
+def run_cases(args) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for b, n, d in itertools.product(args.b, args.n, args.d):
+        case = []
+        for impl in args.impl:
+            build = functools.partial(build_case, impl, b, n, d, dtype, args.device)
+            cuda = args.device == "cuda"
+            result = time_gpu(build, args.warmup, args.repeats) if cuda else time_cpu(build, args.repeats)
+            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": "posterior",
+                         "regime": "fwd+bwd", "tile": "-", "impl": impl, **result})
+            print(format_row(case[-1]), flush=True)
+        floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
+        for r in case:
+            r["x_matmul"] = r["time_ms"] / floor if floor and r["time_ms"] else None
+        rows += case
+    return rows
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fne-bench infonce", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--b", type=int, nargs="+", help="anchors per call (GPU default 4096; CPU 1024)")
+    parser.add_argument("--n", type=int, nargs="+", help="candidates (GPU default 2^16 2^18 2^20; CPU 65536)")
+    parser.add_argument("--d", type=int, nargs="+", help="feature width (GPU default 512; CPU 256)")
+    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="GPU default: all; CPU: dense torch matmul")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="feature dtype (GPU default bf16, CPU fp32)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 10, CPU 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (GPU; on the CPU the first call is)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_infonce"), help="folder for results.csv and plots")
+    parser.add_argument("--prefix", default="", help="prefix of the written file names (e.g. device and date)")
+    args = parser.parse_args(argv)
+    for key, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats is None:
+        args.repeats = 10 if args.device == "cuda" else 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here; use --device cpu")
+    if args.device == "cpu" and "triton" in args.impl and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("the triton impl needs a CUDA GPU (or TRITON_INTERPRET=1 for a slow dry run at tiny shapes); "
+                     "on the CPU compare dense, torch and matmul")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run_cases(args)
+    print()
+    print_table(rows)
+    write_csv(rows, args.out / f"{args.prefix}results.csv")
+    plot(rows, args.out, args.prefix)
+    print(f"\nwrote {args.out}/{args.prefix}results.csv, {args.prefix}time.png, {args.prefix}ratio.png")
+
+
+if __name__ == "__main__":
+    main()
