@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import os
 from pathlib import Path
 
 import torch
 
-from fne_kernels.bench_sampler import DTYPES, format_row, make_inputs, plot, print_table, time_cpu, time_gpu, write_csv
+from fne_kernels.bench_sampler import (DTYPES, check_device, format_row, make_inputs, run_and_report, time_cpu,
+                                       time_gpu)
 
 IMPLS = ("triton", "torch", "dense", "matmul")
 GPU_DEFAULTS = dict(b=[4096], n=[1 << 16, 1 << 18, 1 << 20], d=[512], impl=list(IMPLS), dtype="bf16")
@@ -94,23 +94,12 @@ def parse_args(argv):
             setattr(args, key, value)
     if args.repeats is None:
         args.repeats = 10 if args.device == "cuda" else 3
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU here; use --device cpu")
-    if args.device == "cpu" and "triton" in args.impl and os.environ.get("TRITON_INTERPRET") != "1":
-        parser.error("the triton impl needs a CUDA GPU (or TRITON_INTERPRET=1 for a slow dry run at tiny shapes); "
-                     "on the CPU compare dense, torch and matmul")
+    check_device(parser, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = run_cases(args)
-    print()
-    print_table(rows)
-    write_csv(rows, args.out / f"{args.prefix}results.csv")
-    plot(rows, args.out, args.prefix)
-    print(f"\nwrote {args.out}/{args.prefix}results.csv, {args.prefix}time.png, {args.prefix}ratio.png")
+    run_and_report(parse_args(argv), run_cases)
 
 
 if __name__ == "__main__":

@@ -279,16 +279,21 @@ def parse_args(argv):
             Blocks.parse(args.blocks)
         except ValueError as err:
             parser.error(f"--blocks: {err}")
+    check_device(parser, args)
+    return args
+
+
+def check_device(parser, args) -> None:
+    """The device can run the asked impls, else one usage error (shared with fne_kernels.bench_infonce)."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here; use --device cpu")
     if args.device == "cpu" and "triton" in args.impl and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("the triton impl needs a CUDA GPU (or TRITON_INTERPRET=1 for a slow dry run at tiny shapes); "
                      "on the CPU compare dense, torch and matmul")
-    return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_and_report(args, run_cases) -> None:
+    """Run the cases, print the table, write the CSV and the plots under args.out (shared with bench_infonce)."""
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run_cases(args)
     print()
@@ -296,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     write_csv(rows, args.out / f"{args.prefix}results.csv")
     plot(rows, args.out, args.prefix)
     print(f"\nwrote {args.out}/{args.prefix}results.csv, {args.prefix}time.png, {args.prefix}ratio.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_and_report(parse_args(argv), run_cases)
 
 
 if __name__ == "__main__":
