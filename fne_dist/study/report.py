@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from fne_dist.retrieval import KS
+from fne_dist.retrieval import COLUMNS, GROUP_COLUMNS
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import true_negative_prob
 
-METRICS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
+METRICS = COLUMNS + GROUP_COLUMNS  # exact, then group-aware (a hit: any item of the query's group)
 SHARES = {"false_negative_share": "FN share of picks", "at_risk_false_negative_share": "FN share of at-risk picks",
           "false_negative_loss_share": "FN share of loss"}
 LAST_EPOCH = {"at_risk_false_negative_share": "FN share of at-risk picks, last epoch"}

@@ -134,10 +134,10 @@ def train_heads(train: Split, test: Split, variant: str, seed: int, budget: Stud
 
 @torch.no_grad()
 def evaluate_heads(heads: Heads, split: Split) -> dict:
-    """R@1/5/10 both ways and rsum on a split (every caption, every distinct image)."""
+    """R@1/5/10 both ways and rsum on a split (every caption, every distinct image), exact and group-aware."""
     image_rows, text_to_image = split.eval_images()
     image_emb, text_emb, _ = heads(split.image[image_rows], split.text)
-    return retrieval_metrics(image_emb, text_emb, text_to_image)
+    return retrieval_metrics(image_emb, text_emb, text_to_image, groups=split.groups[image_rows])
 
 
 def _run(task) -> tuple[str, str, int, RunResult, float]:
@@ -164,7 +164,8 @@ def run_study(datasets: dict[str, tuple[Split, Split]], seeds=(0, 1, 2), variant
             done[name, variant, seed] = run
             shares = "  ".join(f"{key} {run.diagnostics.get(key, float('nan')):.3f}" for key in (
                 "false_negative_share", "at_risk_false_negative_share", "false_negative_loss_share"))
-            log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  {shares}  ({seconds:.1f} s)")
+            log(f"{name:12s} {variant:26s} seed {seed}: rsum {run.metrics['rsum']:6.1f}  group rsum "
+                f"{run.metrics['group_rsum']:6.1f}  {shares}  ({seconds:.1f} s)")
     return {name: {variant: [done[name, variant, seed] for seed in seeds] for variant in variants}
             for name in datasets}
 
