@@ -7,9 +7,9 @@ Four inputs:
   table     a CSV, TSV or Parquet table of image path and caption (column names by option, open_clip's defaults),
             e.g. an already-downloaded web-scale table; rows naming the same image become one image with all their
             captions.  Downloading from urls is img2dataset's job, whose shards the loader reads as they are.
-  openclipart, emoji
+  openclipart, emoji, openclipart-alt, emoji-alias
             real captioned images with known false negatives, built offline from Debian packages by the recipes
-            of fne_dist/data/recipes.py: train and test splits (by group), label = group id.
+            of fne_dist/data/recipes.py: train, val and test splits (by group), label = group id.
 
 Missing or undecodable images are skipped and listed in the manifest with the reason, never fatal.  Each shard is
 one task for the worker pool, so the output does not depend on the number of workers, and a shard is written
@@ -281,11 +281,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "openclipart-png openclipart-svg)")
     o.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
     e = sub.add_parser("emoji", help="Noto Color Emoji (apt-get install fonts-noto-color-emoji) with their names")
-    for q in (o, e):
+    oa = sub.add_parser("openclipart-alt", help="openclipart's drawings, captions phrased around the title by "
+                        "alt-text templates")
+    oa.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
+    ea = sub.add_parser("emoji-alias", help="the emoji, captions phrased around the tone-free name or an alias; "
+                        "skin-tone variants grouped")
+    for q in (o, e, oa, ea):
         q.add_argument("--test-fraction", type=float, default=0.2, help="share of images in test (default: "
                        "%(default)s; whole groups)")
+        q.add_argument("--val-fraction", type=float, default=0.1, help="share of images in val (default: "
+                       "%(default)s; whole groups; 0: no val split)")
         q.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
-    for q, shard_size in ((k, 1000), (t, 1000), (o, 250), (e, 250)):
+        q.add_argument("--thumbnails", help="folder caching the stored images, shared by sets of the same images "
+                       "(default: OUT/thumbnails)")
+    for q, shard_size in ((k, 1000), (t, 1000), (o, 250), (e, 250), (oa, 250), (ea, 250)):
         q.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
         q.add_argument("--shard-size", type=int, default=shard_size, help="images per shard (default: %(default)s)")
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -302,13 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = _file_source("karpathy", args.json, images=os.path.abspath(args.images), restval=args.restval,
                                   shard_size=args.shard_size)
         elif args.input in recipes.RECIPES:
-            extra = {"root": os.path.abspath(args.root)} if args.input == "openclipart" else {}
-            built = recipes.build(args.input, args.out, test_fraction=args.test_fraction, seed=args.seed,
-                                  workers=args.workers, **extra)
+            extra = {"root": os.path.abspath(args.root)} if hasattr(args, "root") else {}
+            built = recipes.build(args.input, args.out, test_fraction=args.test_fraction,
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                                  thumbnail_dir=args.thumbnails, **extra)
             items = recipe_items(built)
             source = {"builder": "fne-make-shards", "version": SOURCE_VERSION, "input": args.input,
-                      "shard_size": args.shard_size, **{k: built.summary[k] for k in ("seed", "test_fraction",
-                                                                                      "images", "groups")}, **extra}
+                      "shard_size": args.shard_size, **{k: built.summary[k] for k in (
+                          "seed", "test_fraction", "val_fraction", "images", "groups")}, **extra}
         else:
             items = table_items(args.table, image_column=args.image_column, caption_column=args.caption_column,
                                 split=args.split, image_root=args.image_root, id_column=args.id_column,
