@@ -102,3 +102,44 @@ def test_posterior_separation_scores_false_negatives(results, data):
     got = posterior_separation(run, data["tiny"][0], TINY.section("FNE eliminate").rule())
     assert got["prior_ratio"] == 100.0 and 0 <= got["auc_f"] <= 1
     assert 0 <= got["mean_f_true_negatives"] <= 1 and 0 <= got["false_negatives_f_over_half"] <= 1
+
+
+def test_feature_cache_computes_each_content_once(tmp_path):
+    from fne_dist.study.data import FeatureCache
+
+    calls = []
+
+    def reference(x):
+        return x.float().sum(1, keepdim=True).repeat(1, 3)
+
+    def compute(x):
+        calls.append(len(x))
+        return reference(x)
+
+    rows = torch.arange(24).reshape(8, 3)
+    cache = FeatureCache(tmp_path / "f.pt", "towers A")
+    first, computed = cache.get("image", rows[[0, 1, 1, 2]], compute)
+    assert computed == 3 and torch.equal(first, reference(rows[[0, 1, 1, 2]]))
+    cache.save()
+    again = FeatureCache(tmp_path / "f.pt", "towers A")
+    # the same images in other sets or orders are read back; only the new row is computed
+    features, computed = again.get("image", rows[[2, 5, 0]], compute)
+    assert computed == 1 and calls == [3, 1] and torch.equal(features, reference(rows[[2, 5, 0]]))
+    assert again.get("text", rows[:2], compute)[1] == 2  # texts are cached apart from images
+    assert FeatureCache(tmp_path / "f.pt", "towers B").get("image", rows[:1], compute)[1] == 1  # other towers
+
+
+def test_false_negatives_per_row_against_every_draw():
+    """The expected count over every set of `size` other pairs, by enumeration: pairs 0 and 1 share an image (not
+    a false negative of each other), groups {0, 1, 2} and {3, 4}, pair 5 alone."""
+    from itertools import combinations
+
+    from fne_dist.study.data import false_negatives_per_row
+
+    ids, groups = torch.tensor([7, 7, 8, 9, 10, 11]), torch.tensor([0, 0, 0, 1, 1, 2])
+    split = Split(torch.zeros(6, 1), torch.zeros(6, 1), ids, groups)
+    for size in (1, 2, 3, 5):
+        counts = [sum(int(groups[j] == groups[i] and ids[j] != ids[i]) for j in draw)
+                  for i in range(6) for draw in combinations([j for j in range(6) if j != i], size)]
+        assert false_negatives_per_row(split, size) == pytest.approx(sum(counts) / len(counts))
+    assert false_negatives_per_row(split, 100) == false_negatives_per_row(split, 5) == pytest.approx(6 / 6)

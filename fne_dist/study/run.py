@@ -179,7 +179,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=StudyBudget.epochs)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: %(default)s)")
     args = parser.parse_args(argv)
-    datasets = {name: load_features(name, Path(args.data)) for name in args.datasets}
+    features = {name: load_features(name, Path(args.data)) for name in args.datasets}
+    datasets = {name: (splits["train"], splits["test"]) for name, splits in features.items()}
     budget = replace(StudyBudget(), epochs=args.epochs)
     results = run_study(datasets, seeds=tuple(range(args.seeds)), budget=budget, jobs=args.jobs)
     write_report(results, datasets, budget, Path(args.out))
