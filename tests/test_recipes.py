@@ -101,6 +101,20 @@ def test_val_split_is_by_group_and_leaves_test_as_it_was():
         recipes.split_by_group(many, 0.5, 0, val_fraction=0.5)
 
 
+def test_cli_writes_train_val_test_and_shares_thumbnails(tmp_path, capsys):
+    thumbs = tmp_path / "thumbs"
+    assert ms.main(["openclipart-alt", "--root", str(DATA), "--out", str(tmp_path / "alt"), "--thumbnails",
+                    str(thumbs), "--test-fraction", "0.4", "--val-fraction", "0.2", "--workers", "1",
+                    "--quiet"]) == 0
+    rows = shard_rows(tmp_path / "alt")
+    assert sorted(rows) == ["test", "train", "val"] and sum(map(len, rows.values())) == 5
+    assert len(list((thumbs / "openclipart").glob("*.png"))) == 5 and not (tmp_path / "alt" / "thumbnails").exists()
+    assert ms.main(["emoji-alias", "--out", str(tmp_path / "bad"), "--val-fraction", "0.9", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fne-make-shards: error: --test-fraction 0.2 and --val-fraction 0.9 must be shares of the images: "
+                   "test in (0, 1), val at least 0, their sum below 1"]
+
+
 def test_openclipart_alt_phrases_titles_and_keeps_groups(tmp_path):
     thumbs = tmp_path / "thumbs"
     plain = recipes.build("openclipart", tmp_path / "a", test_fraction=0.4, seed=0, root=DATA, thumbnail_dir=thumbs)

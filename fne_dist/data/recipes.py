@@ -282,13 +282,17 @@ def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
     return [number.setdefault(find(i), len(number)) for i in range(len(records))]
 
 
+def check_fractions(test_fraction: float, val_fraction: float) -> None:
+    if not (0 < test_fraction < 1 and 0 <= val_fraction and test_fraction + val_fraction < 1):
+        raise ValueError(f"--test-fraction {test_fraction} and --val-fraction {val_fraction} must be shares of the "
+                         "images: test in (0, 1), val at least 0, their sum below 1")
+
+
 def split_by_group(groups: Sequence[int], test_fraction: float, seed: int, val_fraction: float = 0.0) -> list[str]:
     """"train", "val" or "test" per record: groups in a seeded random order go to test until it holds
     test_fraction of the records, then to val until it holds val_fraction, the rest to train, so that a group
     never straddles two splits (and the test split does not depend on val_fraction)."""
-    if not (0 < test_fraction < 1 and 0 <= val_fraction and test_fraction + val_fraction < 1):
-        raise ValueError(f"test_fraction={test_fraction} and val_fraction={val_fraction} must be shares of the "
-                         "images: test in (0, 1), val >= 0, their sum below 1")
+    check_fractions(test_fraction, val_fraction)
     sizes = Counter(groups)
     order = sorted(sizes)
     random.Random(f"fne-recipe-split/{seed}").shuffle(order)
@@ -312,6 +316,7 @@ def build(recipe: str, out_dir: str | Path, *, test_fraction: float = 0.2, val_f
           workers: int = 1, thumbnail_dir: str | Path | None = None, **recipe_args) -> Built:
     """Read the recipe's records, store their images under out_dir/thumbnails (or thumbnail_dir/<images>, which
     sets of the same images share), group and split them, and write out_dir/recipe.json with the counts."""
+    check_fractions(test_fraction, val_fraction)  # before the slow part
     records, dropped = RECIPES[recipe][0](**recipe_args)
     kind = RECIPES[recipe][1].__name__.removesuffix("_image")  # openclipart, emoji: whose pictures they are
     folder = Path(out_dir) / "thumbnails" if thumbnail_dir is None else Path(thumbnail_dir) / kind
