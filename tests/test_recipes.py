@@ -171,3 +171,6 @@ def test_emoji_alias_groups_tone_variants_under_tone_free_captions(tmp_path):
         fits = {t.format(x=p) for t in recipes.EMOJI_TEMPLATES for p in phrasings[name]}
         assert set(captions) <= fits and "skin tone" not in " ".join(captions)
     assert len({c for _, c, _, _ in rows}) == len(rows)  # the members of a group are phrased apart here
+    # 8 images, test 2.4 of them: a val share of 0.08 images ends before any whole group fits: no val split
+    assert sorted(recipes.build("emoji-alias", tmp_path, test_fraction=0.3, val_fraction=0.01, seed=0,
+                                chars=chars).splits) == ["test", "train"]

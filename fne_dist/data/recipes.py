@@ -283,6 +283,7 @@ def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
 
 
 def check_fractions(test_fraction: float, val_fraction: float) -> None:
+    """Refuse split shares that leave no test or no train images, naming the options that set them."""
     if not (0 < test_fraction < 1 and 0 <= val_fraction and test_fraction + val_fraction < 1):
         raise ValueError(f"--test-fraction {test_fraction} and --val-fraction {val_fraction} must be shares of the "
                          "images: test in (0, 1), val at least 0, their sum below 1")
@@ -330,6 +331,8 @@ def build(recipe: str, out_dir: str | Path, *, test_fraction: float = 0.2, val_f
     out: dict[str, list] = {"train": [], "val": [], "test": []} if val_fraction else {"train": [], "test": []}
     for (record, path, _), group, split in zip(kept, groups, splits):
         out[split].append((path, record.caption, stable_id(record.name), group))
+    if "val" in out and not out["val"]:
+        del out["val"]  # too few images for one group's worth: no empty split in the manifest
     sizes = Counter(groups)
     summary = {
         "recipe": recipe, "seed": seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
