@@ -319,7 +319,7 @@ def test_feature_cache_computes_each_content_once(tmp_path):
     assert FeatureCache(tmp_path / "f.pt", "towers B").get("image", rows[:1], compute)[1] == 1  # other towers
 
 
-def test_false_negatives_per_row_against_every_draw():
+def test_false_negative_density_against_every_draw():
     """Density x n is the expected count of false negatives among n other pairs drawn uniformly, by enumeration:
     pairs 0 and 1 share an image (not a false negative of each other), groups {0, 1, 2} and {3, 4}, pair 5 alone."""
     from itertools import combinations
