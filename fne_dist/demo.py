@@ -1,23 +1,28 @@
-"""`python -m fne_dist.demo` (what `make demo` runs): FNE against VSE++ on real handwritten digits, on 2 CPU ranks.
+"""`python -m fne_dist.demo` (what `make demo` runs): FNE against CLIP and VSE++ on real handwritten digits, on 2 CPU
+ranks.
 
 1. builds the digit shards (scikit-learn's bundled scans; several captions per image; class labels kept so that
    false negatives can be counted),
-2. trains three variants on the same budget with `configs/demo.yaml`, each as 2 gloo ranks under torchrun with
-   DeepSpeed: VSE++ hardest negatives for every epoch (the baseline), FNE with the released code's rule, and FNE
-   with the Bayes rule,
-3. prints one table: recall both ways, rsum, and the share of the negatives each variant trained on that were
-   false negatives (same digit class, another image) in the last epoch,
+2. trains four variants on the same budget with `configs/demo.yaml`, each as 2 gloo ranks under torchrun with
+   DeepSpeed: CLIP's in-batch InfoNCE (open_clip's ClipLoss) and VSE++ hardest negatives for every epoch (the
+   baselines), FNE with the released code's rule, and FNE with the Bayes rule,
+3. prints one table (and writes it with every metric to runs.csv): recall both ways, rsum, the group-aware rsum
+   (a hit: any image or caption of the query's digit class), and in the last epoch the share of the negatives
+   each variant trained on that were false negatives (same digit class, another image; CLIP picks none) and the
+   false negatives' share of what pushes negatives away (hinge values; CLIP: softmax mass),
 4. draws the positive and hardest-negative similarity distributions of the FNE model on the test images with the
    two Gaussians FNE fitted during training (PNG).
 
 From random weights the VSE++ warm-up epoch that the released code runs before FNE (it starts from pretrained
 towers) collapses the tiny model's embedding, so the demo config starts FNE at once (warmup_epochs=0).
-Extra key=value arguments override the config of all three runs (e.g. train.epochs=2 for a quick look).
+Extra key=value arguments override the config of all four runs (e.g. train.epochs=2 for a quick look).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,15 +38,17 @@ from fne_dist.data.digits import build_demo_shards
 from fne_dist.distributed import free_port
 from fne_dist.evaluate import embed
 from fne_dist.model import build_towers
+from fne_dist.retrieval import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
-COLUMNS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
+SHARES = {"FN share": "false_negative_share", "FN loss share": "false_negative_loss_share"}
 
 
 def variants(epochs: int) -> list[tuple[str, str, list[str]]]:
-    """(name, run folder, overrides): the same budget, only the negatives differ."""
-    return [("VSE++ (hardest negative)", "vsepp", ["fne.mode=official", f"fne.warmup_epochs={epochs}"]),
+    """(name, run folder, overrides): the same budget, only the objective differs."""
+    return [("CLIP InfoNCE", "clip", ["fne.objective=clip"]),
+            ("VSE++ (hardest negative)", "vsepp", ["fne.mode=official", f"fne.warmup_epochs={epochs}"]),
             ("FNE official", "fne-official", ["fne.mode=official"]),
             ("FNE bayes", "fne-bayes", ["fne.mode=bayes"])]
 
@@ -54,10 +61,14 @@ def train_variant(out_dir: Path, overrides: list[str]) -> None:
     subprocess.run(cmd, env=env, check=True, cwd=ROOT)
 
 
+def _share(value: float) -> str:
+    return "—" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
 def table(rows: dict[str, dict]) -> str:
-    header = ["variant", *COLUMNS, "FN share"]
-    lines = [[name, *(f"{r['eval'][c]:.2f}" for c in COLUMNS), f"{100 * r['fn_share']:.1f}%"]
-             for name, r in rows.items()]
+    header = ["variant", *COLUMNS, "group_rsum", *SHARES]
+    lines = [[name, *(f"{r['eval'][c]:.2f}" for c in (*COLUMNS, "group_rsum")),
+              *(_share(r[key]) for key in SHARES.values())] for name, r in rows.items()]
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in [header, *lines])
@@ -110,7 +121,7 @@ def plot_similarities(run_dir: Path, png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fne_dist.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="folder for shards, runs, table and plot")
-    parser.add_argument("overrides", nargs="*", help="config overrides for all three runs")
+    parser.add_argument("overrides", nargs="*", help="config overrides for all four runs")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -129,18 +140,27 @@ def main(argv: list[str] | None = None) -> int:
         train_variant(run_dir, [*data, *overrides, *args.overrides])
         summary = json.loads((run_dir / "summary.json").read_text())
         last = summary["epochs"][-1]
-        rows[name] = {"eval": summary["eval"], "fn_share": last["false_negative_share"], "dir": run_dir,
-                      "checkpoint": summary["checkpoint"]}
+        rows[name] = {"eval": summary["eval"], **{key: last.get(key, float("nan")) for key in SHARES.values()},
+                      "dir": run_dir, "checkpoint": summary["checkpoint"]}
 
     png = out / "similarities.png"
     plot_similarities(rows["FNE bayes"]["dir"], png)
     report = table(rows)
     (out / "table.txt").write_text(report + "\n")
+    with (out / "runs.csv").open("w", newline="") as f:
+        fields = ["variant", *rows["FNE bayes"]["eval"], *SHARES.values()]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({"variant": name, **r["eval"], **{k: r[k] for k in SHARES.values()}}
+                         for name, r in rows.items())
     test = manifest["splits"]["test"]
     print(f"\nTest split: {test['samples']} digit images, {test['pairs']} captions; {epochs} epochs each, "
           "2 CPU ranks (DeepSpeed, gloo).")
+    print("group_rsum: rsum where a hit is any image or caption of the query's digit class.")
     print("FN share: of the negatives each variant trained on in its last epoch, those showing the anchor's digit")
-    print("class in another image (VSE++: the hardest in-batch negative; FNE: the sampled negative).\n")
+    print("class in another image (VSE++: the hardest in-batch negative; FNE: the sampled negative; CLIP picks none).")
+    print("FN loss share: the false negatives' share of what pushes negatives away (hinge values; CLIP: softmax "
+          "mass).\n")
     print(report)
     official, bayes = rows["FNE official"], rows["FNE bayes"]
     if official["eval"] == bayes["eval"]:
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
               "Gaussians this close (see the plot), barely varies between\ncandidates, so the exponential race "
               "picks the same ones.")
     print(f"\ncheckpoints: {', '.join(str(r['checkpoint']) for r in rows.values())}")
-    print(f"plot: {png}\ntable: {out / 'table.txt'}\ntotal {time.time() - start:.0f} s")
+    print(f"plot: {png}\ntable: {out / 'table.txt'}, {out / 'runs.csv'}\ntotal {time.time() - start:.0f} s")
     return 0
 
 

@@ -48,10 +48,16 @@ def embed(model, eval_set, device, dtype=torch.float32) -> tuple[torch.Tensor, t
     return images, texts
 
 
+def eval_groups(eval_set) -> torch.Tensor | None:
+    """The images' groups for the group-aware recall: the shards' labels (a recipe's group id, a class), or None
+    where any image has none (-1)."""
+    return eval_set.labels if bool((eval_set.labels >= 0).all()) else None
+
+
 def evaluate(model, eval_set, device, dtype=torch.float32) -> dict[str, float]:
-    """R@1/5/10 both ways and rsum over the whole eval set."""
+    """R@1/5/10 both ways and rsum over the whole eval set, and the group-aware ones where it has labels."""
     images, texts = embed(model, eval_set, device, dtype)
-    return retrieval_metrics(images, texts, eval_set.text_to_image)
+    return retrieval_metrics(images, texts, eval_set.text_to_image, groups=eval_groups(eval_set))
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -87,7 +93,7 @@ def _main(argv: list[str] | None) -> int:
     eval_set = load_eval_set(cfg.data.val, preprocess=towers.preprocess_val, tokenizer=towers.tokenizer)
     check_protocol(args.protocol, len(eval_set.image_ids))
     images, texts = embed(towers.model, eval_set, device)
-    metrics = evaluate_protocol(images, texts, eval_set.text_to_image, args.protocol)
+    metrics = evaluate_protocol(images, texts, eval_set.text_to_image, args.protocol, eval_groups(eval_set))
     print(f"{tag_dir} on {cfg.data.val} ({args.protocol}; {len(eval_set.image_ids)} images, "
           f"{len(eval_set.text_to_image)} captions, {eval_set.skipped} bad members skipped)")
     print(format_table({args.protocol: metrics}))

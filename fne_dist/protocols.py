@@ -7,6 +7,7 @@
             each with all its captions), evaluated separately and averaged; this is the number most papers
             report as "COCO 1K"
 
+With the images' groups (the shards' labels), every protocol also reports the group-aware recall (`group_...`).
 The named protocols check the image count so that a wrong split (val for test, a partial set) cannot be reported
 under a standard name.
 """
@@ -15,19 +16,20 @@ from __future__ import annotations
 import torch
 
 from fne_dist.data.shards import DataError
-from fne_dist.retrieval import KS, retrieval_metrics
+from fne_dist.retrieval import COLUMNS, GROUP_COLUMNS, retrieval_metrics
 
 PROTOCOLS = ("full", "flickr1k", "coco5k", "coco1k")
 _SIZES = {"flickr1k": 1000, "coco5k": 5000, "coco1k": 5000}
 FOLD = 1000
-COLUMNS = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + ["rsum"]
 
 
-def folds(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, size: int):
-    """(image_emb, text_emb, text_to_image) of consecutive folds of `size` images with their captions."""
+def folds(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, size: int,
+          groups: torch.Tensor | None = None):
+    """(image_emb, text_emb, text_to_image, groups) of consecutive folds of `size` images with their captions."""
     for start in range(0, image_emb.shape[0], size):
         keep = (text_to_image >= start) & (text_to_image < start + size)
-        yield image_emb[start:start + size], text_emb[keep], text_to_image[keep] - start
+        yield (image_emb[start:start + size], text_emb[keep], text_to_image[keep] - start,
+               None if groups is None else groups[start:start + size])
 
 
 def check_protocol(protocol: str, n_images: int) -> None:
@@ -41,15 +43,17 @@ def check_protocol(protocol: str, n_images: int) -> None:
 
 
 def evaluate_protocol(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                      protocol: str) -> dict[str, float]:
-    """R@1/5/10 both ways and rsum (percent) under `protocol`, plus `images` and `texts` (the set's sizes)."""
+                      protocol: str, groups: torch.Tensor | None = None) -> dict[str, float]:
+    """R@1/5/10 both ways and rsum (percent) under `protocol`, plus `images` and `texts` (the set's sizes); with
+    `groups` (per image) the group-aware ones too (`retrieval_metrics`)."""
     n_images = image_emb.shape[0]
     check_protocol(protocol, n_images)
     if protocol == "coco1k":
-        parts = [retrieval_metrics(*fold) for fold in folds(image_emb, text_emb, text_to_image, FOLD)]
-        metrics = {k: sum(p[k] for p in parts) / len(parts) for k in COLUMNS}
+        parts = [retrieval_metrics(*fold[:3], groups=fold[3])
+                 for fold in folds(image_emb, text_emb, text_to_image, FOLD, groups)]
+        metrics = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
     else:
-        metrics = retrieval_metrics(image_emb, text_emb, text_to_image)
+        metrics = retrieval_metrics(image_emb, text_emb, text_to_image, groups=groups)
     return {**metrics, "images": n_images, "texts": text_emb.shape[0]}
 
 
@@ -57,8 +61,9 @@ def format_table(results: dict[str, dict]) -> str:
     """Plain-text table, one row per named result (e.g. per protocol or per checkpoint)."""
     if not all(isinstance(r, dict) for r in results.values()):
         raise TypeError("format_table takes {name: metrics}, e.g. format_table({'coco1k': evaluate_protocol(...)})")
-    header = ["", "images", "texts"] + COLUMNS
-    rows = [[name, str(r["images"]), str(r["texts"])] + [f"{r[c]:.2f}" for c in COLUMNS]
+    columns = [c for c in (*COLUMNS, *GROUP_COLUMNS) if all(c in r for r in results.values())]
+    header = ["", "images", "texts"] + columns
+    rows = [[name, str(r["images"]), str(r["texts"])] + [f"{r[c]:.2f}" for c in columns]
             for name, r in results.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))

@@ -68,3 +68,17 @@ def test_a_tie_with_one_other_item_costs_one_rank():
     assert metrics["t2i_R@1"] == 0.0 and metrics["t2i_R@5"] == 100.0
     # image 0: its caption t0 scores 1, alone at the top -> hit; image 1: t0 (not its own) scores above t1 -> miss
     assert metrics["i2t_R@1"] == 50.0
+
+
+def test_labels_give_the_group_aware_recall(monkeypatch):
+    """Where every image has a label (images 0 and 2 one group), evaluate adds the group-aware keys; without labels
+    (-1) it reports the exact ones alone."""
+    monkeypatch.setattr(ev, "EVAL_BATCH", 2)
+    labelled = eval_set()
+    labelled.labels = torch.tensor([7, 8, 7])
+    metrics = ev.evaluate(TableModel(), labelled, torch.device("cpu"))
+    exact = ev.evaluate(TableModel(), eval_set(), torch.device("cpu"))
+    assert {k: metrics[k] for k in exact} == exact and not any(k.startswith("group_") for k in exact)
+    # text->image: t4 (image 2) finds image 0 first, of its group: now a hit; t1 and t2 still miss
+    assert abs(metrics["group_t2i_R@1"] - 60.0) < 1e-4 and abs(exact["t2i_R@1"] - 40.0) < 1e-4
+    assert abs(metrics["group_i2t_R@1"] - 200 / 3) < 1e-4

@@ -38,6 +38,19 @@ def test_coco1k_five_fold_known_recall():
     assert r["rsum"] == pytest.approx(540.0) and (r["images"], r["texts"]) == (5000, 10000)
 
 
+def test_coco1k_group_aware_per_fold():
+    """The bad images of a fold as one group (each fold its own): a bad caption's group holds the image it points
+    at and a bad image's group the captions pointing at it, so the group-aware recall is perfect in every fold."""
+    images, texts, owner = five_folds()
+    local = torch.arange(5000) % 1000
+    fold = torch.arange(5000) // 1000
+    groups = torch.where(local < 100 * (fold + 1), fold, 10 + torch.arange(5000))
+    r = evaluate_protocol(images, texts, owner, "coco1k", groups=groups)
+    assert r["rsum"] == pytest.approx(540.0)  # the exact keys as without groups
+    assert r["group_i2t_R@1"] == r["group_t2i_R@1"] == pytest.approx(100.0)
+    assert r["group_rsum"] == pytest.approx(600.0)
+
+
 def test_named_protocols_check_the_split_size():
     images, texts, owner = torch.eye(4), torch.eye(4), torch.arange(4)
     r = evaluate_protocol(images, texts, owner, "full")
@@ -58,3 +71,6 @@ def test_format_table():
     assert header.split() == ["images", "texts", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
                               "rsum"]
     assert row.split() == ["full", "4", "4"] + ["100.00"] * 6 + ["600.00"]
+    grouped = format_table({"full": evaluate_protocol(images, texts, owner, "full", groups=torch.arange(4))})
+    assert grouped.splitlines()[0].split()[-7:] == ["group_i2t_R@1", "group_i2t_R@5", "group_i2t_R@10",
+                                                   "group_t2i_R@1", "group_t2i_R@5", "group_t2i_R@10", "group_rsum"]

@@ -68,10 +68,12 @@ def test_settings_are_chosen_on_validation_and_every_point_is_recorded(results):
     grid = [r for r in results.grid if r["objective"] == "FNE eliminate"]
     assert [(r["settings"], r["seed"]) for r in grid] == [
         ("prior_ratio=10", 0), ("prior_ratio=10", 1), ("prior_ratio=1000", 0), ("prior_ratio=1000", 1)]
-    mean = {s: sum(r["rsum"] for r in grid if r["settings"] == s) / 2 for s in ("prior_ratio=10", "prior_ratio=1000")}
+    # the study's splits carry groups: the choice is by the group-aware rsum
+    mean = {s: sum(r["group_rsum"] for r in grid if r["settings"] == s) / 2
+            for s in ("prior_ratio=10", "prior_ratio=1000")}
     best = max(mean, key=lambda s: (mean[s], s == "prior_ratio=10"))
     assert [r["settings"] for r in grid if r["chosen"]] == [best, best]
-    assert all(r["selected_by"] == "rsum" for r in results.grid)
+    assert all(r["selected_by"] == "group_rsum" for r in results.grid)
     runs = results.runs["tiny"]["FNE eliminate"]
     assert all(f"prior_ratio={run.cfg.prior_ratio:g}" == best for run in runs)
     # a grid of one point is still recorded, on validation
@@ -312,3 +314,64 @@ def test_study_on_anyones_shards_end_to_end(tmp_path, capsys):
     assert study.main(["--shards", str(tmp_path / "img"), "--variants", "VSE++"]) == 2  # nothing swept by default
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m fne_dist.study: error:") and "no manifest.json" in err[0]
+
+
+def test_feature_cache_computes_each_content_once(tmp_path):
+    from fne_dist.study.data import FeatureCache
+
+    calls = []
+
+    def reference(x):
+        return x.float().sum(1, keepdim=True).repeat(1, 3)
+
+    def compute(x):
+        calls.append(len(x))
+        return reference(x)
+
+    rows = torch.arange(24).reshape(8, 3)
+    cache = FeatureCache(tmp_path / "f.pt", "towers A")
+    first, computed = cache.get("image", rows[[0, 1, 1, 2]], compute)
+    assert computed == 3 and torch.equal(first, reference(rows[[0, 1, 1, 2]]))
+    cache.save()
+    again = FeatureCache(tmp_path / "f.pt", "towers A")
+    # the same images in other sets or orders are read back; only the new row is computed
+    features, computed = again.get("image", rows[[2, 5, 0]], compute)
+    assert computed == 1 and calls == [3, 1] and torch.equal(features, reference(rows[[2, 5, 0]]))
+    assert again.get("text", rows[:2], compute)[1] == 2  # texts are cached apart from images
+    assert FeatureCache(tmp_path / "f.pt", "towers B").get("image", rows[:1], compute)[1] == 1  # other towers
+
+
+def test_false_negative_density_against_every_draw():
+    """Density x n is the expected count of false negatives among n other pairs drawn uniformly, by enumeration:
+    pairs 0 and 1 share an image (not a false negative of each other), groups {0, 1, 2} and {3, 4}, pair 5 alone."""
+    from itertools import combinations
+
+    ids, groups = torch.tensor([7, 7, 8, 9, 10, 11]), torch.tensor([0, 0, 0, 1, 1, 2])
+    split = Split(torch.zeros(6, 1), torch.zeros(6, 1), ids, groups)
+    for size in (1, 2, 3, 5):
+        counts = [sum(int(groups[j] == groups[i] and ids[j] != ids[i]) for j in draw)
+                  for i in range(6) for draw in combinations([j for j in range(6) if j != i], size)]
+        assert false_negative_density(split) * size == pytest.approx(sum(counts) / len(counts))
+
+
+def test_the_study_scores_the_group_aware_recall_and_pairs_it_with_clip(results, data):
+    """evaluate_heads reports group_rsum beside rsum (equal where every group is one image, at least rsum where
+    groups are larger), and the table gives its paired difference from CLIP."""
+    heads = results.runs["tiny"]["CLIP InfoNCE"][0].heads
+    test = data["tiny"]["test"]
+    grouped = study.evaluate_heads(heads, test)
+    alone = study.evaluate_heads(heads, replace(test, groups=test.ids))
+    assert alone["group_rsum"] == alone["rsum"] == grouped["rsum"] and grouped["group_rsum"] > grouped["rsum"]
+    rows = summary_rows(results.runs)
+    assert all(math.isfinite(r["d_group_rsum"]) for r in rows) and "Δ group_rsum vs CLIP" in markdown_table(rows)
+
+
+def test_every_study_set_is_a_recipe_built_with_a_val_split():
+    from fne_dist.data import recipes
+    from fne_dist.data.make_shards import parse_args
+    from fne_dist.study.data import DATASETS
+
+    assert DATASETS == ("openclipart", "emoji", "openclipart-alt", "emoji-alias")
+    for name in DATASETS:
+        args = parse_args([name, "--out", "unused"])
+        assert name in recipes.RECIPES and 0 < args.val_fraction and 0 < args.test_fraction

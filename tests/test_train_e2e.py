@@ -167,10 +167,12 @@ def test_corrupt_member_is_skipped_and_counted_across_a_resume(runs):
 def test_evaluation_runs_on_both_ranks_and_fne_eval_reads_the_checkpoint(runs, tmp_path):
     evals = metrics_log.read(runs["base"] / "A" / "metrics.jsonl", "eval")
     assert evals and all(0 <= e["i2t_R@1"] <= 100 for e in evals)
+    assert all(e["rsum"] <= e["group_rsum"] <= 600 for e in evals)  # labelled digits: the group-aware recall too
     out = tmp_path / "eval.json"
     assert fne_eval(["--checkpoint", str(runs["base"] / "A"), "--json", str(out)]) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert metrics["images"] == 200 and metrics["texts"] == 600 and 0 <= metrics["rsum"] <= 600
+    assert metrics["rsum"] <= metrics["group_rsum"] <= 600
 
 
 def test_incompatible_resume_is_refused(runs):

@@ -10,9 +10,9 @@ Four inputs:
             itself), seeded, into train / val / test, so that no group straddles two splits; an image's label is
             its group unless a label column is given.  Downloading from urls is img2dataset's job, whose shards
             the loader reads as they are.
-  openclipart, emoji
+  openclipart, emoji, openclipart-alt, emoji-alias
             real captioned images with known false negatives, built offline from Debian packages by the recipes
-            of fne_dist/data/recipes.py: train and test splits (by group), label = group id.
+            of fne_dist/data/recipes.py: train, val and test splits (by group), label = group id.
 
 Transparent images (RGBA, LA, palettes with transparency) are composited onto `--background` (white by default)
 and stored as PNG.  Missing or undecodable images are skipped and listed in the manifest with the reason, never
@@ -131,6 +131,7 @@ def table_items(table_path: str | Path, *, image_column: str, caption_column: st
                   group if label_column is None else _as_int(entry["label"], label_column, table_path), group)
              for (path, entry), group in zip(grouped.items(), groups)]
     fractions = {name: f for name, f in (("test", test), ("val", val)) if f}
+    recipes.check_fractions(fractions, "--{}")
     if not fractions:
         return {split: items}
     where = recipes.split_by_group(groups, fractions, seed)
@@ -335,11 +336,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        "openclipart-png openclipart-svg)")
     o.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
     e = sub.add_parser("emoji", help="Noto Color Emoji (apt-get install fonts-noto-color-emoji) with their names")
-    for q in (o, e):
+    oa = sub.add_parser("openclipart-alt", help="openclipart's drawings, captions phrased around the title by "
+                        "alt-text templates")
+    oa.add_argument("--root", default=recipes.OPENCLIPART_ROOT, help="the packages' folder (default: %(default)s)")
+    ea = sub.add_parser("emoji-alias", help="the emoji, captions phrased around the tone-free name or an alias; "
+                        "skin-tone variants grouped")
+    for q in (o, e, oa, ea):
         q.add_argument("--test-fraction", type=float, default=0.2, help="share of images in test (default: "
                        "%(default)s; whole groups)")
+        q.add_argument("--val-fraction", type=float, default=0.1, help="share of images in val (default: "
+                       "%(default)s; whole groups; 0: no val split)")
         q.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
-    for q, shard_size in ((k, 1000), (t, 1000), (o, 250), (e, 250)):
+        q.add_argument("--thumbnails", help="folder caching the stored images, shared by sets of the same images "
+                       "(default: OUT/thumbnails)")
+    for q, shard_size in ((k, 1000), (t, 1000), (o, 250), (e, 250), (oa, 250), (ea, 250)):
         q.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
         q.add_argument("--shard-size", type=int, default=shard_size, help="images per shard (default: %(default)s)")
         q.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -372,16 +382,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             source = _file_source("karpathy", args.json, images=os.path.abspath(args.images), restval=args.restval,
                                   shard_size=args.shard_size, background=list(args.background))
         elif args.input in recipes.RECIPES:
-            root = {"root": os.path.abspath(args.root)} if args.input == "openclipart" else {}
-            built = recipes.build(args.input, args.out, test_fraction=args.test_fraction, seed=args.seed,
-                                  workers=args.workers, background=args.background, **root)
+            root = {"root": os.path.abspath(args.root)} if hasattr(args, "root") else {}
+            built = recipes.build(args.input, args.out, test_fraction=args.test_fraction,
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                                  thumbnail_dir=args.thumbnails, background=args.background, **root)
             items = recipe_items(built)
             # the background is recorded only when not white, so that folders built before the option stay valid
             background = {} if args.background == WHITE else {"background": list(args.background)}
             source = {"builder": "fne-make-shards", "version": SOURCE_VERSION, "input": args.input,
-                      "shard_size": args.shard_size, **{k: built.summary[k] for k in ("seed", "test_fraction",
-                                                                                      "images", "groups")},
-                      **root, **background}
+                      "shard_size": args.shard_size, **{k: built.summary[k] for k in (
+                          "seed", "test_fraction", "val_fraction", "images", "groups")}, **root, **background}
         else:
             settings = dict(image_column=args.image_column, caption_column=args.caption_column,
                             id_column=args.id_column, label_column=args.label_column, group_column=args.group_column,

@@ -1,5 +1,6 @@
 """Real captioned images that install offline, with known false negatives: Debian's openclipart drawings (human
-titles) and the Noto color emoji (Unicode names).  `fne-make-shards openclipart|emoji --out DIR` builds them.
+titles) and the Noto color emoji (Unicode names).  `fne-make-shards openclipart|emoji|openclipart-alt|emoji-alias
+--out DIR` builds them.
 
 openclipart (public domain; Debian packages openclipart-png + openclipart-svg): every PNG under
 /usr/share/openclipart/png, symlinks resolved to unique files, paired with the SVG of the same relative path, whose
@@ -12,16 +13,29 @@ emoji (Noto Color Emoji: SIL OFL 1.1; names from the `emoji` package, BSD): ever
 font draws as one glyph, rendered by Pillow at the font's bitmap size 109 (embedded color) onto white; the caption
 is its English name ("thumbs up medium skin tone", "flag Japan").
 
+Both are the identical-caption case: group members carry the same text.  Two sets phrase the same images so
+that group members carry different captions that fit each other (paraphrases, as web alt-text varies):
+
+openclipart-alt: each drawing's caption is one of ALT_TEMPLATES around its title ("a drawing of {x}", "{x} clip
+art", "{x}, vector illustration", ...), drawn per drawing with a fixed seed (`phrased`); groups as openclipart.
+
+emoji-alias: each emoji's caption names it without its skin tone, phrased as one of EMOJI_TEMPLATES ("{x} emoji",
+"an emoji of {x}", ...) around its tone-free name or one of the `emoji` package's aliases of it (GitHub/Slack
+shortcodes in words, letters only: "thumbsup", "point up"); a group is an emoji and its skin-tone variants.
+
 Groups define false negatives: two images of one group are different images that a caption of either fits.  For
 openclipart a group is the drawings whose titles are the same text (case and spacing aside: the MiniLM tokenizer
-is uncased); for emoji the skin-tone variants of one emoji (the sequence without its skin-tone modifiers).  In both,
-images whose stored pixels are identical join one group too.  Every image's `label` in the shards is its group
-id (singletons included), which is what the trainer compares to count sampled false negatives.
+is uncased); for emoji, whose captions name the skin tone, the emoji whose names are the same text; for
+emoji-alias an emoji and its skin-tone variants (the sequence without skin-tone modifiers and without U+FE0F, which
+a base emoji such as "☝️" carries and its toned variants do not).  In all, images whose stored pixels are identical
+join one group too.  Every image's `label` in the shards is its group id (singletons included), which is what the
+trainer compares to count sampled false negatives and the group-aware recall counts as hits.
 
-Splits are by group (seeded): a group lies wholly in train or wholly in test, so no test image has a
+Splits are by group (seeded): a group lies wholly in one of train, val and test, so no held-out image has a
 false-negative twin in train.  Images are stored as PNG squares (the picture fit inside, centred on white):
-224 x 224 for openclipart, the emoji's own 136 x 136.  They are cached in OUT/thumbnails once, and OUT/recipe.json
-records what was kept, dropped (and why) and the counts.
+224 x 224 for openclipart, the emoji's own 136 x 136.  They are cached once in a thumbnails folder (OUT/thumbnails
+unless given; sets of the same images can share one), and OUT/recipe.json records what was kept, dropped (and why)
+and the counts.
 """
 from __future__ import annotations
 
@@ -36,7 +50,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -56,6 +70,13 @@ MAX_PIXELS = 250_000_000
 BOILERPLATE = re.compile(r"^part of the flat icon collection|^clipart by |\btheme\b|iconset|icon-theme", re.I)
 MAX_TITLE_SHARE = 16  # a title on more drawings ("gramastar", "card", "AIGA_Symbol_Signs") names a collection
 SKIN_TONES = re.compile("[\U0001F3FB-\U0001F3FF]")
+TONE_NAME = re.compile(r",? (?:medium-light|medium-dark|medium|light|dark) skin tone")  # as the package names them
+VARIATION_SELECTOR = "\uFE0F"
+ALT_TEMPLATES = ("a drawing of {x}", "{x} clip art", "{x}, vector illustration", "an illustration of {x}",
+                 "{x}", "a picture of {x}", "clipart of {x}", "{x} (drawing)", "a simple graphic of {x}",
+                 "cartoon {x}")
+EMOJI_TEMPLATES = ("{x}", "{x} emoji", "an emoji of {x}", "the {x} emoji", "{x} icon", "a small picture of {x}",
+                   "emoji: {x}", "{x} symbol", "a pictogram of {x}", "{x}, as an emoji")
 FLAG = re.compile("[\U0001F1E6-\U0001F1FF\U000E0020-\U000E007F]")  # regional indicators, tag letters
 
 
@@ -67,6 +88,13 @@ class Record:
     source: str  # the PNG file, or the font to render the emoji with
     caption: str
     group_key: str  # equal keys: the same group
+
+
+def phrased(record: Record, templates: Sequence[str], phrases: Sequence[str]) -> Record:
+    """The record captioned by one of `templates` around one of `phrases`, drawn with a seed of its own name, so
+    every image keeps its caption whatever the set's order or split seed."""
+    rng = random.Random(f"fne-recipe-caption/{record.name}")
+    return replace(record, caption=rng.choice(templates).format(x=rng.choice(phrases)))
 
 
 # ---------------------------------------------------------------- openclipart
@@ -111,6 +139,12 @@ def openclipart_records(root: str | Path = OPENCLIPART_ROOT) -> tuple[list[Recor
     return records, dropped
 
 
+def openclipart_alt_records(root: str | Path = OPENCLIPART_ROOT) -> tuple[list[Record], Counter]:
+    """openclipart's drawings, each captioned by one of ALT_TEMPLATES around its title."""
+    records, dropped = openclipart_records(root)
+    return [phrased(r, ALT_TEMPLATES, (r.caption,)) for r in records], dropped
+
+
 @contextmanager
 def _pixel_limit(limit: int):
     old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
@@ -140,7 +174,7 @@ def openclipart_image(record: Record, background: tuple[int, int, int] = WHITE) 
 
 def emoji_records(font: str = EMOJI_FONT, chars: Sequence[str] | None = None) -> tuple[list[Record], Counter]:
     """Every fully-qualified emoji (sorted; or those of `chars`) that the font draws as one glyph, named by the
-    `emoji` package; grouped by the sequence without skin-tone modifiers."""
+    `emoji` package; grouped by name (a name gives the skin tone: variants are told apart by their captions)."""
     import emoji
 
     if not Path(font).is_file():
@@ -157,8 +191,31 @@ def emoji_records(font: str = EMOJI_FONT, chars: Sequence[str] | None = None) ->
             continue
         name = " ".join(data["en"].strip(":").replace("_", " ").split())
         name = f"flag {name}" if FLAG.search(char) else name  # the package names flags by country alone
-        records.append(Record(char, font, name, SKIN_TONES.sub("", char)))
+        records.append(Record(char, font, name, name.casefold()))
     return records, dropped
+
+
+def tone_free(char: str) -> str:
+    """The emoji's sequence without skin-tone modifiers and variation selectors: the key of it and its variants."""
+    return SKIN_TONES.sub("", char).replace(VARIATION_SELECTOR, "")
+
+
+def emoji_alias_records(font: str = EMOJI_FONT, chars: Sequence[str] | None = None) -> tuple[list[Record], Counter]:
+    """The emoji of `emoji_records`, each captioned by one of EMOJI_TEMPLATES around its tone-free name or an
+    alias of it, and grouped with its skin-tone variants."""
+    import emoji
+
+    records, dropped = emoji_records(font, chars)
+    aliases: dict[str, set[str]] = {}
+    for char, data in emoji.EMOJI_DATA.items():
+        words = (" ".join(a.strip(":").replace("_", " ").split()) for a in data.get("alias", ()))
+        aliases.setdefault(tone_free(char), set()).update(w for w in words if re.fullmatch("[a-zA-Z ]+", w))
+    out = []
+    for r in records:
+        name = TONE_NAME.sub("", r.caption)
+        phrases = (name, *sorted(aliases.get(tone_free(r.name), set()) - {name}))
+        out.append(phrased(replace(r, group_key=tone_free(r.name)), EMOJI_TEMPLATES, phrases))
+    return out, dropped
 
 
 def emoji_image(record: Record, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -171,6 +228,8 @@ def emoji_image(record: Record, background: tuple[int, int, int] = WHITE) -> Ima
 RECIPES: dict[str, tuple[Callable[..., tuple[list[Record], Counter]], Callable[[Record], Image.Image]]] = {
     "openclipart": (openclipart_records, openclipart_image),
     "emoji": (emoji_records, emoji_image),
+    "openclipart-alt": (openclipart_alt_records, openclipart_image),
+    "emoji-alias": (emoji_alias_records, emoji_image),
 }
 
 
@@ -230,13 +289,20 @@ def group_ids(records: Sequence[Record], digests: Sequence[str]) -> list[int]:
     return join_groups([(("group", r.group_key), ("pixels", d)) for r, d in zip(records, digests)])
 
 
+def check_fractions(fractions: dict[str, float], option: str = "{}") -> None:
+    """Refuse split shares ({split: share of the items}) that leave a split or train empty, naming each share by
+    its command-line option (`option` with the split's name in it), so that a command refuses before slow work."""
+    if not all(f > 0 for f in fractions.values()) or sum(fractions.values()) >= 1:
+        given = " and ".join(f"{option.format(split)} {f}" for split, f in fractions.items())
+        raise ValueError(f"split fractions {given} must be positive and sum to less than 1 (the rest is train)")
+
+
 def split_by_group(groups: Sequence[int], fractions: float | dict[str, float], seed: int) -> list[str]:
     """The split of each item: groups in a seeded random order fill "test", then the other splits of `fractions`
     ({split: share of the items}; a number is test's share) in turn until each holds its share; the rest is
-    "train".  A group never straddles two splits."""
+    "train".  A group never straddles two splits, and the test split does not depend on the others' shares."""
     fractions = {"test": fractions} if isinstance(fractions, (int, float)) else fractions
-    if not all(f > 0 for f in fractions.values()) or sum(fractions.values()) >= 1:
-        raise ValueError(f"split fractions {fractions} must be positive and sum to less than 1")
+    check_fractions(fractions)
     sizes = Counter(groups)
     order = sorted(sizes)
     random.Random(f"fne-recipe-split/{seed}").shuffle(order)
@@ -257,30 +323,39 @@ class Built:
     summary: dict
 
 
-def build(recipe: str, out_dir: str | Path, *, test_fraction: float = 0.2, seed: int = 0, workers: int = 1,
-          background: tuple[int, int, int] = WHITE, **recipe_args) -> Built:
-    """Read the recipe's records, store their images (transparency on `background`) under out_dir/thumbnails,
-    group and split them, and write out_dir/recipe.json with the counts."""
+def build(recipe: str, out_dir: str | Path, *, test_fraction: float = 0.2, val_fraction: float = 0.0, seed: int = 0,
+          workers: int = 1, thumbnail_dir: str | Path | None = None, background: tuple[int, int, int] = WHITE,
+          **recipe_args) -> Built:
+    """Read the recipe's records, store their images (transparency on `background`) under out_dir/thumbnails (or
+    thumbnail_dir/<images>, which sets of the same images share), group and split them (val_fraction 0: no val
+    split), and write out_dir/recipe.json with the counts."""
+    fractions = {"test": test_fraction, **({"val": val_fraction} if val_fraction else {})}
+    check_fractions(fractions, "--{}-fraction")  # before the slow part
     records, dropped = RECIPES[recipe][0](**recipe_args)
-    made = thumbnails(recipe, records, Path(out_dir) / "thumbnails", workers, background)
+    kind = RECIPES[recipe][1].__name__.removesuffix("_image")  # openclipart, emoji: whose pictures they are
+    folder = Path(out_dir) / "thumbnails" if thumbnail_dir is None else Path(thumbnail_dir) / kind
+    made = thumbnails(recipe, records, folder, workers, background)
     for (path, why), record in zip(made, records):
         if not path:
             dropped[why.split(":")[0]] += 1
     kept = [(r, path, digest) for r, (path, digest) in zip(records, made) if path]
     groups = group_ids([r for r, _, _ in kept], [d for _, _, d in kept])
-    splits = split_by_group(groups, test_fraction, seed)
-    out: dict[str, list] = {"train": [], "test": []}
+    splits = split_by_group(groups, fractions, seed)
+    out: dict[str, list] = {"train": [], **{split: [] for split in ("val", "test") if split in fractions}}
     for (record, path, _), group, split in zip(kept, groups, splits):
         out[split].append((path, record.caption, stable_id(record.name), group))
+    if "val" in out and not out["val"]:
+        del out["val"]  # too few images for one group's worth: no empty split in the manifest
     sizes = Counter(groups)
     summary = {
-        "recipe": recipe, "seed": seed, "test_fraction": test_fraction,
+        "recipe": recipe, "seed": seed, "test_fraction": test_fraction, "val_fraction": val_fraction,
         "images": len(kept), "distinct_captions": len({r.caption for r, _, _ in kept}), "groups": len(sizes),
         "images_in_groups_over_1": sum(n for n in sizes.values() if n > 1),
         "groups_over_1": sum(1 for n in sizes.values() if n > 1),
-        "train": len(out["train"]), "test": len(out["test"]),
+        **{split: len(rows) for split, rows in out.items()},
         "dropped": dict(sorted(dropped.items())),
         "unreadable": [r.name for r, (path, _) in zip(records, made) if not path],
     }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "recipe.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
     return Built(out, summary)

@@ -47,7 +47,8 @@ from fne_dist.objective import Objective
 from fne_dist.objectives import objective_class
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.retrieval import retrieval_metrics
-from fne_dist.study.data import DATASETS, Split, false_negative_density, load_features, shard_features
+from fne_dist.study.data import (CACHE_FILE, DATASETS, Split, false_negative_density, load_features,
+                                 shard_features)
 from fne_dist.study.report import ORACLE, SWEEP, settings_text, write_report
 
 # name -> the fne section's objective settings; everything else is StudyBudget's and shared by all
@@ -206,10 +207,10 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
 
 @torch.no_grad()
 def evaluate_heads(heads: Heads, split: Split) -> dict:
-    """R@1/5/10 both ways and rsum on a split (every caption, every distinct image)."""
+    """R@1/5/10 both ways and rsum on a split (every caption, every distinct image), exact and group-aware."""
     image_rows, text_to_image = split.eval_images()
     image_emb, text_emb, _ = heads(split.image[image_rows], split.text)
-    return retrieval_metrics(image_emb, text_emb, text_to_image)
+    return retrieval_metrics(image_emb, text_emb, text_to_image, groups=split.groups[image_rows])
 
 
 def selection_metric(metrics: dict) -> str:
@@ -327,7 +328,7 @@ def main(argv=None) -> int:
         sweep = [name for name in SWEPT if name in args.variants] if args.sweep is None else args.sweep
         variants = study_variants(args.variants, args.oracle, sweep, args.fn_per_row)
         if args.shards:
-            datasets = {d.name: shard_features(d, Path(args.data) / f"features-{d.name}.pt") for d in args.shards}
+            datasets = {d.name: shard_features(d, Path(args.data) / CACHE_FILE) for d in args.shards}
         else:
             datasets = {name: load_features(name, Path(args.data)) for name in args.datasets}
         budget = replace(StudyBudget(), epochs=args.epochs, batch_size=args.batch_size)
