@@ -268,7 +268,7 @@ def test_online_keys_are_the_online_features_detached(name, monkeypatch):
             ia, ta, ids, labels = step_features(step)
             scale = torch.tensor([1 / 0.07], requires_grad=True)
             out = obj.loss(ia, ta, *keys(ia, ta), ids, labels, step=step, rank=0, warmup=False,
-                           logit_scale=scale if obj.scaled else None)
+                           logit_scale=scale if obj.scaled else None, epoch=1)  # clip_queue's memory term on
             inputs = (ia, ta, scale) if obj.scaled else (ia, ta)
             results.append((out, torch.autograd.grad(out.loss, inputs)))
             obj.commit(out)

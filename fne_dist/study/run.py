@@ -63,11 +63,23 @@ VARIANTS = {
     "posterior InfoNCE": dict(objective="posterior_infonce"),
     # the same loss with the posterior off (a false negative's prior ~0, so 1 - f = 1): what the posterior adds
     "buffer InfoNCE (posterior off)": dict(objective="posterior_infonce", prior_ratio=1e30),
+    # CLIP + memory: CLIP unchanged plus InfoNCE against the queue, XBM-style (posterior off) and with FNE's posterior
+    "CLIP + memory": dict(objective="clip_queue", prior_ratio=1e30),
+    "CLIP + memory, posterior": dict(objective="clip_queue"),
+    "CLIP + memory, calibrated": dict(objective="clip_queue", neg_fit="all", prior_fit=True),
+    "posterior soft targets": dict(objective="soft_clip"),
+    "posterior soft targets, calibrated": dict(objective="soft_clip", neg_fit="all", prior_fit=True),
+    "posterior InfoNCE, calibrated": dict(objective="posterior_infonce", neg_fit="all", prior_fit=True),
 }
 # name -> {setting: values tried on validation} (fne section fields, or "lr"); a variant not named has one point
 PRIOR_RATIOS = (10.0, 100.0, 1000.0)
-GRIDS = {name: {"prior_ratio": PRIOR_RATIOS}
-         for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")}
+GRIDS = {**{name: {"prior_ratio": PRIOR_RATIOS}
+            for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")},
+         "CLIP + memory": {"queue_weight": (0.25, 0.5, 1.0)},
+         "CLIP + memory, posterior": {"queue_weight": (0.25, 0.5, 1.0), "prior_ratio": PRIOR_RATIOS},
+         "CLIP + memory, calibrated": {"queue_weight": (0.25, 0.5, 1.0)},
+         "posterior soft targets": {"soft_alpha": (0.2, 0.4, 0.6), "prior_ratio": PRIOR_RATIOS},
+         "posterior soft targets, calibrated": {"soft_alpha": (0.2, 0.4, 0.6)}}
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
 SWEPT = ("posterior InfoNCE",)  # what `python -m fne_dist.study` sweeps unless told
 
@@ -189,7 +201,8 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
                 with torch.no_grad():
                     ik, tk, _ = momentum_heads(image, text)
             ia, ta, scale = heads(image, text)
-            out = objective.loss(ia, ta, ik, tk, ids, groups, step=step, rank=0, warmup=warmup, logit_scale=scale)
+            out = objective.loss(ia, ta, ik, tk, ids, groups, step=step, rank=0, warmup=warmup, logit_scale=scale,
+                                 epoch=epoch)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
