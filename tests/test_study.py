@@ -248,10 +248,10 @@ def test_online_keys_run_without_momentum_heads(data, monkeypatch):
 
     monkeypatch.setattr(study, "momentum_update", forbidden)
     monkeypatch.setattr(study.Objective, "loss", spy)
-    train, test = data["tiny"]
-    run = train_heads(train, test, "FNE bayes", 0, replace(TINY, fne={**TINY.fne, "keys": "online"}))
+    run = train_heads(data["tiny"]["train"], {**VARIANTS["FNE bayes"], "keys": "online"}, 0, TINY)
     assert len(keys) == 3 * 3 and all(k == (None, None, "online") for k in keys)  # 3 epochs of 3 steps
-    assert math.isfinite(run.metrics["rsum"]) and run.history[-1]["mean_survivors"] > 0
+    metrics = study.evaluate_heads(run.heads, data["tiny"]["test"])
+    assert math.isfinite(metrics["rsum"]) and run.history[-1]["mean_survivors"] > 0
 
 
 def test_posterior_separation_scores_false_negatives(results, data):
