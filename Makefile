@@ -31,7 +31,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m fne_dist.demo
 
-# "Does FNE eliminate false negatives?" (README): the two real sets from Debian packages, cached frozen-tower
+# "Does FNE eliminate false negatives?" (README): the four real sets from Debian packages, cached frozen-tower
 # features, every objective and its oracle (settings chosen on validation, 5 seeds, test once); writes runs/study/.
 STUDY_DEBS := openclipart-png openclipart-svg fonts-noto-color-emoji
 study: $(STAMP)
