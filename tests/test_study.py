@@ -13,8 +13,8 @@ import torch
 from fne_dist.study import run as study
 from fne_dist.study.data import Split, false_negative_density, split_by_group, study_splits
 from fne_dist.study.report import SHARES, markdown_table, oracle_verdicts, summary_rows, write_report
-from fne_dist.study.run import (FN_PER_ROW, VARIANTS, StudyBudget, grid_points, queue_for, run_study, study_variants,
-                                sweep_name, train_heads)
+from fne_dist.study.run import (VARIANTS, StudyBudget, grid_points, most_fn_per_row, queue_for, run_study,
+                                study_variants, sweep_name, train_heads)
 
 TINY = StudyBudget(embed_dim=16, batch_size=32, epochs=3, queue_size=64)
 QUIET = dict(log=lambda line: None)
@@ -109,26 +109,30 @@ def test_the_test_split_is_read_once_per_run_and_chooses_nothing(data, monkeypat
 
 def test_oracle_and_sweep_variants(data, tmp_path):
     variants = study_variants(("CLIP InfoNCE", "FNE bayes", "posterior InfoNCE"), sweep=("posterior InfoNCE",),
-                              fn_per_row=(0.5, 4.0))
+                              fn_per_row=(1.5, 4.0))
     assert list(variants) == [
         "CLIP InfoNCE", "CLIP InfoNCE oracle", "FNE bayes", "FNE bayes oracle", "posterior InfoNCE",
-        sweep_name("posterior InfoNCE", 0.5), sweep_name("posterior InfoNCE", 4.0), "posterior InfoNCE oracle",
-        "posterior InfoNCE oracle @ 0.5 FN/row", "posterior InfoNCE oracle @ 4 FN/row"]
+        sweep_name("posterior InfoNCE", 1.5), sweep_name("posterior InfoNCE", 4.0), "posterior InfoNCE oracle",
+        "posterior InfoNCE oracle @ 1.5 FN/row", "posterior InfoNCE oracle @ 4 FN/row"]
     assert variants["FNE bayes oracle"] == ({**VARIANTS["FNE bayes"], "oracle": True}, study.GRIDS["FNE bayes"])
     with pytest.raises(ValueError, match="--sweep"):
         study_variants(("CLIP InfoNCE",), sweep=("posterior InfoNCE",))
     variants = {k: (v[0], {}) for k, v in variants.items() if "CLIP" in k or "bayes" in k or "FN/row" in k}
-    out = run_study(data, variants, seeds=(0, 1), select_seeds=1, budget=TINY, **QUIET)
+    said = []
+    out = run_study(data, variants, seeds=(0, 1), select_seeds=1, budget=TINY, log=said.append)
     bayes = out.runs["tiny"]["FNE bayes oracle"]
     assert all(run.diagnostics["false_negative_share"] == 0 for run in bayes)  # the oracle never draws one
     assert sum(run.diagnostics["false_negative_share"] for run in out.runs["tiny"]["FNE bayes"]) > 0
     train = data["tiny"]["train"]
-    swept = out.runs["tiny"][sweep_name("posterior InfoNCE", 4.0)][0]
-    assert swept.cfg.queue_size == queue_for(4.0, train, TINY.batch_size) > TINY.batch_size
+    swept = out.runs["tiny"][sweep_name("posterior InfoNCE", 1.5)][0]
+    assert swept.cfg.queue_size == queue_for(1.5, train, TINY.batch_size) > TINY.batch_size
+    # 4 per row needs more than the 120 training pairs (2 false negatives each): left out on this set, and said
+    assert most_fn_per_row(train) < 4.0 and sweep_name("posterior InfoNCE", 4.0) not in out.runs["tiny"]
+    assert any(line.startswith("tiny") and "posterior InfoNCE @ 4 FN/row: left out" in line for line in said)
     write_report(out, data, TINY, tmp_path)
     with (tmp_path / "runs.csv").open() as f:
         names = {r["objective"]: int(r["queue_size"]) for r in csv.DictReader(f)}
-    assert "posterior InfoNCE oracle @ 4 FN/row" in names and names["CLIP InfoNCE oracle"] == TINY.queue_size
+    assert "posterior InfoNCE oracle @ 1.5 FN/row" in names and names["CLIP InfoNCE oracle"] == TINY.queue_size
     assert (tmp_path / "sweep_tiny.png").stat().st_size > 0
     assert "\n- tiny: " in (tmp_path / "table.md").read_text()
 
@@ -153,12 +157,16 @@ def test_false_negative_density_and_the_sweeps_queue_size():
     false_neg = same_group & (split.ids[:, None] != split.ids[None, :])
     want = (false_neg.sum(1).double() / (len(split.ids) - 1)).mean().item()
     assert math.isclose(false_negative_density(split), want)
-    for target in FN_PER_ROW[2:]:
+    most = want * (len(split.ids) - 1)  # the whole split in [batch ; queue]
+    assert math.isclose(most_fn_per_row(split), most)
+    for target in (0.8, 1.3, most):
         q = queue_for(target, split, 8)
         assert (q + 8 - 1) * want <= target <= (q + 8) * want
+    with pytest.raises(ValueError, match="needs a queue longer than the training split"):
+        queue_for(most * 1.01, split, 8)
     assert queue_for(0.01, split, 8) == 8  # never below a batch
-    budget, cfg = replace(TINY, batch_size=8).configure({"objective": "clip", "lr": 3e-3, "fn_per_row": 3.0}, split)
-    assert (budget.lr, budget.queue_size, cfg.queue_size, cfg.objective) == (3e-3, queue_for(3.0, split, 8),
+    budget, cfg = replace(TINY, batch_size=8).configure({"objective": "clip", "lr": 3e-3, "fn_per_row": 1.3}, split)
+    assert (budget.lr, budget.queue_size, cfg.queue_size, cfg.objective) == (3e-3, queue_for(1.3, split, 8),
                                                                               budget.queue_size, "clip")
     with pytest.raises(ValueError, match="no false negatives"):
         queue_for(1.0, synthetic(10, 1, 0), 8)

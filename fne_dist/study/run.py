@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fne_dist.config import FNESection
+from fne_dist.config import KEYS, FNESection
 from fne_dist.model import clamp_logit_scale
 from fne_dist.momentum import momentum_update
 from fne_dist.objective import Objective
@@ -73,15 +73,16 @@ VARIANTS = {
 }
 # name -> {setting: values tried on validation} (fne section fields, or "lr"); a variant not named has one point
 PRIOR_RATIOS = (10.0, 100.0, 1000.0)
+QUEUE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # down to 0.1: where the memory hurts, validation can nearly switch it off
 GRIDS = {**{name: {"prior_ratio": PRIOR_RATIOS}
             for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")},
-         "CLIP + memory": {"queue_weight": (0.25, 0.5, 1.0)},
-         "CLIP + memory, posterior": {"queue_weight": (0.25, 0.5, 1.0), "prior_ratio": PRIOR_RATIOS},
-         "CLIP + memory, calibrated": {"queue_weight": (0.25, 0.5, 1.0)},
+         "CLIP + memory": {"queue_weight": QUEUE_WEIGHTS},
+         "CLIP + memory, posterior": {"queue_weight": QUEUE_WEIGHTS, "prior_ratio": PRIOR_RATIOS},
+         "CLIP + memory, calibrated": {"queue_weight": QUEUE_WEIGHTS},
          "posterior soft targets": {"soft_alpha": (0.2, 0.4, 0.6), "prior_ratio": PRIOR_RATIOS},
          "posterior soft targets, calibrated": {"soft_alpha": (0.2, 0.4, 0.6)}}
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
-SWEPT = ("posterior InfoNCE",)  # what `python -m fne_dist.study` sweeps unless told
+SWEPT = ("posterior InfoNCE", "CLIP + memory")  # what `python -m fne_dist.study` sweeps unless told
 
 
 def sweep_name(name: str, fn_per_row: float) -> str:
@@ -136,13 +137,35 @@ class StudyBudget:
                                      **settings})
 
 
+def most_fn_per_row(train: Split) -> float:
+    """The most false negatives per row that [batch ; queue] holds without a pair in it twice: the whole training
+    split.  A longer queue would only repeat stale keys of the same pairs."""
+    return false_negative_density(train) * (len(train.ids) - 1)
+
+
 def queue_for(fn_per_row: float, train: Split, batch_size: int) -> int:
     """The queue size whose [batch ; queue] holds `fn_per_row` false negatives per anchor row on average (at
     least one global batch, which every step enqueues)."""
     density = false_negative_density(train)
     if density == 0:
         raise ValueError("the training split has no false negatives (no group holds two images): nothing to sweep")
+    if fn_per_row > most_fn_per_row(train):
+        raise ValueError(f"{fn_per_row:g} false negatives per row needs a queue longer than the training split "
+                         f"({len(train.ids)} pairs), which holds at most {most_fn_per_row(train):.2f}: sweep lower "
+                         "targets (--fn-per-row)")
     return max(batch_size, math.ceil(fn_per_row / density) - batch_size)
+
+
+def runnable(variants: dict, train: Split, log) -> list[str]:
+    """The variants a set can run: a sweep point beyond what its training split holds is left out, and said."""
+    most = most_fn_per_row(train) if any("fn_per_row" in s for s, _ in variants.values()) else 0.0
+    out = []
+    for name, (settings, _) in variants.items():
+        if settings.get("fn_per_row", 0.0) > most:
+            log(f"{name}: left out, the training split holds at most {most:.2f} false negatives per row")
+        else:
+            out.append(name)
+    return out
 
 
 class Heads(nn.Module):
@@ -262,6 +285,8 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
     budget = budget or StudyBudget()
     select = tuple(seeds[:select_seeds])
     points = {v: grid_points(grid) for v, (_, grid) in variants.items()}
+    active = {name: runnable(variants, splits["train"], lambda line, name=name: log(f"{name:12s} {line}"))
+              for name, splits in datasets.items()}
     with contextlib.ExitStack() as stack:
         if jobs > 1:
             pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")))
@@ -282,11 +307,11 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
 
         # 2. every grid point on validation, the selection seeds only
         tried = runs([((name, v, n, seed), splits["train"], splits["val"], variants[v][0], point, seed, budget)
-                      for name, splits in datasets.items() for v in variants
+                      for name, splits in datasets.items() for v in active[name]
                       for n, point in enumerate(points[v]) for seed in select], "val")
         grid, chosen = [], {}
         for name in datasets:
-            for v in variants:
+            for v in active[name]:
                 scores = [[tried[name, v, n, seed].metrics for seed in select] for n in range(len(points[v]))]
                 metric = selection_metric(scores[0][0])
                 chosen[name, v] = max(range(len(scores)), key=lambda n: (sum(m[metric] for m in scores[n]), -n))
@@ -297,12 +322,13 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
         # 3. the chosen point with every seed, each run scored on test once; the selection seeds' runs are reused
         fresh = runs([((name, v, seed), splits["train"], splits["test"], variants[v][0], points[v][chosen[name, v]],
                        seed, budget)
-                      for name, splits in datasets.items() for v in variants for seed in seeds if seed not in select],
+                      for name, splits in datasets.items() for v in active[name] for seed in seeds
+                      if seed not in select],
                      "test")
     results = {}
     for name, splits in datasets.items():
         results[name] = {}
-        for v in variants:
+        for v in active[name]:
             results[name][v] = []
             for seed in seeds:
                 if seed in select:
@@ -335,6 +361,8 @@ def main(argv=None) -> int:
                         "(the first ones; default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=StudyBudget.epochs)
     parser.add_argument("--batch-size", type=int, default=StudyBudget.batch_size)
+    parser.add_argument("--keys", choices=KEYS, default="momentum",
+                        help="the buffer's keys for every objective (fne.keys; default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once, one process each (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -344,7 +372,9 @@ def main(argv=None) -> int:
             datasets = {d.name: shard_features(d, Path(args.data) / CACHE_FILE) for d in args.shards}
         else:
             datasets = {name: load_features(name, Path(args.data)) for name in args.datasets}
-        budget = replace(StudyBudget(), epochs=args.epochs, batch_size=args.batch_size)
+        defaults = StudyBudget()
+        budget = replace(defaults, epochs=args.epochs, batch_size=args.batch_size,
+                         fne={**defaults.fne, "keys": args.keys})
         results = run_study(datasets, variants, seeds=tuple(range(args.seeds)), select_seeds=args.select_seeds,
                             budget=budget, jobs=args.jobs)
     except ValueError as error:
