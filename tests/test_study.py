@@ -12,7 +12,9 @@ import torch
 
 from fne_dist.study import run as study
 from fne_dist.study.data import Split, false_negative_density, split_by_group, study_splits
-from fne_dist.study.report import SHARES, markdown_table, oracle_verdicts, summary_rows, write_report
+from fne_dist.config import FNESection
+from fne_dist.study.report import (SHARES, family_verdicts, markdown_table, oracle_verdicts, summary_rows,
+                                    uses_posterior, write_report)
 from fne_dist.study.run import (VARIANTS, StudyBudget, grid_points, most_fn_per_row, queue_for, run_study,
                                 study_variants, sweep_name, train_heads)
 
@@ -134,7 +136,8 @@ def test_oracle_and_sweep_variants(data, tmp_path):
         names = {r["objective"]: int(r["queue_size"]) for r in csv.DictReader(f)}
     assert "posterior InfoNCE oracle @ 1.5 FN/row" in names and names["CLIP InfoNCE oracle"] == TINY.queue_size
     assert (tmp_path / "sweep_tiny.png").stat().st_size > 0
-    assert "\n- tiny: " in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "\n- tiny: " in table and "(best of FNE's family on validation)" in table
 
 
 def test_oracle_verdict_says_where_elimination_can_matter():
@@ -148,6 +151,39 @@ def test_oracle_verdict_says_where_elimination_can_matter():
         "- a: elimination can matter (CLIP InfoNCE oracle: +2.8 ± 0.2 rsum over CLIP, more than 2 SE)\n"
         "- b: no oracle beats CLIP by more than 2 SE (best CLIP InfoNCE oracle: +0.1 ± 0.3 rsum): eliminating false "
         "negatives cannot help here\n")
+
+
+def test_family_verdict_picks_on_validation_and_holds_the_issues_targets():
+    def row(dataset, objective, d, se):
+        return {"dataset": dataset, "objective": objective, "d_group_rsum": d, "d_group_rsum_se": se}
+
+    def val(dataset, objective, score, chosen=True):
+        return [{"dataset": dataset, "objective": objective, "seed": seed, "selected_by": "group_rsum",
+                 "chosen": chosen, "group_rsum": score} for seed in (0, 1)]
+
+    rows = [row("a", "CLIP InfoNCE", 0.0, 0.0), row("a", "CLIP InfoNCE oracle", 4.0, 0.5),
+            row("a", "soft", 2.5, 0.5), row("a", "memory", 9.0, 1.0),
+            row("b", "CLIP InfoNCE", 0.0, 0.0), row("b", "CLIP InfoNCE oracle", 0.5, 0.4), row("b", "soft", -0.6, 0.5)]
+    # "memory" scores best on test but worse on validation: validation chooses "soft"; an unchosen point counts not
+    grid = (val("a", "soft", 300.0) + val("a", "memory", 290.0) + val("a", "memory", 400.0, chosen=False)
+            + val("a", "CLIP InfoNCE", 350.0) + val("b", "soft", 100.0))
+    family = {("a", "soft"), ("a", "memory"), ("b", "soft")}
+    assert family_verdicts(rows, grid, family) == (
+        "- a: soft (best of FNE's family on validation): +2.5 ± 0.5 group_rsum over CLIP on test, 62% of the best "
+        "oracle's +4.0 (CLIP InfoNCE oracle): target met (> 2 SE and at least half)\n"
+        "- b: soft (best of FNE's family on validation): -0.6 ± 0.5 group_rsum over CLIP on test: target missed (no "
+        "oracle beats CLIP by 2 SE here; no worse than CLIP by more than 1 SE)\n")
+
+
+def test_the_family_is_what_reads_the_posterior():
+    def cfg(**kw):
+        return FNESection(**kw)
+
+    assert [uses_posterior(cfg(**VARIANTS[v])) for v in ("CLIP InfoNCE", "VSE++", "hardness-only", "FNE official",
+                                                        "FNE bayes", "buffer InfoNCE (posterior off)", "CLIP + memory",
+                                                        "CLIP + memory, posterior", "posterior soft targets")] == [
+        False, False, False, True, True, False, False, True, True]
+    assert not uses_posterior(cfg(**VARIANTS["posterior soft targets"], oracle=True))
 
 
 def test_false_negative_density_and_the_sweeps_queue_size():
