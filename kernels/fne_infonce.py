@@ -10,7 +10,7 @@ do not move a sum that holds a 1), three per candidate in the forward and in the
 tl.exp2 and tl.log2.
 
 1. `_forward_kernel`, grid = anchor blocks x candidate splits: each program streams its candidate tiles (the
-   similarity tile by `tl.dot` over BLOCK_K chunks, fp32 accumulation) and keeps per row an online log-sum-exp
+   similarity tile by `fne_sampler._similarities`: `tl.dot` over BLOCK_K chunks, fp32 accumulation) and keeps per row an online log-sum-exp
    (running max m, sum of exp2(z - m)) and the same sum over labelled false negatives.  The host combines the
    splits' partials with the positive logit (exactly: rescaled to the common max).
 2. `_backward_kernel`, grid = anchor blocks x feature chunks x candidate splits: the second pass, as attention kernels
@@ -36,7 +36,7 @@ from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, log_odds_coefficients
 from triton.language.extra import libdevice
 
-from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, fit_k
+from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, _similarities, fit_k
 
 LOG2E = 1.0 / math.log(2.0)
 # On sm_90, by operand bytes; tiles that compile without register spills (python -m fne_kernels.compile_check
@@ -48,28 +48,6 @@ BACKWARD_CONFIGS = {2: (Blocks(64, 64, 64, 8, 2), 512), 4: (Blocks(64, 64, 32, 8
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 MAX_GRID = 65535  # CUDA's limit on the second and third grid dimensions
-
-
-@triton.jit
-def _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """s [BLOCK_M, BLOCK_N] = anchors[rows_in] . keys[cols_in] in fp32 (keys cast to the anchors' dtype on load)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
-    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            kt = tl.load(k_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < D, other=0.0)
-            kt = tl.load(k_ptrs, mask=(k0 + offs_k)[:, None] < D, other=0.0)
-        s = tl.dot(a, kt.to(a.dtype), s, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        k_ptrs += BLOCK_K * stride_kk
-    return s
 
 
 @triton.jit
