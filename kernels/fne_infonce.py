@@ -75,6 +75,20 @@ def _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST: 
 
 
 @triton.jit
+def _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D, stride_am, stride_ak,
+                 stride_kn, stride_kk, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Candidate tile t against the anchor block, as both passes see it: (cols_in, s, z, excluded) with the columns
+    clamped to N - 1 (loads without masks; columns past N are excluded), the similarities and the logits (`_logits`)."""
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = tl.minimum(cols, N - 1)
+    s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
+    z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+    return cols_in, s, z, excluded
+
+
+@triton.jit
 def _forward_kernel(
     a_ptr, k_ptr, aid_ptr, alab_ptr, kid_ptr, klab_ptr, valid_ptr, params_ptr, scale_ptr,
     max_ptr, sum_ptr, false_ptr,
@@ -95,11 +109,9 @@ def _forward_kernel(
     false_mass = tl.zeros([BLOCK_M], tl.float32)
     first = pid_s * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, tl.cdiv(N, BLOCK_N))):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1)
-        s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+        cols_in, _, z, excluded = _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D,
+                                               stride_am, stride_ak, stride_kn, stride_kk, FAST, BLOCK_M, BLOCK_N,
+                                               BLOCK_K, EVEN_K, INPUT_PRECISION)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far: exp2(-inf - 0) = 0
         e = _exp2(z - m_safe[:, None], FAST)
@@ -139,11 +151,9 @@ def _backward_kernel(
     pull_sim = tl.zeros([BLOCK_M], tl.float32)
     first = pid_s * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, tl.cdiv(N, BLOCK_N))):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1)
-        s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, _ = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+        cols_in, s, z, _ = _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D,
+                                        stride_am, stride_ak, stride_kn, stride_kk, FAST, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        EVEN_K, INPUT_PRECISION)
         p = _exp2(z - lse[:, None], FAST)
         pull_sim += tl.sum(p * s, axis=1)
         k = tl.load(k_ptr + cols_in.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kk,
