@@ -13,7 +13,8 @@ the backward makes a second pass that accumulates sum_j softmax_ij k_j (as atten
 are `Candidates` runs read in place (the buffer's segments: no per-step copy of the ring), and both passes are sums
 over candidates, so disjoint candidate sets combine exactly:
   forward: each set gives per anchor a partial log-sum-exp, (a running bound m of the logits, sum of
-    exp(logit - m), the same sum over labelled false negatives) [n, 3]; `combine_partials` joins them with the positive's logit;
+    exp(logit - m), the same sum over labelled false negatives) [n, 3]; `combine_partials` joins them with the
+    positive's logit (`fne_dist.losses.merge_partials`: a shift of references);
   backward: each set gives per anchor its share of sum_j P_ij k_j and of sum_j P_ij s_ij [n, D + 1], which add.
 Sharded (the sharded buffer, `fne_dist.buffer`), every rank holds one such set: the anchors are all-gathered, each
 rank computes the partials of all G anchors over its shard, and an all-to-all sends each anchor's world partials
@@ -22,10 +23,11 @@ gradient partials for all G anchors and an all-to-all sends them back the same w
 direction: G x D (anchors) + 3 G (partials) forward, G + G x (D + 1) backward: O(G x D), independent of the buffer.
 Each tile reads log(1 - f) as -softplus of the quadratic log-odds (`weights.false_negative_log_odds`, tested
 against `true_negative_prob`), in one step that `sampler.compiled_step` fuses on large CPU tiles.
-`dense_posterior_infonce` is the autograd reference the tests compare with.  On CUDA `impl="auto"` runs the
-two passes fused in Triton (kernels/fne_infonce.py, tested against this path) where the candidates are one run on
-one process (`posterior_infonce`; over the replicated buffer, clip_queue's queue term or a step with an empty
-queue); sharded or over several runs (the replicated buffer's batch and queue segments) the torch tiles serve.
+Two providers give these partials, picked by `impl` for every run alike: the torch tiles here (`lse_partials`,
+`pull_partials` stream all runs), and the fused Triton kernels (kernels/fne_infonce.py: `triton_lse_partials`,
+`triton_pull_partials`, one run each; "triton", or "auto" on CUDA tensors).  One autograd Function
+(`_PosteriorInfoNCE`) serves both, over one run or several, on one process or sharded.
+`dense_posterior_infonce` is the autograd reference the tests compare with.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from fne_dist.distributed import all_gather_cat, all_to_all, world_size
-from fne_dist.losses import false_negative_mask, infonce_gradients
+from fne_dist.losses import false_negative_mask, merge_partials
 from fne_dist.sampler import DEFAULT_TILE_ELEMENTS, compiled_step
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import IMPLS, FNEConfig, false_negative_log_odds, log_odds_coefficients, true_negative_prob
@@ -104,11 +106,18 @@ def _tiles(runs: list[Candidates], tile: int):
             yield run.keys[at].float(), run.ids[at], run.labels[at], None if run.valid is None else run.valid[at]
 
 
-def lse_partials(a, scale, runs: list[Candidates], anchor_ids, anchor_labels, coefficients, tile: int) -> torch.Tensor:
+def lse_partials(a, scale, runs: list[Candidates], anchor_ids, anchor_labels, coefficients, tile: int,
+                 fused: bool = False) -> torch.Tensor:
     """[n, 3] per anchor of a [n, D] over these candidates (posterior from `log_odds_coefficients`): a running bound
     m of its logits (-inf: none), the sum of exp(logit - m) and the same sum over labelled false negatives (0, 0
-    where there is none)."""
+    where there is none).  fused: each run's partials from the Triton kernels, merged (`tile` unused)."""
     m = torch.full((len(a),), float("-inf"), device=a.device)
+    if fused:
+        from fne_kernels import triton_lse_partials
+
+        neutral = torch.stack([m, torch.zeros_like(m), torch.zeros_like(m)], 1)
+        return merge_partials(torch.stack([neutral, *(triton_lse_partials(a, scale, run, anchor_ids, anchor_labels,
+                                                                          coefficients) for run in runs)]))
     total, false_mass = torch.zeros_like(m), torch.zeros_like(m)
     for keys, ids, labels, valid in _tiles(runs, tile):
         m, rescale, tile_total, tile_false = compiled_step("infonce_forward", forward_tile, a @ keys.T, m, scale,
@@ -121,22 +130,40 @@ def lse_partials(a, scale, runs: list[Candidates], anchor_ids, anchor_labels, co
 def combine_partials(pos_logit: torch.Tensor, partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The log-sum-exp over the positive (logit [n]) and every candidate, and the softmax mass on labelled false
     negatives [n], from the partials [k, n, 3] of k disjoint candidate sets (exact: a shift of references)."""
-    m = torch.maximum(pos_logit, partials[..., 0].max(0).values)
-    weight = (partials[..., 0] - m).exp()  # 0 for a set without candidates (m = -inf)
-    total = (pos_logit - m).exp() + (partials[..., 1] * weight).sum(0)
-    return m + total.log(), (partials[..., 2] * weight).sum(0) / total
+    positive = torch.stack([pos_logit, torch.ones_like(pos_logit), torch.zeros_like(pos_logit)], 1)
+    m, total, false_mass = merge_partials(torch.cat([positive[None], partials])).unbind(1)
+    return m + total.log(), false_mass / total
 
 
-def pull_partials(a, scale, lse, runs: list[Candidates], anchor_ids, coefficients, tile: int) -> torch.Tensor:
+def pull_partials(a, scale, lse, runs: list[Candidates], anchor_ids, coefficients, tile: int,
+                  fused: bool = False) -> torch.Tensor:
     """[n, D + 1] per anchor of a [n, D] with log-sum-exp lse [n]: over these candidates, sum_j P_ij k_j and
-    sum_j P_ij s_ij (P: the softmax), which add up over disjoint candidate sets."""
+    sum_j P_ij s_ij (P: the softmax), which add up over disjoint candidate sets.  fused: each run's by the Triton
+    kernels."""
     pull = a.new_zeros(len(a), a.shape[1] + 1)
+    if fused:
+        from fne_kernels import triton_pull_partials
+
+        for run in runs:
+            pull += triton_pull_partials(a, scale, lse, run, anchor_ids, coefficients)
+        return pull
     for keys, ids, _, valid in _tiles(runs, tile):
         prob, tile_sim = compiled_step("infonce_backward", backward_tile, a @ keys.T, lse, scale, coefficients,
                                        anchor_ids, ids, valid)
         pull[:, :-1] += prob @ keys
         pull[:, -1] += tile_sim
     return pull
+
+
+def infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 gradient of the anchors [b, D], of the logit scale, shaped as t) from the second pass's sums: pull [b, D]
+    = sum_j P_ij k_j, pull_sim [b] = sum_j P_ij s_ij, p_pos [b] = the positive's softmax probability P_i0, pos [b]
+    the positive similarities."""
+    g = grad_loss.float()
+    # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
+    grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
+    grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
+    return grad_anchors, grad_scale
 
 
 def _to_owners(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -146,17 +173,17 @@ def _to_owners(t: torch.Tensor, b: int) -> torch.Tensor:
 
 class _PosteriorInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchors, scale, pos_keys, runs, anchor_ids, anchor_labels, stats, cfg, tile, sharded):
+    def forward(ctx, anchors, scale, pos_keys, runs, anchor_ids, anchor_labels, stats, cfg, tile, sharded, fused):
         a = anchors.detach().float()
         t = scale.detach().float()
         coefficients = log_odds_coefficients(stats, cfg, a.device)
         pos = (a * pos_keys.float()).sum(1)
         every = all_gather_cat(a) if sharded else a  # the anchors this rank's candidates are read against
-        partials = lse_partials(every, t, runs, anchor_ids, anchor_labels, coefficients, tile)
+        partials = lse_partials(every, t, runs, anchor_ids, anchor_labels, coefficients, tile, fused)
         partials = _to_owners(partials, len(a)) if sharded else partials[None]
         lse, false_prob = combine_partials(pos * t, partials)
         ctx.save_for_backward(a, every, t, pos_keys, pos, lse, anchor_ids, coefficients)
-        ctx.runs, ctx.tile, ctx.sharded, ctx.dtype = runs, tile, sharded, anchors.dtype
+        ctx.runs, ctx.tile, ctx.sharded, ctx.fused, ctx.dtype = runs, tile, sharded, fused, anchors.dtype
         ctx.mark_non_differentiable(false_prob)
         return lse - pos * t, false_prob
 
@@ -165,20 +192,20 @@ class _PosteriorInfoNCE(torch.autograd.Function):
         a, every, t, pos_keys, pos, lse, anchor_ids, coefficients = ctx.saved_tensors
         if ctx.sharded:
             pulls = _to_owners(pull_partials(every, t, all_gather_cat(lse), ctx.runs, anchor_ids, coefficients,
-                                             ctx.tile), len(a)).sum(0)
+                                             ctx.tile, ctx.fused), len(a)).sum(0)
         else:
-            pulls = pull_partials(a, t, lse, ctx.runs, anchor_ids, coefficients, ctx.tile)
+            pulls = pull_partials(a, t, lse, ctx.runs, anchor_ids, coefficients, ctx.tile, ctx.fused)
         grad_anchors, grad_scale = infonce_gradients(grad_loss, t, pos_keys, pos, (pos * t - lse).exp(),
                                                      pulls[:, :-1], pulls[:, -1])
-        return grad_anchors.to(ctx.dtype), grad_scale, *(None,) * 8
+        return grad_anchors.to(ctx.dtype), grad_scale, *(None,) * 9
 
 
-def _fused(impl: str, anchors: torch.Tensor, runs: list[Candidates], sharded: bool) -> bool:
-    """Whether the Triton kernels serve: impl "triton", or "auto" on CUDA, where the candidates are one run on one
-    process (the kernels take one candidate set; partials across runs and ranks are the torch tiles' so far)."""
+def _fused(impl: str, anchors: torch.Tensor) -> bool:
+    """Whether the Triton kernels give the partials: impl "triton", or "auto" on CUDA (every run, one process or
+    sharded); else the torch tiles."""
     if impl not in IMPLS:
         raise ValueError(f"posterior_infonce impl={impl!r} is unknown: use one of {IMPLS}")
-    return (impl == "triton" or (impl == "auto" and anchors.is_cuda)) and not sharded and len(runs) == 1
+    return impl == "triton" or (impl == "auto" and anchors.is_cuda)
 
 
 def streamed_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor,
@@ -196,20 +223,15 @@ def streamed_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_k
     runs (n = b, or G sharded), for any number of candidates.
 
     `impl`: "torch" (the streaming tiles, the reference), "triton" (the fused kernels, fne_kernels.fne_infonce,
-    where they fit: see `_fused`; `tile_size` is the torch path's only), "auto" (triton for CUDA tensors, torch
-    otherwise); "dense" (fne.impl's dense sampler) runs the torch path: this loss never holds [b, N].
+    for every run: the product in the keys' dtype, fp32 accumulation; `tile_size` is the torch path's only), "auto"
+    (triton for CUDA tensors, torch otherwise); "dense" (fne.impl's dense sampler) runs the torch path: this loss
+    never holds [b, N].
     """
-    if _fused(impl, anchors, runs, sharded):
-        from fne_kernels import triton_posterior_infonce
-
-        run = runs[0]
-        valid = torch.ones_like(run.ids, dtype=torch.bool) if run.valid is None else run.valid
-        cand = CandidateSet(run.keys, run.ids, run.labels, valid, anchor_ids, anchor_labels)
-        return triton_posterior_infonce(anchors, scale, pos_keys, cand, stats, cfg)
+    fused = _fused(impl, anchors)
     n = len(anchor_ids)
     tile = tile_size or max(1, DEFAULT_TILE_ELEMENTS // max(n, 1))
     return _PosteriorInfoNCE.apply(anchors, scale, pos_keys.detach(), runs, anchor_ids, anchor_labels, stats, cfg,
-                                   tile, sharded)
+                                   tile, sharded, fused)
 
 
 def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand: CandidateSet,
@@ -217,7 +239,7 @@ def posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torc
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """`streamed_posterior_infonce` over one candidate set (one process; `impl` as there, the fused kernels on
     CUDA): per-row losses [b] and false-negative softmax mass [b]; memory O(b * tile_size) for any number of
-    candidates."""
+    candidates (the kernels: O(b x D) per candidate split)."""
     run = Candidates(cand.keys, cand.key_ids, cand.key_labels, cand.valid)
     return streamed_posterior_infonce(anchors, scale, pos_keys, [run], cand.anchor_ids, cand.anchor_labels, stats,
                                       cfg, tile_size=tile_size, impl=impl)

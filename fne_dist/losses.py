@@ -1,5 +1,6 @@
 """Triplet losses: FNE's sampled-negative loss (FNE_SPEC step 8) and VSE++'s hardest in-batch negative (step 9); the
-false-negative mask that the diagnostics measure them with."""
+false-negative mask that the diagnostics measure them with; the merge of InfoNCE partials that the torch tiles
+and the Triton kernels share (fne_dist.infonce, fne_kernels.fne_infonce)."""
 from __future__ import annotations
 
 import torch
@@ -48,13 +49,11 @@ def false_negative_mask(ids, labels, other_ids, other_labels) -> torch.Tensor:
     return (labels >= 0) & (other_labels >= 0) & (labels == other_labels) & (ids != other_ids)
 
 
-def infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 gradient of the anchors [b, D], of the logit scale, shaped as t) from the second pass's sums: pull [b, D]
-    = sum_j P_ij k_j, pull_sim [b] = sum_j P_ij s_ij, p_pos [b] = the positive's softmax probability P_i0, pos [b]
-    the positive similarities.  Both InfoNCE paths share it (fne_dist.infonce,
-    fne_kernels.fne_infonce)."""
-    g = grad_loss.float()
-    # dL_i/da_i = t ((P_i0 - 1) k+_i + sum_j P_ij k_j);  dL_i/dt = (P_i0 - 1) p_i + sum_j P_ij s_ij
-    grad_anchors = (g * t)[:, None] * ((p_pos - 1)[:, None] * pos_keys.float() + pull)
-    grad_scale = (g * ((p_pos - 1) * pos + pull_sim)).sum().reshape(t.shape)
-    return grad_anchors, grad_scale
+def merge_partials(partials: torch.Tensor, exp=torch.exp) -> torch.Tensor:
+    """Partial log-sum-exps of k disjoint candidate sets [k, n, 3] (per anchor: a running bound m of the logits,
+    -inf for a set without candidates, the sum of exp(logit - m), the same sum over labelled false negatives) -> the
+    partials of their union [n, 3], exactly (a shift of references to the largest m).  `exp`: torch.exp2 for
+    partials in log2 units (the Triton kernels' splits)."""
+    m = partials[..., 0].amax(0)
+    weight = exp(partials[..., 0] - m.masked_fill(m == float("-inf"), 0))  # 0 for a set without candidates
+    return torch.stack([m, (partials[..., 1] * weight).sum(0), (partials[..., 2] * weight).sum(0)], 1)

@@ -1,11 +1,14 @@
-"""Fused Triton kernels for FNE (import name `fne_kernels`): the sampler and the posterior-weighted InfoNCE.
+"""Fused Triton kernels for FNE (import name `fne_kernels`): the sampler and the posterior-weighted InfoNCE's partials.
 
-`triton_sample` and `triton_posterior_infonce` are imported on first use, so that importing this package needs no
-Triton. To run the kernels on the CPU (tests), set TRITON_INTERPRET=1 before the first use: Triton reads it when
-the modules holding the @triton.jit functions (`fne_kernels.fne_sampler`, `fne_kernels.fne_infonce`) are imported.
+`triton_sample` (`fne_dist.fne.sample_negatives` with impl "triton") and `triton_lse_partials` /
+`triton_pull_partials` (one candidate run's forward and backward partials, which `fne_dist.infonce` combines with
+impl "triton": `fne_dist.infonce.posterior_infonce(..., impl="triton")` is the fused loss) are imported on first
+use, so that importing this package needs no Triton. To run the kernels on the CPU (tests), set TRITON_INTERPRET=1
+before the first use: Triton reads it when the modules holding the @triton.jit functions (`fne_kernels.fne_sampler`,
+`fne_kernels.fne_infonce`) are imported.
 """
 
-__all__ = ["triton_sample", "triton_posterior_infonce"]
+__all__ = ["triton_sample", "triton_lse_partials", "triton_pull_partials"]
 
 
 def __getattr__(name):
@@ -13,8 +16,8 @@ def __getattr__(name):
         from fne_kernels.fne_sampler import triton_sample
 
         return triton_sample
-    if name == "triton_posterior_infonce":
-        from fne_kernels.fne_infonce import triton_posterior_infonce
+    if name in ("triton_lse_partials", "triton_pull_partials"):
+        from fne_kernels import fne_infonce
 
-        return triton_posterior_infonce
+        return getattr(fne_infonce, name)
     raise AttributeError(f"module 'fne_kernels' has no attribute {name!r}")

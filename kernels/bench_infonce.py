@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 from pathlib import Path
 
 import torch
 
-from fne_kernels.bench_sampler import (DTYPES, check_device, format_row, make_inputs, run_and_report, time_cpu,
-                                       time_gpu)
+from fne_kernels.bench_sampler import (DTYPES, add_case_arguments, finish_case_arguments, make_inputs, measure_cases,
+                                       run_and_report, time_cpu, time_gpu)
 
 IMPLS = ("triton", "torch", "dense", "matmul")
-GPU_DEFAULTS = dict(b=[4096], n=[1 << 16, 1 << 18, 1 << 20], d=[512], impl=list(IMPLS), dtype="bf16")
-CPU_DEFAULTS = dict(b=[1024], n=[65536], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32")
+GPU_DEFAULTS = dict(b=[4096], n=[1 << 16, 1 << 18, 1 << 20], d=[512], impl=list(IMPLS), dtype="bf16",
+                    repeats=10)
+CPU_DEFAULTS = dict(b=[1024], n=[65536], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32", repeats=3)
 
 
 def build_case(impl: str, b: int, n: int, d: int, dtype: torch.dtype, device: str):
@@ -59,43 +59,18 @@ def build_case(impl: str, b: int, n: int, d: int, dtype: torch.dtype, device: st
 
 def run_cases(args) -> list[dict]:
     dtype = DTYPES[args.dtype]
-    rows = []
-    for b, n, d in itertools.product(args.b, args.n, args.d):
-        case = []
-        for impl in args.impl:
-            build = functools.partial(build_case, impl, b, n, d, dtype, args.device)
-            cuda = args.device == "cuda"
-            result = time_gpu(build, args.warmup, args.repeats) if cuda else time_cpu(build, args.repeats)
-            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": "posterior",
-                         "regime": "fwd+bwd", "tile": "-", "impl": impl, **result})
-            print(format_row(case[-1]), flush=True)
-        floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
-        for r in case:
-            r["x_matmul"] = r["time_ms"] / floor if floor and r["time_ms"] else None
-        rows += case
-    return rows
+
+    def measure(impl, b, n, d):
+        build = functools.partial(build_case, impl, b, n, d, dtype, args.device)
+        return time_gpu(build, args.warmup, args.repeats) if args.device == "cuda" else time_cpu(build, args.repeats)
+
+    return measure_cases(args, measure, dict(mode="posterior", regime="fwd+bwd", tile="-"))
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fne-bench infonce", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--b", type=int, nargs="+", help="anchors per call (GPU default 4096; CPU 1024)")
-    parser.add_argument("--n", type=int, nargs="+", help="candidates (GPU default 2^16 2^18 2^20; CPU 65536)")
-    parser.add_argument("--d", type=int, nargs="+", help="feature width (GPU default 512; CPU 256)")
-    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="GPU default: all; CPU: dense torch matmul")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="feature dtype (GPU default bf16, CPU fp32)")
-    parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 10, CPU 3)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (GPU; on the CPU the first call is)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_infonce"), help="folder for results.csv and plots")
-    parser.add_argument("--prefix", default="", help="prefix of the written file names (e.g. device and date)")
-    args = parser.parse_args(argv)
-    for key, value in (GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.repeats is None:
-        args.repeats = 10 if args.device == "cuda" else 3
-    check_device(parser, args)
-    return args
+    add_case_arguments(parser, GPU_DEFAULTS, CPU_DEFAULTS, IMPLS, warmup=2, out=Path("runs/bench_infonce"))
+    return finish_case_arguments(parser, parser.parse_args(argv), GPU_DEFAULTS, CPU_DEFAULTS)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,8 +39,9 @@ from fne_dist.weights import MODES
 
 IMPLS = ("triton", "torch", "dense", "matmul")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-GPU_DEFAULTS = dict(b=[256, 1024, 4096], n=[1 << 16, 1 << 18, 1 << 20], d=[256, 512, 1024], impl=list(IMPLS), dtype="bf16")
-CPU_DEFAULTS = dict(b=[1024], n=[131072], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32")
+GPU_DEFAULTS = dict(b=[256, 1024, 4096], n=[1 << 16, 1 << 18, 1 << 20], d=[256, 512, 1024], impl=list(IMPLS),
+                    dtype="bf16", repeats=20)
+CPU_DEFAULTS = dict(b=[1024], n=[131072], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32", repeats=3)
 FIELDS = ("device", "threads", "dtype", "b", "n", "d", "mode", "regime", "tile", "impl", "time_ms", "peak_mib", "x_matmul",
           "status")
 
@@ -167,24 +168,31 @@ def use_blocks(text: str, dtype: torch.dtype) -> str:
     return str(blocks)
 
 
-def run_cases(args) -> list[dict]:
-    measure = measure_gpu if args.device == "cuda" else measure_cpu
-    dtype = DTYPES[args.dtype]
-    tile = use_blocks(args.blocks, dtype) if args.blocks else args.tile_size or "-"
+def measure_cases(args, measure, columns: dict) -> list[dict]:
+    """Every shape (b, n, d) of args under every impl (shared with fne_kernels.bench_infonce): one row each of the
+    case, `columns` (mode, regime, tile) and measure(impl, b, n, d)'s result, printed as it comes, with its time
+    against the shape's matmul row (x_matmul)."""
     rows = []
     for b, n, d in itertools.product(args.b, args.n, args.d):
         case = []
         for impl in args.impl:
-            result = measure(impl, b, n, d, dtype, args.warmup, args.repeats, args.tile_size, args.mode, args.fallback)
-            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, "mode": args.mode,
-                         "regime": "fallback" if args.fallback else "typical", "tile": tile,
-                         "impl": impl, **result})
+            case.append({"device": args.device, "dtype": args.dtype, "b": b, "n": n, "d": d, **columns, "impl": impl,
+                         **measure(impl, b, n, d)})
             print(format_row(case[-1]), flush=True)
         floor = next((r["time_ms"] for r in case if r["impl"] == "matmul" and r["time_ms"]), None)
         for r in case:
             r["x_matmul"] = r["time_ms"] / floor if floor and r["time_ms"] else None
         rows += case
     return rows
+
+
+def run_cases(args) -> list[dict]:
+    measure = measure_gpu if args.device == "cuda" else measure_cpu
+    dtype = DTYPES[args.dtype]
+    tile = use_blocks(args.blocks, dtype) if args.blocks else args.tile_size or "-"
+    columns = dict(mode=args.mode, regime="fallback" if args.fallback else "typical", tile=tile)
+    return measure_cases(args, lambda impl, b, n, d: measure(impl, b, n, d, dtype, args.warmup, args.repeats,
+                                                            args.tile_size, args.mode, args.fallback), columns)
 
 
 def _fmt(value, spec):
@@ -248,30 +256,52 @@ def _line(r: dict) -> str:
     return f"{r['impl']}{tile}{regime}"
 
 
+def add_case_arguments(parser, gpu: dict, cpu: dict, impls, *, warmup: int, out: Path) -> None:
+    """The arguments of every kernel benchmark (shared with fne_kernels.bench_infonce): device, shapes, impls, dtype,
+    repeats, warm-up, output folder and prefix.  `gpu` and `cpu`: the benchmark's defaults per device (b, n, d, impl,
+    dtype, repeats), which the help texts name and `finish_case_arguments` fills in."""
+    def text(value, powers=False):
+        if not isinstance(value, list):
+            return str(value)
+        if value == list(impls):
+            return "all"
+        return " ".join(f"2^{v.bit_length() - 1}" if powers and v & (v - 1) == 0 else str(v) for v in value)
+
+    def defaults(key, powers=False):
+        return f"GPU default {text(gpu[key], powers)}; CPU {text(cpu[key])}"
+
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--b", type=int, nargs="+", help=f"anchors per call ({defaults('b')})")
+    parser.add_argument("--n", type=int, nargs="+", help=f"candidates ({defaults('n', powers=True)})")
+    parser.add_argument("--d", type=int, nargs="+", help=f"feature width ({defaults('d')})")
+    parser.add_argument("--impl", nargs="+", choices=impls, help=defaults("impl"))
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help=f"feature dtype ({defaults('dtype')})")
+    parser.add_argument("--repeats", type=int, help=f"timed calls per case ({defaults('repeats')})")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="untimed calls first (GPU; on the CPU the first call is)")
+    parser.add_argument("--out", type=Path, default=out, help="folder for results.csv and plots")
+    parser.add_argument("--prefix", default="", help="prefix of the written file names (e.g. device and date)")
+
+
+def finish_case_arguments(parser, args, gpu: dict, cpu: dict):
+    """The device's defaults where a case argument was not given; one usage error if the device cannot run the
+    asked impls.  Returns args."""
+    for key, value in (gpu if args.device == "cuda" else cpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_device(parser, args)
+    return args
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fne-bench sampler", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--b", type=int, nargs="+", help="anchors per call (GPU default 256 1024 4096; CPU 1024)")
-    parser.add_argument("--n", type=int, nargs="+", help="candidates (GPU default 2^16 2^18 2^20; CPU 131072)")
-    parser.add_argument("--d", type=int, nargs="+", help="feature width (GPU default 256 512 1024; CPU 256)")
-    parser.add_argument("--impl", nargs="+", choices=IMPLS, help="GPU default: all; CPU: dense torch matmul")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), help="feature dtype (GPU default bf16, CPU fp32)")
-    parser.add_argument("--repeats", type=int, help="timed calls per case (GPU default 20, CPU 3)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (GPU; on the CPU the first call is)")
+    add_case_arguments(parser, GPU_DEFAULTS, CPU_DEFAULTS, IMPLS, warmup=3, out=Path("runs/bench_sampler"))
     parser.add_argument("--tile-size", type=int, help="candidate tile of the torch and triton impls (default: theirs)")
     parser.add_argument("--blocks", help="the triton kernel's launch config M,N,K,warps,stages[,maxnreg] on the GPU "
                         "(default: fne_sampler.GPU_CONFIGS); the table's tile column shows it")
     parser.add_argument("--mode", default="official", choices=MODES, help="FNEConfig.mode of the rule")
     parser.add_argument("--fallback", action="store_true", help="the many-fallback regime: every row falls back")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_sampler"), help="folder for results.csv and plots")
-    parser.add_argument("--prefix", default="", help="prefix of the written file names (e.g. device and date)")
     args = parser.parse_args(argv)
-    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.repeats is None:
-        args.repeats = 20 if args.device == "cuda" else 3
     if args.blocks:
         from fne_kernels.fne_sampler import Blocks
 
@@ -279,8 +309,7 @@ def parse_args(argv):
             Blocks.parse(args.blocks)
         except ValueError as err:
             parser.error(f"--blocks: {err}")
-    check_device(parser, args)
-    return args
+    return finish_case_arguments(parser, args, GPU_DEFAULTS, CPU_DEFAULTS)
 
 
 def check_device(parser, args) -> None:

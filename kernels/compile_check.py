@@ -37,7 +37,7 @@ POINTERS = {"pos_ptr": "*fp32", "aid_ptr": "*i64", "kid_ptr": "*i64", "valid_ptr
             "fallback_index_ptr": "*i64",
             # fne_infonce
             "alab_ptr": "*i64", "klab_ptr": "*i64", "scale_ptr": "*fp32", "max_ptr": "*fp32", "sum_ptr": "*fp32",
-            "false_ptr": "*fp32", "lse_ptr": "*fp32", "pull_ptr": "*fp32", "pull_sim_ptr": "*fp32"}
+            "false_ptr": "*fp32", "lse_ptr": "*fp32", "pull_ptr": "*fp32"}
 FLOATS = ("margin", "neg_tau2", "official_logit2", "keep_min")
 ALIGNED_INTS = ("N", "D", "stride_am", "stride_kn")
 

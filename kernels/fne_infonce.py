@@ -1,5 +1,9 @@
-"""The posterior-weighted InfoNCE in Triton (FNE_SPEC "Beyond the released rule"): `fne_dist.infonce.posterior_infonce`
-fused, forward and backward, never writing an [anchors x candidates] array.
+"""The posterior-weighted InfoNCE in Triton (FNE_SPEC "Beyond the released rule"): a provider of the partials that
+`fne_dist.infonce` combines (`lse_partials` / `pull_partials` there are the torch tiles' form), for one candidate
+run against a block of anchors, never writing an [anchors x candidates] array.  `fne_dist.infonce` calls it per run
+where `impl` picks the kernels ("triton", or "auto" on CUDA): one autograd path serves one run on one process, the
+replicated buffer's several runs (batch and queue segments) and the sharded buffer (every rank its shard's runs
+against all G anchors, the partials exchanged).
 
 Per row i and candidate j (momentum keys k_j, similarity s_ij, logit scale t) the logit is
 t s_ij + log(1 - f_ij), with log(1 - f) = -softplus(x) and the log-odds x = (a d + b) d + c, d = s - mu+
@@ -10,20 +14,23 @@ do not move a sum that holds a 1), three per candidate in the forward and in the
 tl.exp2 and tl.log2.
 
 1. `_forward_kernel`, grid = anchor blocks x candidate splits: each program streams its candidate tiles (the
-   similarity tile by `tl.dot` over BLOCK_K chunks, fp32 accumulation) and keeps per row an online log-sum-exp
-   (running max m, sum of exp2(z - m)) and the same sum over labelled false negatives.  The host combines the
-   splits' partials with the positive logit (exactly: rescaled to the common max).
+   similarity tile by `fne_sampler._similarities`, `tl.dot` over BLOCK_K chunks, fp32 accumulation) and keeps per row
+   an online log-sum-exp (running max m, sum of exp2(z - m)) and the same sum over labelled false negatives.
+   `triton_lse_partials` merges the splits exactly (`fne_dist.losses.merge_partials` in base 2) and returns the
+   run's partials in the natural-log units of `fne_dist.infonce.lse_partials`: [n, 3] = (running max, sum of
+   exp(logit - max), that sum over labelled false negatives); sum_j exp2(z_j - m) = sum_j exp(logit_j - m ln 2), so
+   only the max is converted.
 2. `_backward_kernel`, grid = anchor blocks x feature chunks x candidate splits: the second pass, as attention kernels
-   do: it recomputes each tile's logits, P_ij = exp2(z_ij - lse_i), and accumulates sum_j P_ij k_j (a second
-   `tl.dot`, on the keys' BLOCK_D columns of its feature chunk) and sum_j P_ij s_ij (the logit scale's gradient).
-   The host sums the splits and forms the gradients with `fne_dist.infonce.infonce_gradients`, as the torch path.
+   do: it recomputes each tile's logits, P_ij = exp2(z_ij - lse_i) (the natural log-sum-exp times log2(e)), and
+   accumulates sum_j P_ij k_j (a second `tl.dot`, on the keys' BLOCK_D columns of its feature chunk) and
+   sum_j P_ij s_ij (the logit scale's gradient).  `triton_pull_partials` sums the splits: [n, D + 1], as
+   `fne_dist.infonce.pull_partials`.
 
 Masked slots never produce NaN: a row whose candidates in a split are all excluded keeps m = -inf and sum 0 (the
-exponent is taken against a max of 0 there), and every row's log-sum-exp holds its positive, so it is finite.
+exponent is taken against a max of 0 there), and such a split weighs 0 in the merge.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -31,14 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fne_dist.losses import infonce_gradients
-from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, log_odds_coefficients
+from fne_dist.losses import merge_partials
 from triton.language.extra import libdevice
 
-from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, fit_k
+from fne_kernels.fne_sampler import Blocks, _dot_dtype, _exp2, _similarities, _sm_count, fit_k
 
 LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 # On sm_90, by operand bytes; tiles that compile without register spills (python -m fne_kernels.compile_check
 # --kernel infonce); not yet timed on a GPU (kernels/gpu_check.sh measures them).  Backward: the blocks, and
 # BLOCK_D, the output columns one program accumulates: each feature chunk recomputes the similarity tile, so bf16
@@ -48,28 +54,6 @@ BACKWARD_CONFIGS = {2: (Blocks(64, 64, 64, 8, 2), 512), 4: (Blocks(64, 64, 32, 8
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 4
 MAX_GRID = 65535  # CUDA's limit on the second and third grid dimensions
-
-
-@triton.jit
-def _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """s [BLOCK_M, BLOCK_N] = anchors[rows_in] . keys[cols_in] in fp32 (keys cast to the anchors' dtype on load)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
-    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            kt = tl.load(k_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < D, other=0.0)
-            kt = tl.load(k_ptrs, mask=(k0 + offs_k)[:, None] < D, other=0.0)
-        s = tl.dot(a, kt.to(a.dtype), s, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        k_ptrs += BLOCK_K * stride_kk
-    return s
 
 
 @triton.jit
@@ -97,8 +81,22 @@ def _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST: 
 
 
 @triton.jit
+def _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D, stride_am, stride_ak,
+                 stride_kn, stride_kk, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Candidate tile t against the anchor block, as both passes see it: (cols_in, s, z, excluded) with the columns
+    clamped to N - 1 (loads without masks; columns past N are excluded), the similarities and the logits (`_logits`)."""
+    cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_in = tl.minimum(cols, N - 1)
+    s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
+    z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+    return cols_in, s, z, excluded
+
+
+@triton.jit
 def _forward_kernel(
-    a_ptr, k_ptr, aid_ptr, alab_ptr, kid_ptr, klab_ptr, valid_ptr, params_ptr, scale_ptr,
+    a_ptr, k_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr, scale_ptr, alab_ptr, klab_ptr,
     max_ptr, sum_ptr, false_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, TILES_PER_SPLIT,
     EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr,
@@ -117,11 +115,9 @@ def _forward_kernel(
     false_mass = tl.zeros([BLOCK_M], tl.float32)
     first = pid_s * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, tl.cdiv(N, BLOCK_N))):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1)
-        s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, excluded = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+        cols_in, _, z, excluded = _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D,
+                                               stride_am, stride_ak, stride_kn, stride_kk, FAST, BLOCK_M, BLOCK_N,
+                                               BLOCK_K, EVEN_K, INPUT_PRECISION)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all excluded so far: exp2(-inf - 0) = 0
         e = _exp2(z - m_safe[:, None], FAST)
@@ -141,14 +137,14 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     a_ptr, k_ptr, aid_ptr, kid_ptr, valid_ptr, params_ptr, scale_ptr, lse_ptr,
-    pull_ptr, pull_sim_ptr,
+    pull_ptr,
     B, N, D, stride_am, stride_ak, stride_kn, stride_kk, TILES_PER_SPLIT,
     EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per row of the anchor block, over this split's candidate tiles, with P = exp2(z - lse) (lse in log2 units):
-    sum_j P_ij k_j on the feature columns [pid_d BLOCK_D, + BLOCK_D) into pull [split, row, :], and (first feature
-    chunk only) sum_j P_ij s_ij into pull_sim [split, row]."""
+    sum_j P_ij k_j on the feature columns [pid_d BLOCK_D, + BLOCK_D) into pull [split, row, :D], and (first feature
+    chunk only) sum_j P_ij s_ij into pull [split, row, D]."""
     pid_m, pid_d, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_in = tl.minimum(rows, B - 1)
@@ -161,25 +157,18 @@ def _backward_kernel(
     pull_sim = tl.zeros([BLOCK_M], tl.float32)
     first = pid_s * TILES_PER_SPLIT
     for t in range(first, tl.minimum(first + TILES_PER_SPLIT, tl.cdiv(N, BLOCK_N))):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols_in = tl.minimum(cols, N - 1)
-        s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
-        z, _ = _logits(s, cols, cols_in, aid, kid_ptr, valid_ptr, params_ptr, t2, N, FAST)
+        cols_in, s, z, _ = _tile_logits(t, a_ptr, k_ptr, kid_ptr, valid_ptr, params_ptr, rows_in, aid, t2, N, D,
+                                        stride_am, stride_ak, stride_kn, stride_kk, FAST, BLOCK_M, BLOCK_N, BLOCK_K,
+                                        EVEN_K, INPUT_PRECISION)
         p = _exp2(z - lse[:, None], FAST)
         pull_sim += tl.sum(p * s, axis=1)
         k = tl.load(k_ptr + cols_in.to(tl.int64)[:, None] * stride_kn + offs_d[None, :] * stride_kk,
                     mask=d_ok[None, :], other=0.0)
         pull = tl.dot(p.to(k.dtype), k, pull, input_precision=INPUT_PRECISION)
-    out = pid_s * B + rows
+    out = pull_ptr + (pid_s * B + rows).to(tl.int64) * (D + 1)  # rows of D + 1 values
     row_ok = rows < B
-    tl.store(pull_ptr + out.to(tl.int64)[:, None] * D + offs_d[None, :], pull, mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(pull_sim_ptr + out, pull_sim, mask=row_ok & (pid_d == 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    tl.store(out[:, None] + offs_d[None, :], pull, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(out + D, pull_sim, mask=row_ok & (pid_d == 0))
 
 
 def configs(b: int, d: int, dtype: torch.dtype, compiled: bool) -> tuple[Blocks, Blocks, int]:
@@ -202,108 +191,94 @@ def _splits(m_blocks: int, n_tiles: int, programs: int) -> tuple[int, int]:
     return max(1, triton.cdiv(n_tiles, max(tiles_per_split, 1))), max(tiles_per_split, 1)
 
 
-class _Launch:
-    """What both kernels read: the operands in the product's dtype, the index tensors, the coefficients, the grid."""
 
-    def __init__(self, anchors, scale, cand, stats, cfg, programs):
-        b, d = anchors.shape
-        n = cand.keys.shape[0]
-        self.device = anchors.device
+
+
+class _Operands:
+    """What both kernels read for one candidate run against anchors [n, D]: `inputs`, their first arguments (the
+    product's operands: the anchors cast to the narrower of the two dtypes, `_dot_dtype`, the keys as they lie; the
+    ids, the validity, the posterior's coefficients and the logit scale in log2 units), the launch shape and
+    constants."""
+
+    def __init__(self, anchors, scale, run, anchor_ids, coefficients, programs):
+        keys = run.keys
+        if not (anchors.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("the posterior InfoNCE's Triton kernels need CUDA tensors; on the CPU use impl='torch', "
+                               "or set TRITON_INTERPRET=1 before fne_kernels.fne_infonce is imported (slow, for tests)")
+        if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
+            raise ValueError(f"the posterior InfoNCE's Triton kernels need anchors [n, D] and keys [N, D]; got "
+                             f"{tuple(anchors.shape)} and {tuple(keys.shape)}")
+        for name, x in (("anchors", anchors), ("keys", keys)):
+            if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise ValueError(f"the posterior InfoNCE's Triton kernels: {name} must be bf16, fp16 or fp32, got "
+                                 f"{x.dtype}")
+        self.device = device = anchors.device
         self.compiled = anchors.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-        self.anchors = anchors.detach().to(_dot_dtype(anchors, cand.keys))
-        self.keys = cand.keys.detach()
-        self.scale = (scale.detach().float() * LOG2E).reshape(1).contiguous()  # log2(e) t
-        self.index = [x.to(device=self.device, dtype=dt).contiguous() for x, dt in (
-            (cand.anchor_ids, torch.long), (cand.anchor_labels, torch.long), (cand.key_ids, torch.long),
-            (cand.key_labels, torch.long), (cand.valid, torch.uint8))]
-        coefficients = log_odds_coefficients(stats, cfg, self.device)
-        self.params = torch.cat([coefficients[:1], coefficients[1:] * LOG2E])  # log2 units, mu+ as it is
-        self.forward, self.backward, self.block_d = configs(b, d, self.anchors.dtype, self.compiled)
+        a = anchors.detach().to(_dot_dtype(anchors, keys))
+        valid = torch.ones_like(run.ids, dtype=torch.bool) if run.valid is None else run.valid
+        self.inputs = (a, keys.detach(), self.long(anchor_ids), self.long(run.ids),
+                       valid.to(device).contiguous().view(torch.uint8),
+                       torch.cat([coefficients[:1], coefficients[1:] * LOG2E]).float(),  # log2 units, mu+ as it is
+                       (scale.detach().float() * LOG2E).reshape(1).contiguous())  # log2(e) t
+        b, d = anchors.shape
+        self.forward, self.backward, self.block_d = configs(b, d, a.dtype, self.compiled)
         if programs is None:
-            programs = PROGRAMS_PER_SM * _sm_count(self.device.index or 0) if self.compiled else INTERPRETER_PROGRAMS
+            programs = PROGRAMS_PER_SM * _sm_count(device.index or 0) if self.compiled else INTERPRETER_PROGRAMS
         self.programs = programs
-        self.shape = (b, n, d, self.anchors.stride(0), self.anchors.stride(1), self.keys.stride(0), self.keys.stride(1))
-        self.precision = "ieee" if self.anchors.dtype == torch.float32 else "tf32"  # only read for fp32 operands
+        self.shape = (b, keys.shape[0], d, a.stride(0), a.stride(1), keys.stride(0), keys.stride(1))
+        self.precision = "ieee" if a.dtype == torch.float32 else "tf32"  # only read for fp32 operands
 
-    def run_forward(self):
-        b, n, d = self.shape[:3]
-        blocks = self.forward
-        m_blocks = triton.cdiv(b, blocks.block_m)
-        splits, per_split = _splits(m_blocks, triton.cdiv(n, blocks.block_n), self.programs)
-        partials = [torch.empty(splits, b, dtype=torch.float32, device=self.device) for _ in range(3)]
-        if b == 0:
-            return partials
-        aid, alab, kid, klab, valid = self.index
-        _forward_kernel[(m_blocks, splits)](
-            self.anchors, self.keys, aid, alab, kid, klab, valid, self.params, self.scale, *partials, *self.shape,
-            per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision, FAST=self.compiled,
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, num_warps=blocks.num_warps,
-            num_stages=blocks.num_stages)
-        return partials
+    def long(self, index: torch.Tensor) -> torch.Tensor:
+        return index.to(device=self.device, dtype=torch.long).contiguous()
 
-    def run_backward(self, lse2):
-        b, n, d = self.shape[:3]
-        blocks = self.backward
-        m_blocks, d_blocks = triton.cdiv(b, blocks.block_m), triton.cdiv(d, self.block_d)
-        splits, per_split = _splits(m_blocks * d_blocks, triton.cdiv(n, blocks.block_n), self.programs)
-        pull = torch.empty(splits, b, d, dtype=torch.float32, device=self.device)
-        pull_sim = torch.empty(splits, b, dtype=torch.float32, device=self.device)
-        if b == 0:
-            return pull.sum(0), pull_sim.sum(0)
-        aid, _, kid, _, valid = self.index
-        _backward_kernel[(m_blocks, d_blocks, splits)](
-            self.anchors, self.keys, aid, kid, valid, self.params, self.scale, lse2.contiguous(), pull, pull_sim,
-            *self.shape, per_split, EVEN_K=d % blocks.block_k == 0, INPUT_PRECISION=self.precision, FAST=self.compiled,
-            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k, BLOCK_D=self.block_d,
-            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-        return pull.sum(0), pull_sim.sum(0)
+    def splits(self, blocks: Blocks, programs_per_split: int) -> tuple[int, int]:
+        """(splits, tiles per split) of the candidates for a grid of `programs_per_split` programs per split."""
+        return _splits(programs_per_split, triton.cdiv(self.shape[1], blocks.block_n), self.programs)
+
+    def constants(self, blocks: Blocks) -> dict:
+        return dict(EVEN_K=self.shape[2] % blocks.block_k == 0, INPUT_PRECISION=self.precision, FAST=self.compiled,
+                    BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+                    num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-class _TritonPosteriorInfoNCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, anchors, scale, pos_keys, cand, stats, cfg, programs):
-        launch = _Launch(anchors, scale, cand, stats, cfg, programs)
-        t = scale.detach().float()
-        pos = (anchors.detach().float() * pos_keys.float()).sum(1)
-        pos2 = pos * t.reshape(()) * LOG2E
-        row_max, row_sum, false_sum = launch.run_forward()
-        top = torch.maximum(pos2, row_max.amax(0))  # finite: the positive's logit
-        rescale = torch.exp2(row_max - top)  # 0 for splits whose candidates were all excluded
-        total = torch.exp2(pos2 - top) + (row_sum * rescale).sum(0)
-        false_prob = (false_sum * rescale).sum(0) / total
-        lse2 = top + torch.log2(total)
-        ctx.save_for_backward(t, pos_keys, pos, lse2)
-        ctx.launch, ctx.dtype = launch, anchors.dtype
-        ctx.mark_non_differentiable(false_prob)
-        return (lse2 - pos2) / LOG2E, false_prob
+def triton_lse_partials(anchors: torch.Tensor, scale: torch.Tensor, run, anchor_ids: torch.Tensor,
+                        anchor_labels: torch.Tensor, coefficients: torch.Tensor, programs: int | None = None
+                        ) -> torch.Tensor:
+    """`fne_dist.infonce.lse_partials` of one candidate run by `_forward_kernel`: [n, 3] fp32 per anchor of anchors
+    [n, D] (any strides) over `run` (a `fne_dist.infonce.Candidates`: keys [N, D], ids, labels [N], valid [N] or
+    None), in natural-log units: the largest logit (-inf: none), the sum of exp(logit - it), the same sum over
+    labelled false negatives.  scale: the logit scale (one element); coefficients: `log_odds_coefficients`.
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_false_prob):
-        t, pos_keys, pos, lse2 = ctx.saved_tensors
-        pull, pull_sim = ctx.launch.run_backward(lse2)
-        p_pos = torch.exp2(pos * t.reshape(()) * LOG2E - lse2)
-        grad_anchors, grad_scale = infonce_gradients(grad_loss, t, pos_keys, pos, p_pos, pull, pull_sim)
-        return grad_anchors.to(ctx.dtype), grad_scale, None, None, None, None, None
+    anchors and keys in bf16, fp16 or fp32 (the product runs in the narrower dtype, fp32 accumulation); `programs`:
+    about how many programs share the candidates (default PROGRAMS_PER_SM per SM).  CUDA tensors, or CPU tensors
+    under TRITON_INTERPRET=1 (set before fne_kernels.fne_infonce is imported)."""
+    ops = _Operands(anchors, scale, run, anchor_ids, coefficients, programs)
+    n = len(anchors)
+    if n == 0 or len(run.ids) == 0:
+        return torch.tensor([float("-inf"), 0.0, 0.0], device=ops.device).repeat(n, 1)
+    m_blocks = triton.cdiv(n, ops.forward.block_m)
+    splits, per_split = ops.splits(ops.forward, m_blocks)
+    partials = torch.empty(3, splits, n, dtype=torch.float32, device=ops.device)  # max, sum, false sum
+    _forward_kernel[(m_blocks, splits)](*ops.inputs, ops.long(anchor_labels), ops.long(run.labels), *partials,
+                                        *ops.shape, per_split, **ops.constants(ops.forward))
+    merged = merge_partials(partials.permute(1, 2, 0), torch.exp2)  # the splits, exactly, in log2 units
+    merged[:, 0] *= LN2  # sum_j exp2(z_j - m) = sum_j exp(logit_j - m ln 2): only the max changes units
+    return merged
 
 
-def triton_posterior_infonce(anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, cand,
-                             stats: SimilarityStats, cfg: FNEConfig, programs: int | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernels: same arguments and results as `fne_dist.infonce.posterior_infonce` (per-row losses with
-    gradients into `anchors` and `scale`, and the softmax mass on labelled false negatives; `cand` a
-    `fne_dist.infonce.CandidateSet`, not imported here: fne_dist.infonce dispatches to this module).
-
-    anchors [b, D] and keys [N, D] in bf16, fp16 or fp32 (the product runs in the narrower dtype, fp32
-    accumulation); `programs`: about how many programs share the candidates (default PROGRAMS_PER_SM per SM).
-    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set before fne_kernels.fne_infonce is imported).
-    """
-    if not (anchors.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise RuntimeError("triton_posterior_infonce needs CUDA tensors; on the CPU use impl='torch', or set "
-                           "TRITON_INTERPRET=1 before fne_kernels.fne_infonce is imported (slow, for tests)")
-    if anchors.dim() != 2 or cand.keys.dim() != 2 or anchors.shape[1] != cand.keys.shape[1]:
-        raise ValueError(f"triton_posterior_infonce needs anchors [b, D] and keys [N, D]; got "
-                         f"{tuple(anchors.shape)} and {tuple(cand.keys.shape)}")
-    for name, x in (("anchors", anchors), ("keys", cand.keys)):
-        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"triton_posterior_infonce: {name} must be bf16, fp16 or fp32, got {x.dtype}")
-    return _TritonPosteriorInfoNCE.apply(anchors, scale, pos_keys.detach(), cand, stats, cfg, programs)
+def triton_pull_partials(anchors: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor, run, anchor_ids: torch.Tensor,
+                         coefficients: torch.Tensor, programs: int | None = None) -> torch.Tensor:
+    """`fne_dist.infonce.pull_partials` of one candidate run by `_backward_kernel`: [n, D + 1] fp32 per anchor of
+    anchors [n, D] with log-sum-exp lse [n] (natural log): over `run`, sum_j P_ij k_j and sum_j P_ij s_ij
+    (P: the softmax).  Arguments as `triton_lse_partials`."""
+    ops = _Operands(anchors, scale, run, anchor_ids, coefficients, programs)
+    n, d = anchors.shape
+    if n == 0 or len(run.ids) == 0:
+        return torch.zeros(n, d + 1, dtype=torch.float32, device=ops.device)
+    m_blocks, d_blocks = triton.cdiv(n, ops.backward.block_m), triton.cdiv(d, ops.block_d)
+    splits, per_split = ops.splits(ops.backward, m_blocks * d_blocks)
+    pull = torch.empty(splits, n, d + 1, dtype=torch.float32, device=ops.device)
+    lse2 = (lse.float() * LOG2E).contiguous()  # the kernel's log2 units
+    _backward_kernel[(m_blocks, d_blocks, splits)](*ops.inputs, lse2, pull, *ops.shape, per_split,
+                                                   BLOCK_D=ops.block_d, **ops.constants(ops.backward))
+    return pull.sum(0)

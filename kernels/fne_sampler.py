@@ -215,6 +215,31 @@ def _weights(s, excluded, beta, gamma, row_cut, cut_global, mean_pos, qa, qb, qc
 
 
 @triton.jit
+def _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """s [BLOCK_M, BLOCK_N] = anchors[rows_in] . keys[cols_in] in fp32, by `tl.dot` over BLOCK_K chunks of the
+    features (keys cast to the anchors' dtype on load; only a width D that is not a multiple of BLOCK_K needs a
+    mask).  The rows and columns are in range (clamped by the caller).  Shared by the sampler's main loop and the
+    posterior InfoNCE's kernels (fne_infonce)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            kt = tl.load(k_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < D, other=0.0)
+            kt = tl.load(k_ptrs, mask=(k0 + offs_k)[:, None] < D, other=0.0)
+        s = tl.dot(a, kt.to(a.dtype), s, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        k_ptrs += BLOCK_K * stride_kk
+    return s
+
+
+@triton.jit
 def _column_pieces(x, HALVINGS: tl.constexpr):
     """x [rows, cols] -> a tuple of its 2^HALVINGS column pieces in order, each thread keeping its own elements (the
     pieces are views of the registers, no data moves)."""
@@ -305,8 +330,6 @@ def _fne_blocks_kernel(
     k1 = _word64(key1_lo, key1_hi)
     k2 = _word64(key2_lo, key2_hi)
     global_rows = row_offset.to(tl.int64) + rows
-    offs_k = tl.arange(0, BLOCK_K)
-    a_base = a_ptr + rows_in.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
 
     rule = (beta[:, None], gamma[:, None], row_cut[:, None], cut_global, mean_pos, qa, qb, qc, pos_radius, neg_tau2,
             official_logit2, keep_min)
@@ -320,20 +343,8 @@ def _fne_blocks_kernel(
     for t in range(first, last):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_in = cols if EVEN_N else tl.minimum(cols, N - 1)
-        a_ptrs = a_base
-        k_ptrs = k_ptr + cols_in.to(tl.int64)[None, :] * stride_kn + offs_k[:, None] * stride_kk
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                kt = tl.load(k_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < D, other=0.0)
-                kt = tl.load(k_ptrs, mask=(k0 + offs_k)[:, None] < D, other=0.0)
-            s = tl.dot(a, kt.to(a.dtype), s, input_precision=INPUT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            k_ptrs += BLOCK_K * stride_kk
-
+        s = _similarities(a_ptr, k_ptr, rows_in, cols_in, D, stride_am, stride_ak, stride_kn, stride_kk,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION)
         s_pieces = _column_pieces(s, HALVINGS)
         col_pieces = _column_pieces(cols[None, :], HALVINGS)
         for g in tl.static_range(len(s_pieces) // BLOCK_PIECES):  # groups of pieces that cover whole blocks

@@ -1,8 +1,9 @@
 """The posterior InfoNCE objectives over the buffer in both layouts: on 1, 2 and 4 gloo ranks the sharded buffer gives
 the replicated buffer's losses, diagnostics and gradients (anchors and logit scale), fp32 and bf16 keys, with a ring
 smaller than world x SAMPLE_BLOCK (the last ranks hold no candidates) through wrap-around, and both equal the dense
-reference over the joined candidates; the queue-only form (for objectives that read the queue alone) too; and a
-step reads the ring in place (no allocation as large as the ring)."""
+reference over the joined candidates; the queue-only form (for objectives that read the queue alone) too; on 2 ranks
+the same through the fused Triton kernels (impl="triton", the interpreter); and a step reads the ring in place (no
+allocation as large as the ring)."""
 from dataclasses import replace
 
 import pytest
@@ -48,13 +49,13 @@ def dense_loss(objective: Objective, keys: GlobalKeys, ia, ta, ik, tk, ids, labe
     return loss
 
 
-def run(cfg: FNESection, rank: int, world: int, *, dense: bool = False):
-    """STEPS of Objective.loss, its gradients and commit on this rank's rows: per step the loss, the gradients
+def run(cfg: FNESection, rank: int, world: int, *, dense: bool = False, steps: int = STEPS):
+    """`steps` of Objective.loss, its gradients and commit on this rank's rows: per step the loss, the gradients
     of ia, ta and the logit scale, the diagnostics (and with `dense` the dense reference's loss and gradients)."""
     b = G // world
     objective = Objective(cfg, D, torch.device("cpu"), seed=5)
     got = []
-    for step in range(STEPS):
+    for step in range(steps):
         ia, ta, ik, tk, ids, labels = batch(step, slice(rank * b, (rank + 1) * b))
         ia, ta = ia.requires_grad_(), ta.requires_grad_()
         scale = torch.tensor([SCALE], requires_grad=True)
@@ -106,6 +107,34 @@ def test_buffer_infonce_equals_the_dense_reference(ranks, dtype):
             for g, want in zip(rep["grads"], rep["dense_grads"]):
                 torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5, msg=f"step {step}")
             assert rep["diagnostics"].isfinite().all() and rep["diagnostics"][-1] > 0  # false-negative mass seen
+
+
+def fused_layouts(rank: int, world: int):
+    """Three steps of both layouts through the Triton kernels (impl="triton"; the interpreter on the CPU, fp32 keys:
+    bf16 is wrong there) and of the replicated buffer through the torch tiles."""
+    return {(layout, impl): run(replace(RULE, buffer=layout, impl=impl, queue_dtype="float32"), rank, world,
+                                steps=3)
+            for layout, impl in (("replicated", "triton"), ("sharded", "triton"), ("replicated", "torch"))}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the gloo ranks hold CPU tensors: the kernels run in Triton's "
+                    "interpreter, which conftest.py turns on only where there is no GPU")
+def test_sharded_triton_infonce_equals_the_replicated_one(tmp_path):
+    """impl="triton" on 2 gloo ranks: every rank reads its runs (its part of the batch, its ring slots) with the
+    kernels against all G anchors and the partials are exchanged; losses, diagnostics and gradients equal the
+    replicated buffer's through the kernels (two runs: batch and queue) up to fp32 rounding (other runs, other
+    splits: rtol 1e-5), and those equal the torch tiles' (the kernels' tolerances, tests/test_triton_infonce.py)."""
+    for rank, got in enumerate(gloo_ranks(fused_layouts, 2, tmp_path)):
+        steps = zip(got["sharded", "triton"], got["replicated", "triton"], got["replicated", "torch"])
+        for step, (shard, rep, tiles) in enumerate(steps):
+            where = f"rank {rank} step {step}"
+            torch.testing.assert_close(shard["loss"], rep["loss"], rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(shard["diagnostics"], rep["diagnostics"], rtol=1e-5, atol=1e-6, msg=where)
+            for g_shard, g_rep in zip(shard["grads"], rep["grads"]):
+                torch.testing.assert_close(g_shard, g_rep, rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(rep["loss"], tiles["loss"], rtol=1e-5, atol=1e-5, msg=where)
+            for g_rep, g_tiles in zip(rep["grads"], tiles["grads"]):
+                torch.testing.assert_close(g_rep, g_tiles, rtol=1e-4, atol=1e-5, msg=where)
 
 
 def queue_only(rank: int, world: int):

@@ -1,5 +1,8 @@
 """The fused posterior-weighted InfoNCE (kernels/fne_infonce.py) against the torch streaming path and the dense
-autograd reference (fne_dist.infonce), and the quadratic log-odds against `true_negative_prob`.
+autograd reference (fne_dist.infonce): the kernels' partials of one candidate run against the torch tiles' partials,
+the loss with impl="triton" over one run and over several (the replicated buffer's batch and queue segments)
+against impl="torch", and the quadratic log-odds against `true_negative_prob`.  (Sharded over gloo ranks with
+impl="triton": tests/test_sharded_infonce.py.)
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) with blocks of 64
 anchors x 128 candidates, so the shapes below are not multiples of the blocks and N spans several candidate splits.
@@ -17,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fne_dist.infonce import (CandidateSet, Candidates, dense_posterior_infonce, posterior_infonce,
-                             streamed_posterior_infonce)
+from fne_dist.infonce import (CandidateSet, Candidates, combine_partials, dense_posterior_infonce, lse_partials,
+                             posterior_infonce, pull_partials, streamed_posterior_infonce)
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, log_odds_coefficients, true_negative_prob
 
@@ -128,19 +131,78 @@ def test_large_scale_and_sharp_posterior():
     assert_matches(tri, run("torch", anchors, pos_keys, cand, SHARP, scale=100.0), rtol_grad=2e-4)
 
 
-def test_splits_do_not_change_the_result():
-    """One program over all candidates, or one tile per program: the same sums up to rounding."""
-    from fne_kernels.fne_infonce import triton_posterior_infonce
+def partials_of_both(anchors, pos_keys, cand, stats, scale=14.0):
+    """One run's forward partials [n, 3] and backward partials [n, D + 1] from the kernels and from the torch tiles
+    (tiles of 50 candidates), the backward at the torch path's log-sum-exp."""
+    from fne_kernels.fne_infonce import triton_lse_partials, triton_pull_partials
 
-    anchors, pos_keys, cand = problem(11, 700, 24, seed=2)
+    run = Candidates(cand.keys, cand.key_ids, cand.key_labels, cand.valid)
+    a, t = anchors.float(), torch.tensor([scale], device=anchors.device)
+    coefficients = log_odds_coefficients(stats, CFG, anchors.device)
+    ids, labels = cand.anchor_ids, cand.anchor_labels
+    torch_lse = lse_partials(a, t, [run], ids, labels, coefficients, tile=50)
+    lse, _ = combine_partials((a * pos_keys.float()).sum(1) * t, torch_lse[None])
+    return ((triton_lse_partials(a, t, run, ids, labels, coefficients), torch_lse),
+            (triton_pull_partials(a, t, lse, run, ids, coefficients), pull_partials(a, t, lse, [run], ids, coefficients,
+                                                                                    tile=50)))
+
+
+def normalised(partials):
+    """(log-sum-exp over the run, false-negative share of it) per row: the kernel's max is the largest logit, the
+    torch tiles' a bound within log 2 of it, so the sums differ by that factor and these do not."""
+    m, total, false_mass = partials.unbind(1)
+    return m + total.log(), false_mass / total
+
+
+@pytest.mark.parametrize("b,n,d,stats", [(37, 301, 17, READY), (1, 5, 3, READY), (70, 400, 48, SHARP),
+                                         (5, 129, 64, NOT_READY)])
+def test_kernel_partials_are_the_torch_tiles_partials(b, n, d, stats):
+    """The kernels as a provider of `lse_partials` / `pull_partials` for one run (odd shapes, several kernel tiles
+    and splits, masked slots): the forward partials in natural-log units give the torch tiles' log-sum-exp and
+    false-negative share (rtol 1e-5: log2/exp2, other summation orders), the backward partials their sums (rtol 1e-4,
+    atol 1e-5, as the gradients)."""
+    anchors, pos_keys, cand = problem(b, n, d, seed=b)
+    (tri_lse, ref_lse), (tri_pull, ref_pull) = partials_of_both(anchors, pos_keys, cand, stats)
+    assert tri_lse.shape == (b, 3) and tri_pull.shape == (b, d + 1)
+    for got, want in zip(normalised(tri_lse), normalised(ref_lse)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tri_pull, ref_pull, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_partials_of_rows_and_runs_without_candidates():
+    """A row whose candidates are all its own id or invalid gets the neutral partials (-inf, 0, 0) and a zero pull,
+    as from the torch tiles; an empty run gives them to every row without a launch."""
+    anchors, pos_keys, cand = problem(9, 300, 20, seed=5)
+    cand.key_ids[::2] = 0  # row 0's own id on every other column ...
+    cand.valid[1::2] = False  # ... and the rest invalid
+    (tri_lse, ref_lse), (tri_pull, ref_pull) = partials_of_both(anchors, pos_keys, cand, READY)
+    neutral = torch.tensor([float("-inf"), 0.0, 0.0], device=anchors.device)
+    assert torch.equal(tri_lse[0], neutral) and torch.equal(ref_lse[0], neutral) and (tri_pull[0] == 0).all()
+    torch.testing.assert_close(normalised(tri_lse[1:])[0], normalised(ref_lse[1:])[0], rtol=1e-5, atol=1e-6)
+    empty = CandidateSet(cand.keys[:0], cand.key_ids[:0], cand.key_labels[:0], cand.valid[:0], cand.anchor_ids,
+                         cand.anchor_labels)
+    (tri_lse, _), (tri_pull, _) = partials_of_both(anchors, pos_keys, empty, READY)
+    assert torch.equal(tri_lse, neutral.expand(9, 3)) and not tri_pull.any()
+
+
+def test_splits_do_not_change_the_partials():
+    """One program over all candidates, or one tile per program: the same partials up to rounding (the forward's
+    splits merged exactly in base 2, the backward's summed)."""
+    from fne_kernels.fne_infonce import triton_lse_partials, triton_pull_partials
+
+    anchors, _, cand = problem(11, 700, 24, seed=2)
+    run = Candidates(cand.keys, cand.key_ids, cand.key_labels, cand.valid)
+    t = torch.tensor(14.0, device=anchors.device)
+    coefficients = log_odds_coefficients(READY, CFG, anchors.device)
     results = []
     for programs in (1, 64):
-        a = anchors.clone().requires_grad_()
-        rows, false_prob = triton_posterior_infonce(a, torch.tensor(14.0, device=a.device), pos_keys, cand, READY,
-                                                    CFG, programs=programs)
-        results.append((rows.detach(), false_prob, *torch.autograd.grad(rows.sum(), a)))
-    for one, many in zip(*results):
-        torch.testing.assert_close(one, many, rtol=1e-5, atol=1e-5)
+        forward = triton_lse_partials(anchors, t, run, cand.anchor_ids, cand.anchor_labels, coefficients, programs)
+        lse = forward[:, 0] + forward[:, 1].log()
+        results.append((forward, triton_pull_partials(anchors, t, lse, run, cand.anchor_ids, coefficients, programs)))
+    (one_fwd, one_pull), (many_fwd, many_pull) = results
+    torch.testing.assert_close(one_fwd[:, 0], many_fwd[:, 0], rtol=0, atol=0)  # the largest logit, in any order
+    torch.testing.assert_close(one_fwd, many_fwd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one_pull, many_pull, rtol=1e-5, atol=1e-6)
 
 
 def test_fp16_operands():
@@ -174,27 +236,30 @@ def test_dispatch():
     assert math.isfinite(float(auto[0].sum()))
 
 
-def test_streamed_dispatch_serves_one_run_and_falls_back_over_several():
-    """`streamed_posterior_infonce` (the buffer's InfoNCE): impl="triton" over one run (valid=None: every slot) is
-    the fused kernels, equal to the torch tiles; over two runs the torch tiles serve it (bit-identical)."""
-    anchors, pos_keys, cand = problem(13, 260, 16, seed=9)
-    keep = cand.valid
-    keys, ids, labels = cand.keys[keep], cand.key_ids[keep], cand.key_labels[keep]
-    args = (cand.anchor_ids, cand.anchor_labels, READY, CFG)
-    one = [Candidates(keys, ids, labels, None)]
-    two = [Candidates(keys[:100], ids[:100], labels[:100], None), Candidates(keys[100:], ids[100:], labels[100:], None)]
+def test_several_runs_triton_equals_torch():
+    """`streamed_posterior_infonce` (the buffer's InfoNCE) over several runs: a batch-like run without a validity
+    mask (valid=None), a ring-like run with invalid slots, an empty run and a run of one tile: impl="triton" (each
+    run's partials from the kernels, merged) gives the torch tiles' losses, false-negative mass and gradients of the
+    anchors and the logit scale (the tolerances of the one-run tests), and both equal the dense reference over the
+    joined candidates."""
+    anchors, pos_keys, cand = problem(13, 330, 20, seed=9)
+    keys, ids, labels, valid = cand.keys, cand.key_ids, cand.key_labels, cand.valid
+    valid[:130] = True
+    runs = [Candidates(keys[:130], ids[:130], labels[:130], None), Candidates(keys[130:130], ids[130:130],
+            labels[130:130], valid[130:130]), Candidates(keys[130:300], ids[130:300], labels[130:300], valid[130:300]),
+            Candidates(keys[300:], ids[300:], labels[300:], valid[300:])]
 
-    def losses(runs, impl):
+    def losses(impl):
         a = anchors.clone().requires_grad_()
-        rows, false_prob = streamed_posterior_infonce(a, torch.tensor(14.0), pos_keys, runs, *args, impl=impl)
-        return rows.detach(), false_prob, *torch.autograd.grad(rows.sum(), a)
+        t = torch.tensor([14.0], device=a.device, requires_grad=True)
+        rows, false_prob = streamed_posterior_infonce(a, t, pos_keys, runs, cand.anchor_ids, cand.anchor_labels,
+                                                      READY, CFG, impl=impl)
+        grad_out = torch.randn(len(a), generator=torch.Generator().manual_seed(3)).to(a.device)
+        return (rows.detach(), false_prob, *torch.autograd.grad((rows * grad_out).sum(), (a, t)))
 
-    fused, torch_one = losses(one, "triton"), losses(one, "torch")
-    for x, y in zip(fused, torch_one):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-    assert all(torch.equal(x, y) for x, y in zip(losses(two, "triton"), losses(two, "torch")))
-    for x, y in zip(losses(two, "torch"), torch_one):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    fused = losses("triton")
+    assert_matches(fused, losses("torch"))
+    assert_matches(fused, run("dense", anchors, pos_keys, cand, READY, scale=14.0, seed=3))
 
 
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
