@@ -22,6 +22,7 @@ from fne_dist.stats import NEG_FITS, RESET_POLICIES
 from fne_dist.weights import CUTDOWNS, IMPLS, MODES, FNEConfig
 
 QUEUE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 on GPUs, float32 on CPUs
+SOFT_TEACHERS = ("posterior", "uniform")  # soft_clip's target spread: FNE's posterior, or uniform (label smoothing)
 KEYS = ("momentum", "online")  # where the batch's keys come from: momentum towers, or the online features detached
 RELEASED_PRIOR_RATIO = 10000.0  # the released code's, the default of mode official
 POSTERIOR_PRIOR_RATIO = 100.0  # the default wherever the posterior eliminates (issue 14's first measurement)
@@ -91,6 +92,7 @@ class FNESection:
     queue_weight: float = 1.0  # clip_queue: weight of the memory term (InfoNCE against the queue) beside ClipLoss
     queue_start_epoch: int = 1  # clip_queue: first epoch (0-based) with the memory term; before it plain CLIP
     soft_alpha: float = 0.4  # soft_clip: the posterior's share of each row's target (0: ClipLoss)
+    soft_teacher: str = "posterior"  # soft_clip: posterior (FNE) | uniform (label smoothing: the control without FNE)
     neg_fit: str = "hardest"  # the negative Gaussian's data: hardest in-batch negatives | all in-batch pairs
     prior_fit: bool = False  # fit the prior of a false negative by online EM (prior_ratio: its value until then)
     margin: float = 0.2
@@ -261,6 +263,7 @@ def validate(cfg: Config) -> None:
     _choice("fne.impl", f.impl, IMPLS)
     _choice("fne.stats_reset", f.stats_reset, RESET_POLICIES)
     _choice("fne.neg_fit", f.neg_fit, NEG_FITS)
+    _choice("fne.soft_teacher", f.soft_teacher, SOFT_TEACHERS)
     if not 0 <= f.soft_alpha <= 1:
         raise ConfigError(f"fne.soft_alpha={f.soft_alpha} must lie in [0, 1] (the posterior's share of the target)")
     if not f.queue_weight >= 0:

@@ -128,6 +128,18 @@ def test_soft_clip_is_clip_with_alpha_zero_or_without_a_posterior(stats, alpha):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
 
 
+def test_soft_clip_with_the_uniform_teacher_is_label_smoothing():
+    alpha = 0.3
+    out, grads, (ia, ta, *_, scale) = loss_and_grads(make("soft_clip", soft_alpha=alpha, soft_teacher="uniform"), None)
+    logits = scale * ia @ ta.T
+    rows = torch.arange(len(ia))
+    want = (F.cross_entropy(logits, rows, label_smoothing=alpha) + F.cross_entropy(logits.T, rows,
+                                                                                   label_smoothing=alpha)) / 2
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-7)
+    for g, w in zip(grads, torch.autograd.grad(want, (ia, ta, scale))):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_soft_clip_against_targets_written_out():
     alpha = 0.3
     out, grads, (ia, ta, ik, tk, ids, labels, scale) = loss_and_grads(make("soft_clip", soft_alpha=alpha), None)

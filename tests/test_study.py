@@ -181,8 +181,9 @@ def test_the_family_is_what_reads_the_posterior():
 
     assert [uses_posterior(cfg(**VARIANTS[v])) for v in ("CLIP InfoNCE", "VSE++", "hardness-only", "FNE official",
                                                         "FNE bayes", "buffer InfoNCE (posterior off)", "CLIP + memory",
-                                                        "CLIP + memory, posterior", "posterior soft targets")] == [
-        False, False, False, True, True, False, False, True, True]
+                                                        "CLIP + memory, posterior", "posterior soft targets",
+                                                        "label smoothing (control)")] == [
+        False, False, False, True, True, False, False, True, True, False]
     assert not uses_posterior(cfg(**VARIANTS["posterior soft targets"], oracle=True))
 
 

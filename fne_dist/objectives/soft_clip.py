@@ -14,12 +14,17 @@ class SoftClip(Clip):
     row i's target is (1 - fne.soft_alpha) x pair i's one-hot + fne.soft_alpha x the row's posterior P(positive | s)
     normalised, on the detached similarities of the global batch's momentum keys (each pair's own column
     included).  A row whose posterior is all zero (before the statistics are ready) keeps the one-hot; with
-    soft_alpha 0 it is ClipLoss."""
+    soft_alpha 0 it is ClipLoss.  fne.soft_teacher=uniform spreads the share evenly instead (label smoothing over
+    the global batch): the control that separates what FNE's posterior adds from what any softer target does."""
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         per_image, per_text = self.logits(x)
         with torch.no_grad():
-            positive = 1 - true_negative_prob(x.keys.image.float() @ x.keys.text.float().T, x.stats, self.rule)
+            sims = x.keys.image.float() @ x.keys.text.float().T
+            if self.cfg.soft_teacher == "uniform":  # label smoothing: the control that tells what the posterior adds
+                positive = torch.ones_like(sims)
+            else:
+                positive = 1 - true_negative_prob(sims, x.stats, self.rule)
             if self.cfg.oracle:  # the masked pairs are out of the softmax: no target mass on them
                 positive = positive.masked_fill(others_of_key(x.keys.ids), 0)
         alpha = self.cfg.soft_alpha

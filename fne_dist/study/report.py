@@ -128,9 +128,10 @@ def oracle_verdicts(rows: list[dict]) -> str:
 
 
 def uses_posterior(cfg) -> bool:
-    """FNE's family: an objective that reads the posterior (not CLIP or VSE++, not hardness-only, not an oracle, its
-    posterior not switched off by a huge prior ratio)."""
+    """FNE's family: an objective that reads the posterior (not CLIP or VSE++, not hardness-only, not label
+    smoothing, not an oracle, its posterior not switched off by a huge prior ratio)."""
     return (cfg.objective not in ("clip", "vsepp") and not (cfg.objective == "fne" and cfg.mode == "hardness")
+            and not (cfg.objective == "soft_clip" and cfg.soft_teacher == "uniform")
             and not cfg.oracle and cfg.resolved_prior_ratio() < POSTERIOR_OFF)
 
 

@@ -69,6 +69,8 @@ VARIANTS = {
     "CLIP + memory, calibrated": dict(objective="clip_queue", neg_fit="all", prior_fit=True),
     "posterior soft targets": dict(objective="soft_clip"),
     "posterior soft targets, calibrated": dict(objective="soft_clip", neg_fit="all", prior_fit=True),
+    # the same target share spread evenly (label smoothing): what a softer target gives without FNE's posterior
+    "label smoothing (control)": dict(objective="soft_clip", soft_teacher="uniform"),
     "posterior InfoNCE, calibrated": dict(objective="posterior_infonce", neg_fit="all", prior_fit=True),
 }
 # name -> {setting: values tried on validation} (fne section fields, or "lr"); a variant not named has one point
@@ -80,7 +82,8 @@ GRIDS = {**{name: {"prior_ratio": PRIOR_RATIOS}
          "CLIP + memory, posterior": {"queue_weight": QUEUE_WEIGHTS, "prior_ratio": PRIOR_RATIOS},
          "CLIP + memory, calibrated": {"queue_weight": QUEUE_WEIGHTS},
          "posterior soft targets": {"soft_alpha": (0.2, 0.4, 0.6), "prior_ratio": PRIOR_RATIOS},
-         "posterior soft targets, calibrated": {"soft_alpha": (0.2, 0.4, 0.6)}}
+         "posterior soft targets, calibrated": {"soft_alpha": (0.2, 0.4, 0.6)},
+         "label smoothing (control)": {"soft_alpha": (0.2, 0.4, 0.6)}}
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
 SWEPT = ("posterior InfoNCE", "CLIP + memory")  # what `python -m fne_dist.study` sweeps unless told
 
