@@ -173,6 +173,8 @@ def test_family_verdict_picks_on_validation_and_holds_the_issues_targets():
         "oracle's +4.0 (CLIP InfoNCE oracle): target met (> 2 SE and at least half)\n"
         "- b: soft (best of FNE's family on validation): -0.6 ± 0.5 group_rsum over CLIP on test: target missed (no "
         "oracle beats CLIP by 2 SE here; no worse than CLIP by more than 1 SE)\n")
+    without_oracles = [r for r in rows if "oracle" not in r["objective"] and r["dataset"] == "b"]
+    assert "(no oracle run here; no worse" in family_verdicts(without_oracles, grid, family)
 
 
 def test_the_family_is_what_reads_the_posterior():
