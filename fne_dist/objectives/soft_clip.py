@@ -20,11 +20,10 @@ class SoftClip(Clip):
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         per_image, per_text = self.logits(x)
         with torch.no_grad():
-            sims = x.keys.image.float() @ x.keys.text.float().T
             if self.cfg.soft_teacher == "uniform":  # label smoothing: the control that tells what the posterior adds
-                positive = torch.ones_like(sims)
+                positive = torch.ones(len(x.keys.image), len(x.keys.text), device=x.keys.image.device)
             else:
-                positive = 1 - true_negative_prob(sims, x.stats, self.rule)
+                positive = 1 - true_negative_prob(x.keys.image.float() @ x.keys.text.float().T, x.stats, self.rule)
             if self.cfg.oracle:  # the masked pairs are out of the softmax: no target mass on them
                 positive = positive.masked_fill(others_of_key(x.keys.ids), 0)
         alpha = self.cfg.soft_alpha

@@ -109,16 +109,26 @@ def plain_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict_key(rows: list[dict]) -> str | None:
+    """The paired difference the verdicts read: group-aware where measured, else the exact one (None: no baseline)."""
+    return next((f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0]), None)
+
+
+def best_oracle(rows: list[dict], dataset: str, key: str) -> dict | None:
+    """The set's oracle row with the largest paired difference `key` (None where no oracle ran)."""
+    oracles = [r for r in rows if r["dataset"] == dataset and ORACLE in r["objective"] and not math.isnan(r[key])]
+    return max(oracles, key=lambda r: r[key], default=None)
+
+
 def oracle_verdicts(rows: list[dict]) -> str:
     """Per set, whether eliminating false negatives can matter there: the best oracle's paired difference from
     CLIP (group-aware where measured) against twice its standard error."""
-    key = next((f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0]), None)
+    key = verdict_key(rows)
     lines = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows) if key else ():
-        oracles = [r for r in rows if r["dataset"] == dataset and ORACLE in r["objective"] and not math.isnan(r[key])]
-        if not oracles:
+        best = best_oracle(rows, dataset, key)
+        if best is None:
             continue
-        best = max(oracles, key=lambda r: r[key])
         gain = f"{best['objective']}: {best[key]:+.1f} ± {best[f'{key}_se']:.1f} {key[2:]}"
         lines.append(f"- {dataset}: elimination can matter ({gain} over CLIP, more than 2 SE)"
                      if best[key] > 2 * best[f"{key}_se"] else
@@ -140,7 +150,7 @@ def family_verdicts(rows: list[dict], grid: list[dict], family: set) -> str:
     validation score (its chosen point, mean over the selection seeds: the test split chooses nothing), its paired
     difference from CLIP on test against 2 SE where an oracle beats CLIP by more than 2 SE (and the share of the
     best oracle's gain it recovers), else against -1 SE (FNE must not cost accuracy)."""
-    key = next((f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0]), None)
+    key = verdict_key(rows)
     lines = []
     for dataset in dict.fromkeys(r["dataset"] for r in rows) if key else ():
         chosen = [g for g in grid if g["dataset"] == dataset and g["chosen"] and (dataset, g["objective"]) in family]
@@ -152,8 +162,7 @@ def family_verdicts(rows: list[dict], grid: list[dict], family: set) -> str:
         best = max(val, key=lambda v: sum(val[v]) / len(val[v]))
         row = next(r for r in rows if r["dataset"] == dataset and r["objective"] == best)
         gain, se = row[key], row[f"{key}_se"]
-        oracles = [r for r in rows if r["dataset"] == dataset and ORACLE in r["objective"] and not math.isnan(r[key])]
-        bound = max(oracles, key=lambda r: r[key], default=None)
+        bound = best_oracle(rows, dataset, key)
         said = f"{best} (best of FNE's family on validation): {gain:+.1f} ± {se:.1f} {key[2:]} over CLIP on test"
         if bound is not None and bound[key] > 2 * bound[f"{key}_se"]:
             share = gain / bound[key]
@@ -161,7 +170,7 @@ def family_verdicts(rows: list[dict], grid: list[dict], family: set) -> str:
             lines.append(f"- {dataset}: {said}, {share:.0%} of the best oracle's {bound[key]:+.1f} "
                          f"({bound['objective']}): target {'met' if met else 'missed'} (> 2 SE and at least half)")
         else:
-            why = "no oracle beats CLIP by 2 SE here" if oracles else "no oracle run here"
+            why = "no oracle run here" if bound is None else "no oracle beats CLIP by 2 SE here"
             lines.append(f"- {dataset}: {said}: target {'met' if gain >= -se else 'missed'} ({why}; no worse than "
                          "CLIP by more than 1 SE)")
     return "\n".join(lines) + "\n" if lines else ""
@@ -300,7 +309,7 @@ def plot_sweep(path: Path, dataset: str, rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = next(f"d_{k}" for k in reversed(PAIRED) if f"d_{k}" in rows[0])
+    key = verdict_key(rows)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r["objective"].split(SWEEP)[0] for r in rows):
         points = sorted((r["fn_per_row"], r[key], r[f"{key}_se"]) for r in rows

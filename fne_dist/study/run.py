@@ -152,10 +152,10 @@ def queue_for(fn_per_row: float, train: Split, batch_size: int) -> int:
     density = false_negative_density(train)
     if density == 0:
         raise ValueError("the training split has no false negatives (no group holds two images): nothing to sweep")
-    if fn_per_row > most_fn_per_row(train):
+    if fn_per_row > (most := most_fn_per_row(train)):
         raise ValueError(f"{fn_per_row:g} false negatives per row needs a queue longer than the training split "
-                         f"({len(train.ids)} pairs), which holds at most {most_fn_per_row(train):.2f}: sweep lower "
-                         "targets (--fn-per-row)")
+                         f"({len(train.ids)} pairs), which holds at most {most:.2f}: sweep lower targets "
+                         "(--fn-per-row)")
     return max(batch_size, math.ceil(fn_per_row / density) - batch_size)
 
 
