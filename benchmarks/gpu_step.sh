@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 10's GPU figures: `fne-bench step` (the trainer's own step against a CLIP step, one rank) for open_clip
 # ViT-B-32, batch 256, bf16, at global buffers 65,536 / 262,144 / 1,048,576, with momentum keys and with online keys
-# (issue 26).  Appends to $OUT/step.csv.
+# (issue 26), and the configs' objective soft_clip (momentum keys, no buffer: one row).  Appends to $OUT/step.csv.
 # Targets: FNE / CLIP <= 1.35x at 262,144 (momentum keys), <= 1.10x (online keys); FNE step time within 5% from
-# 65,536 to 1,048,576.  About 4 minutes (FNE_KEYS=momentum or =online: one kind only, about 2).
+# 65,536 to 1,048,576; soft_clip <= 1.15x (issue 24).  About 4.5 minutes (FNE_KEYS=momentum or =online: one kind
+# only, about 2.5).
 #
 # The GPU image lacks deepspeed, open_clip, omegaconf, webdataset, submitit (ENVIRONMENT.md, "The GPU machine"):
 # they come from the wheels in the ignored folder .whl/ of the checkout (make them with the pip download / pip
@@ -35,4 +36,7 @@ for keys in ${FNE_KEYS:-momentum online}; do
             "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
     done
 done
+set -- $buffers
+"$PYTHON" -m fne_dist.bench step --model "$model" --batch "$batch" --queue "$2" --objective soft_clip \
+    "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
 cat "$OUT/step.csv"

@@ -5,11 +5,12 @@ Layout of `<output_dir>/checkpoints/`:
 latest                      the tag of the newest complete checkpoint (replaced atomically, written last)
 step000000200/              one tag per saved step
     fne_state.pt            rank 0: config, resolved settings, schedule length, model architecture, world size,
-                            progress, momentum towers (ZeRO 0-2; None with fne.keys=online), similarity statistics
+                            progress, momentum towers (ZeRO 0-2; None without them), similarity statistics
     momentum_rank00000.pt   ZeRO-3: every rank its fp32 partitions of the momentum towers (and their buffers);
-                            none with fne.keys=online (no momentum towers)
+                            none without momentum towers (fne.keys=online, or an objective that reads no keys)
     buffer_rank00000.pt     the negative buffer (keys, ids, labels, pointer, validity): every rank its shard
-                            (fne.buffer=sharded), or rank 0 the whole queue (replicated)
+                            (fne.buffer=sharded), or rank 0 the whole queue (replicated); none for an objective
+                            that reads no buffer (clip, vsepp, soft_clip hold none)
     rng_rank00000.pt        every rank: its python / numpy / torch (/ cuda) generator states
     mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed: online towers, optimizer, scheduler
 ```
@@ -145,7 +146,7 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
     """Write a checkpoint of this step (collective: every rank calls it), move `latest` to it, then keep the newest
     `keep` tags (0: all).  `schedule_steps`: the learning-rate schedule's length in optimizer steps (None: no
     schedule with a length); `metrics_bytes`: the length of metrics.jsonl now, which a resume truncates it to;
-    `momentum`: the momentum towers, None with fne.keys=online (nothing of them is written)."""
+    `momentum`: the momentum towers, None where the run has none (nothing of them is written)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_name(progress.step)
     tag_dir = ckpt_dir / tag
@@ -164,7 +165,7 @@ def save(engine, ckpt_dir: str | Path, *, progress: Progress, config: dict, arch
                        tag_dir / STATE)
         if partitioned:
             torch.save(partition_state(momentum), tag_dir / _momentum_file(rank()))
-        if objective.buffer.sharded or rank() == 0:
+        if objective.buffer is not None and (objective.buffer.sharded or rank() == 0):
             torch.save(objective.buffer.state_dict(), tag_dir / _buffer_file(objective))
         torch.save(rng_state(), tag_dir / _rng_file(rank()))
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
@@ -383,9 +384,12 @@ def resolved_settings(engine, objective) -> dict:
     """The values that settings a config may leave to `auto` or null took in this run: what its state means.  A
     resume compares these, not the raw values (`fne.buffer=auto` is `sharded` on two ranks, a bf16 ring is not a
     float32 one although both configs say `fne.queue_dtype=auto`)."""
-    return {"fne.buffer": objective.buffer.layout, "fne.queue_dtype": str(objective.buffer.dtype).split(".")[-1],
-            "fne.prior_ratio": objective.cfg.resolved_prior_ratio(),
-            "deepspeed.zero_optimization.stage": engine.zero_optimization_stage()}
+    resolved = {"fne.prior_ratio": objective.cfg.resolved_prior_ratio(),
+                "deepspeed.zero_optimization.stage": engine.zero_optimization_stage()}
+    if objective.buffer is not None:  # an objective without a buffer leaves its layout and dtype unresolved
+        resolved.update({"fne.buffer": objective.buffer.layout,
+                         "fne.queue_dtype": str(objective.buffer.dtype).split(".")[-1]})
+    return resolved
 
 
 def _resolved_diffs(state: dict, config: dict, resolved: dict) -> list[str]:
@@ -430,7 +434,8 @@ def check_compatible(state: dict, *, config: dict, architecture: dict, tag_dir: 
 
 def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module | None, objective) -> Progress:
     """Restore a checkpoint that `check_compatible` accepted (collective: every rank calls it); momentum None: the
-    run has no momentum towers (fne.keys=online, which `check_compatible` requires of the checkpoint too)."""
+    run has no momentum towers (fne.keys=online or an objective without keys, which `check_compatible` requires of
+    the checkpoint too)."""
     tag_dir = Path(tag_dir)
     path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -441,7 +446,8 @@ def load(engine, tag_dir: str | Path, *, state: dict, momentum: torch.nn.Module 
         load_partition_state(momentum, load_file(partitions, weights_only=True), str(partitions))
     elif momentum is not None:
         momentum.load_state_dict(state["momentum"])
-    objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
+    if objective.buffer is not None:
+        objective.buffer.load_state_dict(load_file(tag_dir / _buffer_file(objective), weights_only=True))
     objective.stats.load_state_dict(state["stats"])
     set_rng_state(load_file(tag_dir / _rng_file(rank()), weights_only=False))
     return Progress(**state["progress"])

@@ -337,8 +337,13 @@ def _buffer():
 
 
 def check_world(cfg: Config, world_size: int) -> int:
-    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it."""
+    """The global batch G = world size x per-rank batch, refused when the FNE queue cannot hold it (where the
+    objective holds one)."""
+    from fne_dist.objectives import objective_class
+
     global_batch = world_size * cfg.data.batch_size
+    if not objective_class(cfg.fne.objective).reads_buffer:
+        return global_batch
     try:
         _buffer().check_queue_size(cfg.fne.queue_size, global_batch,
                                    f"{world_size} ranks x data.batch_size={cfg.data.batch_size}")

@@ -2,9 +2,11 @@
 
 `Objective` owns the per-rank FNE state (the negative buffer, similarity statistics, the sampling rule) and hands
 online features `ia, ta` (with gradient) and keys `ik, tk` to the objective class that `fne.objective` names
-(fne_dist.objectives: fne, vsepp, clip, posterior_infonce).  The keys are the momentum towers' (`fne.keys=momentum`,
-the caller computes them) or the online features detached (`fne.keys=online`, formed here): constants either way,
-so every objective and the buffer treat them alike.  It knows nothing about DeepSpeed, data or towers, so the
+(fne_dist.objectives: fne, vsepp, clip, posterior_infonce, clip_queue, soft_clip).  The keys are the momentum
+towers' (`fne.keys=momentum`, the caller computes them) or the online features detached (`fne.keys=online`, formed
+here): constants either way, so every objective and the buffer treat them alike.  What an objective does not read
+is not built: no buffer for one that reads none (`reads_buffer`), no momentum keys for one that reads only ids
+(`reads_keys`; `momentum_keys` tells the caller).  It knows nothing about DeepSpeed, data or towers, so the
 trainer, `fne-bench step` and the study share it.  `loss` changes no state: it returns this step's keys and
 statistics, and the caller `commit`s them (enqueue, new statistics) only once the step is known to be finite, after
 the optimizer step.
@@ -61,13 +63,13 @@ class Objective:
         self.cfg = cfg
         self.rule = cfg.rule()
         self.seed = seed
+        cls = objective_class(cfg.objective)
         self.buffer = NegativeBuffer(cfg.queue_size, dim, queue_dtype(cfg, device), device, layout=cfg.buffer,
-                                     rank=this_rank(), world=world_size())
+                                     rank=this_rank(), world=world_size()) if cls.reads_buffer else None
         self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device,
                                      neg_fit=cfg.neg_fit, prior_fit=cfg.prior_fit)
         self.e_step = functools.partial(prior_e_step, self.rule)  # the prior fit's E-step (fne.prior_fit)
         state = (cfg, self.rule, self.buffer, seed)
-        cls = objective_class(cfg.objective)
         self.step_objective = cls(*state)
         self.warmup_objective = cls.warmup(*state) if cls.warmup else None
         self.told: set[str] = set()  # the milestones `news` has reported
@@ -79,19 +81,21 @@ class Objective:
 
     def loss(self, ia, ta, ik, tk, ids, labels, *, step: int, rank: int, warmup: bool,
              logit_scale: torch.Tensor | None = None, epoch: int | None = None) -> StepLoss:
-        """This rank's loss over its b anchors.  ik, tk: the momentum keys with fne.keys=momentum, None with
-        fne.keys=online (the keys are then ia, ta detached).  warmup: an objective with a warm-up (fne: VSE++
+        """This rank's loss over its b anchors.  ik, tk: the momentum towers' keys, required where
+        `momentum_keys(cfg)`, None with fne.keys=online; the keys are otherwise ia, ta detached (an objective that
+        reads no keys ignores any it is given).  warmup: an objective with a warm-up (fne: VSE++
         in-batch, FNE_SPEC step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's
         logit scale (with gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required
         by objectives that switch a term on at an epoch (clip_queue)."""
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")
-        online = self.cfg.keys == "online"
-        if (ik is None or tk is None) != online:
-            raise ValueError(f"fne.keys={self.cfg.keys!r}: pass ik=tk=None with online keys (they are the online "
-                             "features, detached) and the momentum towers' keys otherwise")
-        if online:
+        if self.cfg.keys == "online" and (ik is not None or tk is not None):
+            raise ValueError("fne.keys='online': pass ik=tk=None (the keys are the online features, detached)")
+        if momentum_keys(self.cfg) and (ik is None or tk is None):
+            raise ValueError(f"fne.keys='momentum' with fne.objective={self.cfg.objective!r}: pass the momentum "
+                             "towers' keys ik, tk (or set fne.keys=online)")
+        if not momentum_keys(self.cfg):
             ik, tk = ia.detach(), ta.detach()
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
         keys = GlobalKeys.gather(ik, tk, keys_of, labels)
@@ -103,21 +107,24 @@ class Objective:
         return StepLoss(out.loss, keys, stats, out.diagnostics, out.index)
 
     def commit(self, out: StepLoss) -> None:
-        """Keep a finished step's statistics and enqueue its keys (FNE_SPEC step 10)."""
+        """Keep a finished step's statistics and enqueue its keys (FNE_SPEC step 10) where there is a buffer."""
         self.stats = out.stats
-        self.buffer.enqueue(out.keys)
+        if self.buffer is not None:
+            self.buffer.enqueue(out.keys)
 
     def news(self) -> list[str]:
         """Milestones reached since the last call, for the log: the buffer became full, the posterior switched on
-        (where the objective uses one).  Collective (one all-reduce) with a host sync: call it where the log syncs
-        anyway, on every rank."""
-        valid = self.buffer.queue.valid
-        full = all_reduce(torch.tensor([float(not valid.all())], device=valid.device))
-        events = {"buffer": (bool(full.item() == 0),
-                             f"the negative buffer is full ({self.cfg.queue_size} keys, fne.queue_size)"),
-                  "posterior": (uses_posterior(self.cfg) and bool(self.stats.ready(self.cfg.min_count)),
-                                f"the posterior is on: {float(self.stats.count_pos):.0f} positives counted, more "
-                                f"than fne.min_count={self.cfg.min_count}")}
+        (where the objective uses one).  Collective (one all-reduce, where there is a buffer) with a host sync: call
+        it where the log syncs anyway, on every rank."""
+        events = {}
+        if self.buffer is not None:
+            valid = self.buffer.queue.valid
+            full = all_reduce(torch.tensor([float(not valid.all())], device=valid.device))
+            events["buffer"] = (bool(full.item() == 0),
+                                f"the negative buffer is full ({self.cfg.queue_size} keys, fne.queue_size)")
+        events["posterior"] = (uses_posterior(self.cfg) and bool(self.stats.ready(self.cfg.min_count)),
+                               f"the posterior is on: {float(self.stats.count_pos):.0f} positives counted, more "
+                               f"than fne.min_count={self.cfg.min_count}")
         new = [name for name, (reached, _) in events.items() if reached and name not in self.told]
         self.told.update(new)
         return [events[name][1] for name in new]
@@ -131,19 +138,38 @@ class Objective:
 
 
 def uses_posterior(cfg: FNESection) -> bool:
-    """The objective weighs candidates by the Bayes posterior, which switches on above fne.min_count positives."""
-    return cfg.objective == "posterior_infonce" or (cfg.objective == "fne" and (
-        cfg.mode in ("bayes", "eliminate", "official") or cfg.posterior_hinge))
+    """The objective weighs by FNE's posterior, which switches on above fne.min_count positives."""
+    return objective_class(cfg.objective).uses_posterior(cfg)
+
+
+def momentum_keys(cfg: FNESection) -> bool:
+    """The step takes the momentum towers' keys: fne.keys=momentum and an objective that reads keys (clip and vsepp
+    read only ids: they run no momentum towers whatever fne.keys says)."""
+    return cfg.keys == "momentum" and objective_class(cfg.objective).reads_keys
+
+
+def unused_settings(cfg: FNESection) -> list[str]:
+    """Log lines for the settings this objective leaves unused, so that a config is not read as costing what it
+    does not: the buffer's where it reads none, the momentum towers' where it reads no keys."""
+    cls, lines = objective_class(cfg.objective), []
+    if not cls.reads_buffer:
+        lines.append(f"fne.objective={cfg.objective} reads no negative buffer: none is held, enqueued or "
+                     f"checkpointed (fne.queue_size={cfg.queue_size}, fne.buffer and fne.queue_dtype are unused)")
+    if cfg.keys == "momentum" and not cls.reads_keys:
+        lines.append(f"fne.objective={cfg.objective} reads no keys: no momentum towers are built or run "
+                     "(fne.keys=momentum and fne.momentum are unused)")
+    return lines
 
 
 def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total_steps: int) -> list[str]:
     """Warnings, each with the value to use, where the fne settings do not fit a set of `epoch_pairs` training
-    pairs: a queue longer than an epoch (it then holds each pair's key several times, and may never fill), and a
+    pairs: a queue longer than an epoch (where the objective reads one: it then holds each pair's key several times,
+    and may never fill), and a
     min_count that the run cannot reach (at most a global batch of positives is counted per step, none in
     warm-up)."""
     advice = []
     fitting = max(global_batch, (epoch_pairs - global_batch) // global_batch * global_batch)
-    if cfg.queue_size > epoch_pairs:
+    if objective_class(cfg.objective).reads_buffer and cfg.queue_size > epoch_pairs:
         fills = -(-cfg.queue_size // global_batch)
         when = f"fills after {fills} steps" if fills <= total_steps else \
             f"never fills in this run's {total_steps} steps"

@@ -41,7 +41,7 @@ from fne_dist.evaluate import evaluate, format_metrics
 from fne_dist.metrics_log import MetricsLog
 from fne_dist.model import architecture, build_towers, clamp_logit_scale, encode, freeze_temperature, param_groups
 from fne_dist.momentum import TrunkTap, is_zero3, momentum_copy, momentum_update, shard_momentum
-from fne_dist.objective import Objective, sizing_advice
+from fne_dist.objective import Objective, momentum_keys, sizing_advice, unused_settings
 from fne_dist.objectives import objective_class
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.preemption import StopRequest
@@ -141,8 +141,8 @@ class Trainer:
         model = self.towers.model
         if not objective_class(cfg.fne.objective).scaled:
             freeze_temperature(model)
-        # momentum towers only for momentum keys; before deepspeed.initialize partitions `model`
-        self.momentum = momentum_copy(model).to(rt.device) if cfg.fne.keys == "momentum" else None
+        # momentum towers only where the step takes momentum keys; before deepspeed.initialize partitions `model`
+        self.momentum = momentum_copy(model).to(rt.device) if momentum_keys(cfg.fne) else None
         total = self.batches_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.steps or total)
         ds = deepspeed_config(cfg, max(1, self.total_steps // cfg.deepspeed.get("gradient_accumulation_steps", 1)))
@@ -160,6 +160,8 @@ class Trainer:
         seed_everything(cfg.train.seed + rt.rank)
         self.objective = Objective(cfg.fne, self.towers.architecture["embed_dim"], rt.device, cfg.train.seed)
         if rt.rank == 0:
+            for line in unused_settings(cfg.fne):
+                log.info(line)
             for advice in sizing_advice(cfg.fne, epoch_pairs=self.batches_per_epoch * self.global_batch,
                                         global_batch=self.global_batch, total_steps=self.total_steps):
                 log.warning(advice)
@@ -206,8 +208,8 @@ class Trainer:
              keys (FNE_SPEC's order; at the first step of a run it moves nothing).  It belongs to the last finished
              step, not to this one: a checkpoint saved after that step holds the momentum towers before it, and a
              resume runs it first.  Under ZeRO-3 every rank updates its own partitions (no collective).  With
-             fne.keys=online there are no momentum towers and no EMA;
-          1. keys from the momentum towers (or, fne.keys=online, the online features detached), features from the
+             fne.keys=online, or an objective that reads no keys, there are no momentum towers and no EMA;
+          1. keys from the momentum towers (or without them the online features detached), features from the
              online towers, the loss (`Objective.loss` changes no state: it returns the step's keys and statistics);
           2. one all-reduce and one host sync: are the loss (which every feature and key enters) and the keys
              finite on every rank, and was a stop asked for anywhere (kept for `_checkpoint_or_stop`);
@@ -230,7 +232,7 @@ class Trainer:
         device = self.rt.device
         images = batch.images.to(device, non_blocking=True)
         tokens, ids, labels = (t.to(device, non_blocking=True) for t in (batch.tokens, batch.ids, batch.labels))
-        ik = tk = None  # fne.keys=online: Objective.loss takes the online features, detached
+        ik = tk = None  # no momentum towers: Objective.loss takes the online features, detached
         if self.momentum is not None and self.trunk_tap is None:
             with torch.no_grad(), self._autocast():
                 ik, tk, _ = encode(self.momentum, images, tokens)

@@ -1,4 +1,5 @@
 """Run configs: every shipped YAML loads; unknown keys, bad types and impossible settings are clear errors."""
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,7 @@ def test_queue_smaller_than_global_batch_is_refused():
     with pytest.raises(ConfigError, match=r"fne\.queue_size=100 is smaller than the global batch 128 "
                                           r"\(2 ranks x data\.batch_size=64\)"):
         check_world(cfg, 2)
+    assert check_world(replace(cfg, fne=replace(cfg.fne, objective="soft_clip")), 2) == 128  # it holds no queue
 
 
 def test_differing_keys_names_state_shaping_settings():

@@ -179,9 +179,7 @@ def test_table_without_columns_lists_them(tmp_path, capsys):
 
 
 def test_demo_builder(tmp_path):
-    start = time.perf_counter()
     manifest = build_demo_shards(tmp_path / "demo")
-    assert time.perf_counter() - start < 10
     splits = manifest["splits"]
     assert (splits["train"]["samples"], splits["train"]["pairs"]) == (1500, 4500)
     assert (splits["test"]["samples"], splits["test"]["pairs"]) == (297, 891)

@@ -43,7 +43,7 @@ def make(objective, stats=READY, queue=40, seed=1, **fne):
                     device=torch.device("cpu"), seed=0)
     obj.stats = stats
     obj.stats.updated = lambda *args: stats
-    if queue:
+    if queue and obj.buffer is not None:  # only the objectives that read a buffer hold one
         g = torch.Generator().manual_seed(seed)
         ids = torch.arange(queue)
         obj.buffer.enqueue(GlobalKeys(unit(queue, D, generator=g), unit(queue, D, generator=g), ids, ids % 3))

@@ -10,8 +10,8 @@ from open_clip.loss import ClipLoss
 
 from fne_dist.config import ConfigError, FNESection, load_config
 from fne_dist.infonce import CandidateSet, dense_posterior_infonce, posterior_infonce
-from fne_dist.objective import Objective
-from fne_dist.objectives import REGISTRY
+from fne_dist.objective import Objective, momentum_keys, sizing_advice, unused_settings, uses_posterior
+from fne_dist.objectives import REGISTRY, objective_class
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.objectives.triplet import VSEpp
@@ -61,7 +61,10 @@ def test_scaled_objectives_need_the_logit_scale():
 
 
 class MeanCosine(StepObjective):
-    """A new objective as a user would add it: pull each pair together, nothing else."""
+    """A new objective as a user would add it: pull each pair toward its keys, nothing else (it reads the keys, so
+    it declares it; no buffer)."""
+
+    reads_keys = True
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         loss = 2 - (x.ia * x.tk).sum(1).mean() - (x.ta * x.ik).sum(1).mean()
@@ -76,8 +79,8 @@ def test_a_new_objective_is_one_class_and_one_registry_line(monkeypatch):
     out = obj.loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=True)
     out.loss.backward()
     assert not obj.scaled and ia.grad is not None and ta.grad is not None
-    obj.commit(out)  # its keys enter the buffer like any objective's
-    assert int(obj.buffer.queue.valid.sum()) == len(ids)
+    obj.commit(out)
+    assert obj.buffer is None  # it reads none, so it holds none
 
 
 def test_only_objectives_with_a_warm_up_change_during_it():
@@ -279,6 +282,9 @@ def test_online_keys_are_the_online_features_detached(name, monkeypatch):
         assert torch.equal(got.keys.image, want.keys.image) and torch.equal(got.keys.text, want.keys.text)
         assert not got.keys.image.requires_grad and not got.keys.text.requires_grad
     assert float(online.stats.count_pos) >= 4  # the rule was on for the last steps
+    if online.buffer is None:  # an objective that reads no buffer holds none
+        assert momentum.buffer is None and not objective_class(name).reads_buffer
+        return
     assert torch.equal(online.buffer.queue.valid, momentum.buffer.queue.valid)
     assert not online.buffer.queue.image.requires_grad and torch.equal(online.buffer.queue.text,
                                                                        momentum.buffer.queue.text)
@@ -288,10 +294,59 @@ def test_keys_must_match_fne_keys():
     ia, ta, ik, tk, ids, labels = features()
     with pytest.raises(ValueError, match=r"fne\.keys='online': pass ik=tk=None"):
         objective(keys="online").loss(ia, ta, ik, tk, ids, labels, step=0, rank=0, warmup=False)
-    with pytest.raises(ValueError, match=r"fne\.keys='momentum'"):
+    with pytest.raises(ValueError, match=r"fne\.keys='momentum' with fne\.objective='fne': pass the momentum"):
         objective().loss(ia, ta, None, None, ids, labels, step=0, rank=0, warmup=False)
     with pytest.raises(ConfigError, match=r"fne\.keys='ema' is unknown: use one of \('momentum', 'online'\)"):
         load_config("configs/demo.yaml", ["fne.keys=ema"])
+
+
+READS = {  # objective: (reads the keys, reads the buffer, uses the posterior under FNESection's defaults)
+    "fne": (True, True, True), "vsepp": (False, False, False), "clip": (False, False, False),
+    "posterior_infonce": (True, True, True), "clip_queue": (True, True, True), "soft_clip": (True, False, True)}
+
+
+def test_every_objective_declares_what_it_reads():
+    """What each objective reads decides what is built for it: no buffer for one that reads none, no momentum keys
+    for one that reads only ids, and the posterior's log lines only for one that uses it."""
+    assert set(READS) == set(REGISTRY)
+    for name, (keys, buffer, posterior) in READS.items():
+        cfg = FNESection(objective=name)
+        cls = objective_class(name)
+        assert (cls.reads_keys, cls.reads_buffer, uses_posterior(cfg)) == (keys, buffer, posterior), name
+        assert momentum_keys(cfg) == keys and not momentum_keys(replace(cfg, keys="online"))
+        assert (objective(objective=name).buffer is not None) == buffer
+        lines = " ".join(unused_settings(cfg))
+        assert ("reads no negative buffer" in lines) == (not buffer) and ("no momentum towers" in lines) == (not keys)
+    assert not uses_posterior(FNESection(objective="fne", mode="hardness"))
+    assert uses_posterior(FNESection(objective="fne", mode="hardness", posterior_hinge=True))
+    assert not uses_posterior(FNESection(objective="soft_clip", soft_teacher="uniform"))
+
+
+@pytest.mark.parametrize("name", ["clip", "vsepp"])
+def test_an_objective_without_keys_ignores_momentum_keys(name):
+    """clip and vsepp read only ids: under fne.keys=momentum they take no keys (the trainer runs no momentum
+    towers), and keys given anyway change nothing."""
+    ia, ta, ik, tk, ids, labels = features()
+    scale = torch.tensor([10.0])
+    obj = objective(objective=name)
+    given, none = (obj.loss(ia, ta, k, k, ids, labels, step=0, rank=0, warmup=False, logit_scale=scale)
+                   for k in (ik, None))
+    assert torch.equal(given.loss, none.loss) and torch.equal(given.keys.image, ia.detach())
+    obj.commit(given)  # no buffer to enqueue into
+
+
+def test_soft_clip_reports_its_posterior_and_not_a_buffer():
+    """soft_clip weighs by the posterior, so the log warns while it is off and says when it switches on (and, before
+    the posterior was a declared part of each objective, it said neither); it has no buffer to report full."""
+    obj = objective(objective="soft_clip", min_count=4)
+    assert "the posterior is still off" in obj.posterior_off()
+    obj.stats = SimilarityStats.from_moments(count_pos=10, mean_pos=0.6, var_pos=0.01, mean_neg=0.3, var_neg=0.02,
+                                             reset="never")
+    assert obj.posterior_off() is None and obj.news() == ["the posterior is on: 10 positives counted, more than "
+                                                          "fne.min_count=4"]
+    short = sizing_advice(FNESection(objective="soft_clip", queue_size=8192, min_count=10**6), epoch_pairs=1000,
+                          global_batch=100, total_steps=20)
+    assert len(short) == 1 and "fne.min_count=1000000 cannot be reached" in short[0]  # nothing about the queue
 
 
 @pytest.mark.gpu

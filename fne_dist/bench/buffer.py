@@ -63,15 +63,17 @@ class Case:
 
 
 def fill(objective, dim: int, device: torch.device) -> None:
-    """A full buffer (the same keys on every rank), and statistics that already switch the Bayes rule on: the steady
-    state that `fne-bench buffer` and `fne-bench step` time."""
+    """A full buffer (the same keys on every rank; where the objective has one), and statistics that already switch
+    the Bayes rule on: the steady state that `fne-bench buffer` and `fne-bench step` time."""
+    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
+                                                   var_neg=0.02, reset="never", device=device)
+    if objective.buffer is None:
+        return
     size = objective.buffer.queue.size
     g = torch.Generator(device="cpu").manual_seed(0)
     keys = [F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device) for _ in range(2)]
     ids = torch.arange(size, device=device) + 10**9  # never equal to the batch's ids
     objective.buffer.enqueue(GlobalKeys(*keys, ids, torch.full_like(ids, -1)))
-    objective.stats = SimilarityStats.from_moments(count_pos=10_000, mean_pos=0.6, var_pos=0.01, mean_neg=0.3,
-                                                   var_neg=0.02, reset="never", device=device)
 
 
 def _worker(rank: int, case: Case, port: int, out: str) -> None:

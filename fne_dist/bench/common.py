@@ -17,10 +17,18 @@ def print_table(rows: list[dict], fields) -> None:
 
 
 def append_csv(rows: list[dict], fields, path: str | Path) -> None:
-    """Append the rows to a CSV (header written when the file is new), so that runs accumulate."""
+    """Append the rows to a CSV (header written when the file is new), so that runs accumulate.  A file whose header
+    names other columns (another benchmark's, or this one's before a column was added) is refused before anything
+    is written: rows under the wrong header would be read as other figures."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(fields):
+            raise SystemExit(f"{path} holds other columns ({','.join(header)}) than this benchmark writes "
+                             f"({','.join(fields)}): pass another --csv, or move that file aside")
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         if new:

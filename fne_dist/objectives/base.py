@@ -46,10 +46,22 @@ class ObjectiveOutput:
 
 class StepObjective:
     """One objective.  `scaled`: it uses the model's logit scale (a temperature; otherwise the trainer freezes it).
-    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up)."""
+    `warmup`: the class that replaces it during fne.warmup_epochs, or None (no warm-up).  `reads_keys`: it reads the
+    keys' features (ik, tk, the global batch's keys), so that fne.keys=momentum runs the momentum towers for it (an
+    objective that reads only ids runs none: a second forward for nothing).  `reads_buffer`: it reads the negative
+    buffer, so that each rank holds its part of one (fne.queue_size keys: 2 GiB a rank at laion's 2^20 x 512 bf16,
+    which an in-batch objective would only fill, enqueue and checkpoint)."""
 
     scaled = False
     warmup: type[StepObjective] | None = None
+    reads_keys = False
+    reads_buffer = False
+
+    @classmethod
+    def uses_posterior(cls, cfg: FNESection) -> bool:
+        """Whether it weighs by FNE's posterior under `cfg` (which switches on above fne.min_count positives: the
+        log says when, and warns where it cannot)."""
+        return False
 
     def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed

@@ -15,6 +15,12 @@ class ClipQueue(Clip):
     posterior off (a huge fne.prior_ratio) it is XBM-style CLIP + memory.  Either buffer layout (sharded: the
     partial log-sum-exps exchanged, as for posterior_infonce)."""
 
+    reads_keys = reads_buffer = True
+
+    @classmethod
+    def uses_posterior(cls, cfg) -> bool:
+        return True
+
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         if x.epoch is None:
             raise ValueError("fne.objective=clip_queue switches its memory term on at fne.queue_start_epoch: pass "

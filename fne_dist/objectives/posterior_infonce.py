@@ -13,6 +13,11 @@ class PosteriorInfoNCE(StepObjective):
     buffer layout (`NegativeBuffer.infonce`: the segments read in place; sharded, the partials exchanged)."""
 
     scaled = True
+    reads_keys = reads_buffer = True
+
+    @classmethod
+    def uses_posterior(cls, cfg) -> bool:
+        return True
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         return ObjectiveOutput(*buffer_infonce(self, x))

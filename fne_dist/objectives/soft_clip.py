@@ -15,7 +15,14 @@ class SoftClip(Clip):
     normalised, on the detached similarities of the global batch's momentum keys (each pair's own column
     included).  A row whose posterior is all zero (before the statistics are ready) keeps the one-hot; with
     soft_alpha 0 it is ClipLoss.  fne.soft_teacher=uniform spreads the share evenly instead (label smoothing over
-    the global batch): the control that separates what FNE's posterior adds from what any softer target does."""
+    the global batch): the control that separates what FNE's posterior adds from what any softer target does.  It
+    reads the global batch's keys, not the buffer."""
+
+    reads_keys = True
+
+    @classmethod
+    def uses_posterior(cls, cfg) -> bool:
+        return cfg.soft_teacher != "uniform"
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         per_image, per_text = self.logits(x)

@@ -29,6 +29,11 @@ class FNETriplet(StepObjective):
     hardness, eliminate); triplet hinge, weighted by the drawn candidate's 1 - f with fne.posterior_hinge."""
 
     warmup = VSEpp
+    reads_keys = reads_buffer = True
+
+    @classmethod
+    def uses_posterior(cls, cfg) -> bool:
+        return cfg.mode in ("bayes", "eliminate", "official") or cfg.posterior_hinge
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
         loss = x.ia.new_zeros((), dtype=torch.float32)

@@ -43,7 +43,7 @@ from torch import nn
 from fne_dist.config import KEYS, FNESection
 from fne_dist.model import clamp_logit_scale
 from fne_dist.momentum import momentum_update
-from fne_dist.objective import Objective
+from fne_dist.objective import Objective, momentum_keys
 from fne_dist.objectives import objective_class
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.retrieval import retrieval_metrics
@@ -201,7 +201,7 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
     torch.manual_seed(seed)
     heads = Heads(train.image.shape[1], train.text.shape[1], budget.embed_dim)
     budget, cfg = budget.configure(settings, train)
-    momentum_heads = copy.deepcopy(heads).requires_grad_(False) if cfg.keys == "momentum" else None
+    momentum_heads = copy.deepcopy(heads).requires_grad_(False) if momentum_keys(cfg) else None
     if not objective_class(cfg.objective).scaled:
         heads.logit_scale.requires_grad_(False)
     optimizer = torch.optim.Adam([p for p in heads.parameters() if p.requires_grad], lr=budget.lr)
@@ -221,7 +221,7 @@ def train_heads(train: Split, settings: dict, seed: int, budget: StudyBudget) ->
         for b in range(steps_per_epoch):
             rows = perm[b * budget.batch_size:(b + 1) * budget.batch_size]
             image, text, ids, groups = train.image[rows], train.text[rows], train.ids[rows], train.groups[rows]
-            ik = tk = None  # fne.keys=online: the objective takes the online features, detached
+            ik = tk = None  # no momentum keys: the objective takes the online features, detached
             if momentum_heads is not None:
                 momentum_update(heads, momentum_heads, cfg.momentum)
                 with torch.no_grad():
