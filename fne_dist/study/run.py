@@ -76,14 +76,15 @@ VARIANTS = {
 # name -> {setting: values tried on validation} (fne section fields, or "lr"); a variant not named has one point
 PRIOR_RATIOS = (10.0, 100.0, 1000.0)
 QUEUE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # down to 0.1: where the memory hurts, validation can nearly switch it off
+SOFT_ALPHAS = (0.2, 0.4, 0.6, 0.8, 1.0)  # to 1.0 (the posterior alone): 0.6, the top of the first grid, won there
 GRIDS = {**{name: {"prior_ratio": PRIOR_RATIOS}
             for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")},
          "CLIP + memory": {"queue_weight": QUEUE_WEIGHTS},
          "CLIP + memory, posterior": {"queue_weight": QUEUE_WEIGHTS, "prior_ratio": PRIOR_RATIOS},
          "CLIP + memory, calibrated": {"queue_weight": QUEUE_WEIGHTS},
-         "posterior soft targets": {"soft_alpha": (0.2, 0.4, 0.6), "prior_ratio": PRIOR_RATIOS},
-         "posterior soft targets, calibrated": {"soft_alpha": (0.2, 0.4, 0.6)},
-         "label smoothing (control)": {"soft_alpha": (0.2, 0.4, 0.6)}}
+         "posterior soft targets": {"soft_alpha": SOFT_ALPHAS, "prior_ratio": PRIOR_RATIOS},
+         "posterior soft targets, calibrated": {"soft_alpha": SOFT_ALPHAS},
+         "label smoothing (control)": {"soft_alpha": SOFT_ALPHAS}}
 FN_PER_ROW = (0.1, 0.3, 1.0, 3.0, 10.0)  # the buffer sweep's targets: false negatives per anchor row
 SWEPT = ("posterior InfoNCE", "CLIP + memory")  # what `python -m fne_dist.study` sweeps unless told
 
