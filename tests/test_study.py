@@ -15,7 +15,7 @@ from fne_dist.study.data import Split, false_negative_density, split_by_group, s
 from fne_dist.config import FNESection
 from fne_dist.study.report import (SHARES, family_verdicts, markdown_table, oracle_verdicts, summary_rows,
                                     uses_posterior, write_report)
-from fne_dist.study.run import (VARIANTS, StudyBudget, grid_points, most_fn_per_row, queue_for, run_study,
+from fne_dist.study.run import (VARIANTS, StudyBudget, grid_points, most_fn_per_row, queue_for, run_study, runnable,
                                 study_variants, sweep_name, train_heads)
 
 TINY = StudyBudget(embed_dim=16, batch_size=32, epochs=3, queue_size=64)
@@ -209,6 +209,21 @@ def test_false_negative_density_and_the_sweeps_queue_size():
                                                                               budget.queue_size, "clip")
     with pytest.raises(ValueError, match="no false negatives"):
         queue_for(1.0, synthetic(10, 1, 0), 8)
+
+
+def test_sweep_points_of_one_queue_run_once():
+    """Two targets that clamp to the same queue (one batch) are one run: the second is left out, and said."""
+    split = synthetic(10, 4, 0)
+    low = [t for t in (0.01, 0.02) if queue_for(t, split, 8) == 8]
+    assert len(low) == 2
+    variants = study_variants(("posterior InfoNCE",), oracle=False, sweep=("posterior InfoNCE",),
+                              fn_per_row=(*low, 2.0))
+    said = []
+    kept = runnable(variants, split, 8, said.append)
+    assert queue_for(2.0, split, 8) > 8
+    assert kept == ["posterior InfoNCE", sweep_name("posterior InfoNCE", 0.01), sweep_name("posterior InfoNCE", 2.0)]
+    assert said == [f"{sweep_name('posterior InfoNCE', 0.02)}: left out, its queue (8 keys) is "
+                    f"{sweep_name('posterior InfoNCE', 0.01)}'s on this set"]
 
 
 def test_splits_by_group():

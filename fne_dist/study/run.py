@@ -160,15 +160,24 @@ def queue_for(fn_per_row: float, train: Split, batch_size: int) -> int:
     return max(batch_size, math.ceil(fn_per_row / density) - batch_size)
 
 
-def runnable(variants: dict, train: Split, log) -> list[str]:
-    """The variants a set can run: a sweep point beyond what its training split holds is left out, and said."""
+def runnable(variants: dict, train: Split, batch_size: int, log) -> list[str]:
+    """The variants a set can run: a sweep point beyond what its training split holds is left out, and so is one
+    whose queue is an earlier point's of the same variant (both clamped to one batch: the same run twice); each
+    is said."""
     most = most_fn_per_row(train) if any("fn_per_row" in s for s, _ in variants.values()) else 0.0
-    out = []
+    out, queues = [], {}
     for name, (settings, _) in variants.items():
-        if settings.get("fn_per_row", 0.0) > most:
+        target = settings.get("fn_per_row")
+        if target is not None and target > most:
             log(f"{name}: left out, the training split holds at most {most:.2f} false negatives per row")
-        else:
-            out.append(name)
+            continue
+        if target is not None:
+            base, queue = name.split(SWEEP)[0], queue_for(target, train, batch_size)
+            if (base, queue) in queues:
+                log(f"{name}: left out, its queue ({queue} keys) is {queues[base, queue]}'s on this set")
+                continue
+            queues[base, queue] = name
+        out.append(name)
     return out
 
 
@@ -289,7 +298,8 @@ def run_study(datasets: dict[str, dict[str, Split]], variants: dict, seeds=tuple
     budget = budget or StudyBudget()
     select = tuple(seeds[:select_seeds])
     points = {v: grid_points(grid) for v, (_, grid) in variants.items()}
-    active = {name: runnable(variants, splits["train"], lambda line, name=name: log(f"{name:12s} {line}"))
+    active = {name: runnable(variants, splits["train"], budget.batch_size,
+                             lambda line, name=name: log(f"{name:12s} {line}"))
               for name, splits in datasets.items()}
     with contextlib.ExitStack() as stack:
         if jobs > 1:
