@@ -83,10 +83,10 @@ class Objective:
              logit_scale: torch.Tensor | None = None, epoch: int | None = None) -> StepLoss:
         """This rank's loss over its b anchors.  ik, tk: the momentum towers' keys, required where
         `momentum_keys(cfg)`, None with fne.keys=online; the keys are otherwise ia, ta detached (an objective that
-        reads no keys ignores any it is given).  warmup: an objective with a warm-up (fne: VSE++
-        in-batch, FNE_SPEC step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's
-        logit scale (with gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required
-        by objectives that switch a term on at an epoch (clip_queue)."""
+        reads no keys ignores any it is given).  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
+        step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit scale (with
+        gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by objectives that
+        switch a term on at an epoch (clip_queue)."""
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")
@@ -164,9 +164,8 @@ def unused_settings(cfg: FNESection) -> list[str]:
 def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total_steps: int) -> list[str]:
     """Warnings, each with the value to use, where the fne settings do not fit a set of `epoch_pairs` training
     pairs: a queue longer than an epoch (where the objective reads one: it then holds each pair's key several times,
-    and may never fill), and a
-    min_count that the run cannot reach (at most a global batch of positives is counted per step, none in
-    warm-up)."""
+    and may never fill), and a min_count that the run cannot reach (at most a global batch of positives is counted
+    per step, none in warm-up)."""
     advice = []
     fitting = max(global_batch, (epoch_pairs - global_batch) // global_batch * global_batch)
     if objective_class(cfg.objective).reads_buffer and cfg.queue_size > epoch_pairs:

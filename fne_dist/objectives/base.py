@@ -63,7 +63,7 @@ class StepObjective:
         log says when, and warns where it cannot)."""
         return False
 
-    def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer, seed: int):
+    def __init__(self, cfg: FNESection, rule: FNEConfig, buffer: NegativeBuffer | None, seed: int):
         self.cfg, self.rule, self.buffer, self.seed = cfg, rule, buffer, seed
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
