@@ -69,6 +69,7 @@ class Objective:
         self.stats = SimilarityStats(reset=cfg.stats_reset, ema_decay=cfg.ema_decay, device=device,
                                      neg_fit=cfg.neg_fit, prior_fit=cfg.prior_fit)
         self.e_step = functools.partial(prior_e_step, self.rule)  # the prior fit's E-step (fne.prior_fit)
+        self.takes_momentum_keys = momentum_keys(cfg)  # fixed by the config: looked up once, not every step
         state = (cfg, self.rule, self.buffer, seed)
         self.step_objective = cls(*state)
         self.warmup_objective = cls.warmup(*state) if cls.warmup else None
@@ -92,11 +93,11 @@ class Objective:
                              "logit_scale=")
         if self.cfg.keys == "online" and (ik is not None or tk is not None):
             raise ValueError("fne.keys='online': pass ik=tk=None (the keys are the online features, detached)")
-        if momentum_keys(self.cfg) and (ik is None or tk is None):
+        if not self.takes_momentum_keys:
+            ik, tk = ia.detach(), ta.detach()
+        elif ik is None or tk is None:
             raise ValueError(f"fne.keys='momentum' with fne.objective={self.cfg.objective!r}: pass the momentum "
                              "towers' keys ik, tk (or set fne.keys=online)")
-        if not momentum_keys(self.cfg):
-            ik, tk = ia.detach(), ta.detach()
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
         keys = GlobalKeys.gather(ik, tk, keys_of, labels)
         warming = warmup and self.warmup_objective is not None
