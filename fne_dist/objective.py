@@ -70,6 +70,9 @@ class Objective:
                                      neg_fit=cfg.neg_fit, prior_fit=cfg.prior_fit)
         self.e_step = functools.partial(prior_e_step, self.rule)  # the prior fit's E-step (fne.prior_fit)
         self.takes_momentum_keys = momentum_keys(cfg)  # fixed by the config: looked up once, not every step
+        # an objective that reads neither keys nor a buffer (clip, vsepp) needs only the global batch's ids and
+        # labels (the oracle's mask, the diagnostics): its gather moves no features (ClipLoss gathers its own)
+        self.gathers_features = cls.reads_keys or cls.reads_buffer
         state = (cfg, self.rule, self.buffer, seed)
         self.step_objective = cls(*state)
         self.warmup_objective = cls.warmup(*state) if cls.warmup else None
@@ -84,7 +87,8 @@ class Objective:
              logit_scale: torch.Tensor | None = None, epoch: int | None = None) -> StepLoss:
         """This rank's loss over its b anchors.  ik, tk: the momentum towers' keys, required where
         `momentum_keys(cfg)`, None with fne.keys=online; the keys are otherwise ia, ta detached (an objective that
-        reads no keys ignores any it is given).  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
+        reads no keys ignores any it is given, and one that reads neither keys nor a buffer gets the global batch's
+        ids and labels with keys of no features, [G, 0]).  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
         step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit scale (with
         gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by objectives that
         switch a term on at an epoch (clip_queue)."""
@@ -99,6 +103,8 @@ class Objective:
             raise ValueError(f"fne.keys='momentum' with fne.objective={self.cfg.objective!r}: pass the momentum "
                              "towers' keys ik, tk (or set fne.keys=online)")
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
+        if not self.gathers_features:
+            ik, tk = ik[:, :0], tk[:, :0]  # [b, 0]: the gathered keys are ids and labels only
         keys = GlobalKeys.gather(ik, tk, keys_of, labels)
         warming = warmup and self.warmup_objective is not None
         # the statistics are fitted on the image ids, so an oracle run differs from its base only in the mask

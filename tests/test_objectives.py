@@ -325,13 +325,16 @@ def test_every_objective_declares_what_it_reads():
 @pytest.mark.parametrize("name", ["clip", "vsepp"])
 def test_an_objective_without_keys_ignores_momentum_keys(name):
     """clip and vsepp read only ids: under fne.keys=momentum they take no keys (the trainer runs no momentum
-    towers), and keys given anyway change nothing."""
+    towers), keys given anyway change nothing, and the step gathers the global batch's ids and labels but no
+    features."""
     ia, ta, ik, tk, ids, labels = features()
     scale = torch.tensor([10.0])
     obj = objective(objective=name)
     given, none = (obj.loss(ia, ta, k, k, ids, labels, step=0, rank=0, warmup=False, logit_scale=scale)
                    for k in (ik, None))
-    assert torch.equal(given.loss, none.loss) and torch.equal(given.keys.image, ia.detach())
+    assert torch.equal(given.loss, none.loss)
+    assert given.keys.image.shape == given.keys.text.shape == (len(ids), 0)
+    assert torch.equal(given.keys.ids, ids) and torch.equal(given.keys.labels, labels)
     obj.commit(given)  # no buffer to enqueue into
 
 
