@@ -1,6 +1,7 @@
 """fne-bench step runs an objective's trainer step against the CLIP step end to end (the demo's tiny ViT, found
 from any working directory; one CPU process) with either kind of keys, and writes its row: the objective, the keys,
-the clock, both medians and their ratio; with online keys the trainer it times has no momentum towers."""
+the clock, both medians and their ratio; with online keys the trainer it times has no momentum towers, and for an
+objective that reads no keys (clip) the row says so ("none") whatever --keys was."""
 import csv
 import os
 import subprocess
@@ -11,9 +12,10 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("objective, keys, clock, target", [("clip_queue", "momentum", "process", 1.15),
-                                                            ("fne", "online", "wall", 1.15)])
-def test_step_bench_row(tmp_path, objective, keys, clock, target):
+@pytest.mark.parametrize("objective, keys, clock, target, read", [("clip_queue", "momentum", "process", 1.15, "momentum"),
+                                                                  ("fne", "online", "wall", 1.15, "online"),
+                                                                  ("clip", "momentum", "process", 1.15, "none")])
+def test_step_bench_row(tmp_path, objective, keys, clock, target, read):
     out = tmp_path / "step.csv"
     done = subprocess.run([sys.executable, "-m", "fne_dist.bench", "step", "--objective", objective, "--keys", keys,
                            "--batch", "8", "--queue", "256", "--steps", "2", "--warmup", "1", "--clock", clock,
@@ -23,6 +25,6 @@ def test_step_bench_row(tmp_path, objective, keys, clock, target):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     [row] = list(csv.DictReader(out.open()))
     assert (row["model"], row["objective"], row["keys"], row["queue"], row["clock"]) == (
-        "tiny-vit", objective, keys, "256", clock)
+        "tiny-vit", objective, read, "256", clock)
     assert float(row["ratio"]) == pytest.approx(float(row["objective_ms"]) / float(row["clip_ms"]), abs=2e-3)
-    assert f"{objective} step / CLIP step" in done.stdout and f"the {target}x target, keys={keys})" in done.stdout
+    assert f"{objective} step / CLIP step" in done.stdout and f"the {target}x target, keys={read})" in done.stdout
