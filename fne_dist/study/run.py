@@ -76,7 +76,7 @@ VARIANTS = {
 # name -> {setting: values tried on validation} (fne section fields, or "lr"); a variant not named has one point
 PRIOR_RATIOS = (10.0, 100.0, 1000.0)
 QUEUE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # down to 0.1: where the memory hurts, validation can nearly switch it off
-SOFT_ALPHAS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # to 1.0 (the posterior alone), finer about 0.6 (docs/study/alpha-fine/)
+SOFT_ALPHAS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # to 1.0 (the posterior alone); 0.5, 0.7: docs/study/alpha-fine/
 GRIDS = {**{name: {"prior_ratio": PRIOR_RATIOS}
             for name in ("FNE bayes", "FNE eliminate", "eliminate + (1-f) hinge", "posterior InfoNCE")},
          "CLIP + memory": {"queue_weight": QUEUE_WEIGHTS},
