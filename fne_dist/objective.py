@@ -88,10 +88,10 @@ class Objective:
         """This rank's loss over its b anchors.  ik, tk: the momentum towers' keys, required where
         `momentum_keys(cfg)`, None with fne.keys=online; the keys are otherwise ia, ta detached (an objective that
         reads no keys ignores any it is given, and one that reads neither keys nor a buffer gets the global batch's
-        ids and labels with keys of no features, [G, 0]).  warmup: an objective with a warm-up (fne: VSE++ in-batch, FNE_SPEC
-        step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit scale (with
-        gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by objectives that
-        switch a term on at an epoch (clip_queue)."""
+        ids and labels with keys of no features, [G, 0]).  warmup: an objective with a warm-up (fne: VSE++ in-batch,
+        FNE_SPEC step 9) runs that instead, with the statistics unchanged; logit_scale: exp of the model's logit
+        scale (with gradient), required by `scaled` objectives; epoch: the training epoch (0-based), required by
+        objectives that switch a term on at an epoch (clip_queue)."""
         if self.scaled and logit_scale is None:
             raise ValueError(f"objective {self.cfg.objective!r} needs the model's logit_scale (exp'd): pass "
                              "logit_scale=")

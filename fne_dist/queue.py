@@ -13,7 +13,8 @@ from fne_dist.distributed import all_gather_cat
 @dataclass
 class GlobalKeys:
     """Momentum keys of the global batch, all-gathered in rank order: image [G, D], text [G, D], ids [G],
-    labels [G] (class labels where the data has them, else -1; used only to measure false negatives)."""
+    labels [G] (class labels where the data has them, else -1; used only to measure false negatives).  D is 0 for
+    an objective that reads neither keys nor a buffer: only its ids and labels travel."""
 
     image: torch.Tensor
     text: torch.Tensor

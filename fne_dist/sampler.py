@@ -109,7 +109,7 @@ def compiled_step(name: str, step, sims, *args):
     costs 7-13 s once per process and step on a 2-core box (Inductor caches it on disk), which a [64, 8192] tile
     (12 -> 3 ms a call) repays within a few thousand calls; where compiling fails, eager it is, with a warning."""
     if sims.device.type == "cpu" and sims.numel() >= COMPILE_MIN_ELEMENTS:
-        if name not in _COMPILED:  # wrapped once: torch.compile builds a new wrapper (~1-5 ms) every time it is called
+        if name not in _COMPILED:  # wrapped once: each torch.compile call builds a new wrapper (9 ms of CPU)
             _COMPILED[name] = torch.compile(step, dynamic=True)
         compiled = _COMPILED[name]
         if compiled is not None:
