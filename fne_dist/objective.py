@@ -103,9 +103,8 @@ class Objective:
             raise ValueError(f"fne.keys='momentum' with fne.objective={self.cfg.objective!r}: pass the momentum "
                              "towers' keys ik, tk (or set fne.keys=online)")
         keys_of = identity_keys(ids, labels, self.cfg.oracle)
-        if not self.gathers_features:
-            ik, tk = ik[:, :0], tk[:, :0]  # [b, 0]: the gathered keys are ids and labels only
-        keys = GlobalKeys.gather(ik, tk, keys_of, labels)
+        width = None if self.gathers_features else 0  # 0: the gathered keys are ids and labels only
+        keys = GlobalKeys.gather(ik[:, :width], tk[:, :width], keys_of, labels)
         warming = warmup and self.warmup_objective is not None
         # the statistics are fitted on the image ids, so an oracle run differs from its base only in the mask
         stats = self.stats if warming else self.stats.updated(ia, ta, ids, self.e_step)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fne_dist.objectives import objective_class
+from fne_dist import objective
 from fne_dist.stats import SimilarityStats
 from fne_dist.study.data import false_negative_density
 from fne_dist.weights import true_negative_prob
@@ -139,10 +139,9 @@ def oracle_verdicts(rows: list[dict]) -> str:
 
 
 def uses_posterior(cfg) -> bool:
-    """FNE's family: an objective that reads the posterior (`uses_posterior` of its class: not CLIP or VSE++, not
+    """FNE's family: an objective that reads the posterior (`fne_dist.objective.uses_posterior`: not CLIP or VSE++, not
     hardness-only, not label smoothing), not an oracle, its posterior not switched off by a huge prior ratio."""
-    return (objective_class(cfg.objective).uses_posterior(cfg) and not cfg.oracle
-            and cfg.resolved_prior_ratio() < POSTERIOR_OFF)
+    return objective.uses_posterior(cfg) and not cfg.oracle and cfg.resolved_prior_ratio() < POSTERIOR_OFF
 
 
 def family_verdicts(rows: list[dict], grid: list[dict], family: set) -> str:
