@@ -87,16 +87,39 @@ def pick_in_block(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: SimilarityStats, cfg: FNEConfig):
     """One tile of similarities [B, T]: its weights cut into sampling blocks [B, n_blocks, SAMPLE_BLOCK] (the last
-    one padded with zeros), the block sums [B, n_blocks], and per row the survivors, the best fallback score and
-    its column within the tile."""
+    one padded with zeros), the block sums [B, n_blocks], and per row the survivors and the best fallback score.
+    Not the score's column: an argmax costs a quarter of a compiled tile, and only rows without weight read it
+    (`hardest_columns`)."""
     pos_mask = anchor_ids[:, None] == tile_ids[None, :]
     w = fne_weights(sims, pos_sims, pos_mask, stats, cfg, tile_valid)
-    score, column = fallback_scores(sims, pos_mask, tile_valid).max(1)
+    score = fallback_scores(sims, pos_mask, tile_valid).amax(1)
     survivors = (w > 0).sum(1)
     if w.shape[1] % SAMPLE_BLOCK:
         w = F.pad(w, (0, -w.shape[1] % SAMPLE_BLOCK))
     blocks = w.view(w.shape[0], -1, SAMPLE_BLOCK)
-    return blocks, blocks.sum(2), survivors, score, column
+    return blocks, blocks.sum(2), survivors, score
+
+
+def hardest_columns(sims, anchor_ids, tile_ids, tile_valid) -> torch.Tensor:
+    """Each row's fallback column within the tile (the first column of its best fallback score)."""
+    return fallback_scores(sims, anchor_ids[:, None] == tile_ids[None, :], tile_valid).argmax(1)
+
+
+def host_reads_are_free(device: torch.device) -> bool:
+    """On the CPU reading a tensor's value costs nothing; on a GPU it waits for the queued work (a host sync)."""
+    return device.type == "cpu"
+
+
+def fallback_columns(index, pending, sims, anchor_ids, tile_ids, tile_valid, first_col: int) -> torch.Tensor:
+    """`index` [B] with the tile's fallback column (global: first_col + column) where `pending`.  On the CPU only
+    the pending rows' argmaxes (rarely any); on a GPU every row's, selected, which needs no host sync."""
+    if not host_reads_are_free(sims.device):
+        return torch.where(pending, first_col + hardest_columns(sims, anchor_ids, tile_ids, tile_valid), index)
+    rows = pending.nonzero().flatten()
+    if len(rows):
+        columns = hardest_columns(sims[rows], anchor_ids[rows], tile_ids, tile_valid)
+        index = index.index_put((rows,), first_col + columns)
+    return index
 
 
 _COMPILED = {}  # the compiled tile steps by name ("tile_stats", ...); None once compiling failed
@@ -129,7 +152,8 @@ def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarity
                  stream: int, row_offset: int = 0, col_offset: int = 0, valid=None) -> SampleResult:
     """The reference: the whole [B, N] weight matrix, then one two-level draw over all of it."""
     sims = anchors.float() @ keys.float().T
-    blocks, block_w, survivors, worst_score, worst = tile_stats(sims, pos_sims, anchor_ids, key_ids, valid, stats, cfg)
+    blocks, block_w, survivors, worst_score = tile_stats(sims, pos_sims, anchor_ids, key_ids, valid, stats, cfg)
+    worst = hardest_columns(sims, anchor_ids, key_ids, valid)
     rows = torch.arange(len(anchors), device=sims.device) + row_offset
     best_key, start, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset)
     best = start + pick_in_block(chosen, u)
@@ -161,8 +185,9 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         stop = min(start + tile, n)
         sims = a @ keys[start:stop].float().T
         tile_valid = None if valid is None else valid[start:stop]
-        blocks, block_w, tile_survivors, score, sarg = _tile_stats(sims, pos_sims, anchor_ids, key_ids[start:stop],
-                                                                   tile_valid, stats, cfg)
+        tile_ids = key_ids[start:stop]
+        blocks, block_w, tile_survivors, score = _tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats,
+                                                             cfg)
         survivors += tile_survivors
         weight_sum += block_w.sum(1)
         key, block, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset + start)
@@ -173,6 +198,9 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         best_u = torch.where(take, u, best_u)
         take = score > worst_score
         worst_score = torch.where(take, score, worst_score)
-        worst_index = torch.where(take, sarg + start + col_offset, worst_index)
+        # a row with weight never reads its fallback column (`finish`), and a row that ends without weight had none
+        # at the tile of its best score either: the column is needed only where the best score rose, weightless
+        worst_index = fallback_columns(worst_index, take & (weight_sum == 0), sims, anchor_ids, tile_ids, tile_valid,
+                                       start + col_offset)
     best_index = best_start + pick_in_block(best_w, best_u) + col_offset
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)

@@ -278,6 +278,28 @@ def test_one_fallback_row_among_drawn_rows(impl):
     check_one_fallback_row_among_drawn_rows(impl)
 
 
+@pytest.mark.parametrize("host_reads", [True, False], ids=["cpu-rows-pending", "gpu-all-rows-selected"])
+@pytest.mark.parametrize("tile", [128, 384])
+def test_streaming_fallback_columns_across_tiles_match_dense(tile, host_reads, monkeypatch):
+    """The streaming sampler finds a fallback column only for rows without weight so far (the tile step computes
+    no argmax): rows that fall back, whose best score rises tile after tile, take the dense reference's column;
+    rows that draw report none, and the fallback scores agree everywhere.  Both ways of finding the columns: the
+    pending rows' argmaxes (CPU) and every row's, selected without a host sync (GPU)."""
+    from fne_dist import sampler
+
+    monkeypatch.setattr(sampler, "host_reads_are_free", lambda device: host_reads)
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=90, n=1000)
+    pos_sims = torch.zeros_like(pos_sims)
+    pos_sims[::3] = 5.0  # every third row: all weights cut, it falls back
+    cfg = FNEConfig(cutdown="anchor")
+    run = lambda impl, t=None: sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, cfg,  # noqa: E731
+                                                 seed=5, valid=valid, impl=impl, tile_size=t, col_offset=256)
+    ref, got = run("dense"), run("torch", tile)
+    assert torch.equal(ref.fallback, torch.arange(90) % 3 == 0)
+    for name in ("index", "fallback", "survivors", "fallback_score", "fallback_index"):
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
+
+
 def test_compiled_tile_step_draws_what_the_eager_one_draws(monkeypatch):
     """Large CPU tiles run the torch.compile'd tile step (one fused loop): same indices, fallbacks and survivors as
     the eager rule, weight sums to float rounding."""
