@@ -9,11 +9,13 @@ sync of the finite check and the stop request, backward, AdamW, the EMA, the sta
 step is open_clip's recipe in a DeepSpeed engine of the same settings: forward both towers, ClipLoss (InfoNCE with
 the learned temperature), backward, AdamW.  Both run in one process, interleaved step by step so that both see the
 same machine load; the ratio of the medians is the figure of merit (`target`).  Prints a table and appends a row per
-run to a CSV.
+run to a CSV, with each kind's median page faults per step and the glibc malloc setting the process ran under.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import tempfile
 import time
@@ -33,7 +35,7 @@ from fne_dist.weights import IMPLS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is fne_dist/bench/step.py)
 FIELDS = ("device", "model", "dtype", "batch", "queue", "buffer", "objective", "mode", "impl", "keys", "clock",
-          "clip_ms", "objective_ms", "ratio")
+          "malloc", "clip_ms", "objective_ms", "ratio", "clip_faults", "objective_faults")
 
 
 def target(objective: str, keys: str, device: str) -> float:
@@ -127,18 +129,36 @@ def run(args) -> dict:
         for _ in range(args.warmup):
             timer(lambda: clip_step(batch))
             timer(objective_step)
-        clip_ms, objective_ms = [], []
+        clip_ms, objective_ms, clip_faults, objective_faults = [], [], [], []
         for _ in range(args.steps):
-            clip_ms.append(timer(lambda: clip_step(batch)))
-            objective_ms.append(timer(objective_step))
+            for times, faults, step_fn in ((clip_ms, clip_faults, lambda: clip_step(batch)),
+                                           (objective_ms, objective_faults, objective_step)):
+                before = minor_faults()
+                times.append(timer(step_fn))
+                faults.append(minor_faults() - before)
         trainer.metrics.close()
     clip, objective = statistics.median(clip_ms), statistics.median(objective_ms)
     name = Path(args.model).stem if args.model.endswith(".json") else args.model
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": name,
             "dtype": args.dtype, "batch": args.batch, "queue": args.queue, "buffer": args.buffer,
             "objective": args.objective, "mode": args.mode, "impl": args.impl, "keys": keys_read(args),
-            "clock": args.clock, "clip_ms": round(clip, 2), "objective_ms": round(objective, 2),
-            "ratio": round(objective / clip, 3)}
+            "clock": args.clock, "malloc": malloc_setting(), "clip_ms": round(clip, 2),
+            "objective_ms": round(objective, 2), "ratio": round(objective / clip, 3),
+            "clip_faults": statistics.median(clip_faults), "objective_faults": statistics.median(objective_faults)}
+
+
+def minor_faults() -> int:
+    """Page faults this process has taken (minor: a page mapped and zeroed, no disk read)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def malloc_setting() -> str:
+    """glibc malloc's thresholds this process started with (`make test`, `demo` and `study` set them), or "default":
+    they move a CPU step's time by a quarter (its page faults, the `*_faults` columns, medians per step), so each
+    row says which it ran under."""
+    given = [f"{name}={os.environ[var]}" for name, var in (("mmap", "MALLOC_MMAP_THRESHOLD_"),
+                                                           ("trim", "MALLOC_TRIM_THRESHOLD_")) if var in os.environ]
+    return ";".join(given) or "default"
 
 
 def keys_read(args) -> str:
