@@ -30,9 +30,10 @@ from typing import Iterable
 import torch
 
 from fne_dist.distributed import all_gather_cat, all_reduce, all_to_all
-from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
+from fne_dist.fne import SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
 from fne_dist.infonce import Candidates, streamed_posterior_infonce
 from fne_dist.queue import GlobalKeys, MomentumQueue
+from fne_dist.sampler import COMPILE_MIN_ELEMENTS, host_reads_are_free, no_candidates
 from fne_dist.stats import SimilarityStats
 
 LAYOUTS = ("auto", "replicated", "sharded")  # auto: sharded when world > 1
@@ -159,7 +160,11 @@ class NegativeBuffer:
     def at_risk(self, ids: torch.Tensor, labels: torch.Tensor, batch: GlobalKeys, *, row_offset: int) -> torch.Tensor:
         """[b] bool: this rank's anchor (global row row_offset + i) has a false negative among the whole buffer's
         candidates (`has_false_candidate`).  Sharded: each rank counts its own candidates for all G anchors and one
-        all-reduce of the [2, G] counts sums them (collective), so both layouts give the same answer."""
+        all-reduce of the [2, G] counts sums them (collective), so both layouts give the same answer.  Where reading
+        a value is free (the CPU) and no label of the global batch is known (web pairs), no anchor is at risk and
+        nothing is counted (0.7 ms of a CPU step); every rank sees the same batch, so all skip the all-reduce."""
+        if host_reads_are_free(ids.device) and not bool((batch.labels >= 0).any()):
+            return torch.zeros_like(ids, dtype=torch.bool)
         segments = self.segments(batch)
         if not self.sharded:
             return has_false_candidate(labels, false_candidate_counts(ids, labels, segments))
@@ -206,20 +211,14 @@ def _count_equal(queries: torch.Tensor, values: torch.Tensor, where: torch.Tenso
 def _draw(segments: list[Segment], dtype: torch.dtype, anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int,
           direction: int, **sampling) -> Negatives:
     """Each anchor's draw over these segments (one sampler call per segment, merged) and its choice's key, in the
-    buffer's dtype (`dtype`) even with no segment: the sharded exchange needs every rank's keys alike."""
+    buffer's dtype (`dtype`) even with no segment: the sharded exchange needs every rank's keys alike.  A draw large
+    enough for the CPU's compiled tile step runs its small segments (the batch's) compiled too."""
+    compile = len(anchors) * sum(len(seg) for seg in segments) >= COMPILE_MIN_ELEMENTS
     parts = [sample_negatives(anchors, seg.keys(direction), pos_sims, anchor_ids, seg.ids, stats, rule,
                               direction=direction, row_offset=row_offset, col_offset=seg.col_offset, valid=seg.valid,
-                              **sampling) for seg in segments]
-    sample = merge_samples(parts, rule) if parts else _nothing(len(anchors), anchors.device)
+                              compile=compile, **sampling) for seg in segments]
+    sample = merge_samples(parts, rule) if parts else no_candidates(len(anchors), anchors.device)
     return Negatives(sample, *_take(segments, sample.index, direction, len(anchors), anchors.shape[1], dtype))
-
-
-def _nothing(b: int, device) -> SampleResult:
-    """The draw over no candidates (a rank whose shard is empty): no negative, and the neutral partials."""
-    none = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
-    inf = torch.full((b,), float("inf"), device=device)
-    return SampleResult(none, torch.zeros(b, dtype=torch.bool, device=device), torch.zeros_like(none),
-                        torch.zeros(b, device=device), inf, -inf, none)
 
 
 def _take(segments: list[Segment], index: torch.Tensor, direction: int, b: int, dim: int, dtype: torch.dtype):

@@ -16,7 +16,7 @@ __all__ = ["FNEConfig", "SimilarityStats", "SampleResult", "fne_weights", "true_
 def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor,
                      key_ids: torch.Tensor, stats: SimilarityStats, cfg: FNEConfig, *, seed: int = 0, step: int = 0,
                      direction: int = 0, row_offset: int = 0, col_offset: int = 0, valid: torch.Tensor | None = None,
-                     impl: str = "auto", tile_size: int | None = None) -> SampleResult:
+                     impl: str = "auto", tile_size: int | None = None, compile: bool | None = None) -> SampleResult:
     """One negative per anchor, drawn with probability w / sum(w) (FNE_SPEC step 7), no gradient.
 
     anchors [B, D], keys [N, D] (the candidates), pos_sims [B], anchor_ids [B], key_ids [N], valid [N] bool.
@@ -26,7 +26,8 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
     "torch" and "triton" never materialise [B, N].
     impl: "dense" (reference), "torch" (streaming tiles), "triton" (fused kernel, CUDA),
     "auto" (triton on CUDA, torch otherwise). `tile_size`: candidates per tile (rounded up to a multiple of
-    SAMPLE_BLOCK; for "triton" a power of two >= SAMPLE_BLOCK).
+    SAMPLE_BLOCK; for "triton" a power of two >= SAMPLE_BLOCK).  `compile` ("torch" on the CPU): run the tiles
+    through torch.compile (None: tiles of `sampler.COMPILE_MIN_ELEMENTS` and more; see `sampler.compiled_step`).
     """
     if impl not in IMPLS:
         raise ValueError(f"sample_negatives impl={impl!r} is unknown: use one of {IMPLS}")
@@ -41,7 +42,8 @@ def sample_negatives(anchors: torch.Tensor, keys: torch.Tensor, pos_sims: torch.
                                 row_offset=row_offset, col_offset=col_offset, valid=valid)
         if impl == "torch":
             return streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, stream=stream,
-                                    row_offset=row_offset, col_offset=col_offset, valid=valid, tile_size=tile_size)
+                                    row_offset=row_offset, col_offset=col_offset, valid=valid, tile_size=tile_size,
+                                    compile=compile)
         from fne_kernels import triton_sample
 
         return triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, stream=stream,

@@ -67,9 +67,16 @@ def stream_words(stream: int) -> tuple[int, int]:
     return _signed64(stream), _signed64(mix64_int(stream ^ GOLDEN64))
 
 
-def block_bits(stream: int, rows: torch.Tensor, block_cols: torch.Tensor) -> torch.Tensor:
-    """The 64 hash bits of (rows x block_cols) as int64 [len(rows), len(block_cols)]."""
-    key1, key2 = stream_words(stream)
+def stream_tensor(stream: int) -> torch.Tensor:
+    """`stream_words` as a CPU int64 tensor [2]: how a compiled tile step takes the stream (a Python int argument
+    would be specialised on, and recompiled at every step).  Its 0-dim halves act as scalars on any device."""
+    return torch.tensor(stream_words(stream), dtype=torch.int64)
+
+
+def block_bits(stream: int | torch.Tensor, rows: torch.Tensor, block_cols: torch.Tensor) -> torch.Tensor:
+    """The 64 hash bits of (rows x block_cols) as int64 [len(rows), len(block_cols)]; `stream`: the 64-bit stream
+    or its `stream_tensor`."""
+    key1, key2 = stream_words(stream) if isinstance(stream, int) else stream
     counter = (rows.to(torch.int64) << 32)[:, None] | block_cols.to(torch.int64)[None, :]
     return mix64(mix64(counter ^ key1) ^ key2)
 
@@ -79,7 +86,7 @@ def _uniform(bits: torch.Tensor, shift: int) -> torch.Tensor:
     return x.to(torch.float32).add_(0.5).mul_(1.0 / (1 << UNIFORM_BITS))
 
 
-def block_uniforms(stream: int, rows: torch.Tensor, block_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_uniforms(stream: int | torch.Tensor, rows: torch.Tensor, block_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(race, pick) fp32 uniforms in (0, 1) of shape [len(rows), len(block_cols)]: the race uniform from the top 23
     bits, the pick uniform from bits 9..31."""
     bits = block_bits(stream, rows, block_cols)

@@ -43,6 +43,15 @@ def finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum
                         torch.where(needs_fallback, worst_index, none))
 
 
+def no_candidates(b: int, device) -> SampleResult:
+    """The draw over no candidates (a rank whose shard is empty, an empty queue): no negative, and the partials
+    that leave a merge unchanged."""
+    none = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
+    inf = torch.full((b,), float("inf"), device=device)
+    return SampleResult(none, torch.zeros(b, dtype=torch.bool, device=device), torch.zeros_like(none),
+                        torch.zeros(b, device=device), inf, -inf, none)
+
+
 def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult:
     """Combine results over disjoint candidate sets (in any order) into the result over their union.  Exact for the
     two-level draw when every sampling block lies in one part: a part's race key is its winning block's key."""
@@ -61,17 +70,22 @@ def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)
 
 
-def race_blocks(blocks: torch.Tensor, block_w: torch.Tensor, stream: int, rows: torch.Tensor, first_col: int):
-    """The block race over one tile: `blocks` [B, n_blocks, SAMPLE_BLOCK] its weights, `block_w` [B, n_blocks] their
-    sums, the first block starting at global column `first_col`.  Per row the smallest key -log(u) / W_b (+inf
-    where the tile has no weight), its block's first column within the tile, the block's weights and its pick
-    uniform."""
-    starts = torch.arange(0, blocks.shape[1] * SAMPLE_BLOCK, SAMPLE_BLOCK, device=blocks.device)
+def tile_draw(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: SimilarityStats, cfg: FNEConfig, stream,
+              rows, first_col):
+    """One tile's part of the two-level draw (`sims` [B, T], its first block at global column `first_col`; `stream`
+    an int or its `rng.stream_tensor`, as a compiled step takes it): per row the block race's smallest key
+    -log(u) / W_b (+inf where the tile has no weight) and the column within the tile drawn inside that block, the
+    survivors, the weight sum and the best fallback score.  Across tiles the smallest key wins (`streaming_sample`),
+    and the column drawn in the winning block is the one a draw over all tiles at once would pick."""
+    blocks, block_w, survivors, score = tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats, cfg)
+    b, n_blocks = block_w.shape
+    starts = torch.arange(0, n_blocks * SAMPLE_BLOCK, SAMPLE_BLOCK, device=sims.device)
     u_race, u_pick = rng.block_uniforms(stream, rows, starts + first_col)
     key, arg = u_race.log_().neg_().div_(block_w).min(1)
-    b, n_blocks = block_w.shape
-    row_block = torch.arange(b, device=blocks.device) * n_blocks + arg  # a flat row gather: ~100x faster than [at, arg]
-    return key, arg * SAMPLE_BLOCK, blocks.reshape(b * n_blocks, SAMPLE_BLOCK)[row_block], u_pick.flatten()[row_block]
+    row_block = torch.arange(b, device=sims.device) * n_blocks + arg  # a flat row gather: ~100x faster than [at, arg]
+    chosen = blocks.reshape(b * n_blocks, SAMPLE_BLOCK)[row_block]
+    column = arg * SAMPLE_BLOCK + pick_in_block(chosen, u_pick.flatten()[row_block])
+    return key, column, survivors, block_w.sum(1), score
 
 
 def pick_in_block(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -122,16 +136,20 @@ def fallback_columns(index, pending, sims, anchor_ids, tile_ids, tile_valid, fir
     return index
 
 
-_COMPILED = {}  # the compiled tile steps by name ("tile_stats", ...); None once compiling failed
+_COMPILED = {}  # the compiled tile steps by name ("tile_draw", ...); None once compiling failed
 
 
-def compiled_step(name: str, step, sims, *args):
-    """`step(sims, *args)`, compiled into one fused loop for large CPU tiles: eager, the ~30 elementwise passes of a
-    tile step (the sampler's `tile_stats`, the posterior InfoNCE's) cost several times the matmul; compiled, less
-    than it, with the same results up to float rounding.  Small tiles (tests, small batches) stay eager: compiling
-    costs 7-13 s once per process and step on a 2-core box (Inductor caches it on disk), which a [64, 8192] tile
-    (12 -> 3 ms a call) repays within a few thousand calls; where compiling fails, eager it is, with a warning."""
-    if sims.device.type == "cpu" and sims.numel() >= COMPILE_MIN_ELEMENTS:
+def compiled_step(name: str, step, sims, *args, compile: bool | None = None):
+    """`step(sims, *args)`, compiled into one fused loop on the CPU: eager, the ~50 small operations of a tile step
+    (the sampler's `tile_draw`, the posterior InfoNCE's) cost several times the matmul; compiled, less than it, with
+    the same results up to float rounding.  `compile` None: large tiles only (COMPILE_MIN_ELEMENTS and more); small
+    ones (tests, small batches) stay eager: compiling costs 7-13 s once per process and step on a 2-core box
+    (Inductor caches it on disk), which a [64, 8192] tile (12 -> 3 ms a call) repays within a few thousand calls,
+    and a draw whose candidates reach the size passes True for its small in-batch tile too (0.7 -> 0.1 ms a call).
+    Where compiling fails, eager it is, with a warning."""
+    if compile is None:
+        compile = sims.numel() >= COMPILE_MIN_ELEMENTS
+    if sims.device.type == "cpu" and compile:
         if name not in _COMPILED:  # wrapped once: each torch.compile call builds a new wrapper (9 ms of CPU)
             _COMPILED[name] = torch.compile(step, dynamic=True)
         compiled = _COMPILED[name]
@@ -144,28 +162,23 @@ def compiled_step(name: str, step, sims, *args):
     return step(sims, *args)
 
 
-def _tile_stats(sims, *args):
-    return compiled_step("tile_stats", tile_stats, sims, *args)
-
-
 def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
                  stream: int, row_offset: int = 0, col_offset: int = 0, valid=None) -> SampleResult:
     """The reference: the whole [B, N] weight matrix, then one two-level draw over all of it."""
     sims = anchors.float() @ keys.float().T
-    blocks, block_w, survivors, worst_score = tile_stats(sims, pos_sims, anchor_ids, key_ids, valid, stats, cfg)
-    worst = hardest_columns(sims, anchor_ids, key_ids, valid)
     rows = torch.arange(len(anchors), device=sims.device) + row_offset
-    best_key, start, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset)
-    best = start + pick_in_block(chosen, u)
-    return finish(best_key, best + col_offset, worst_score, worst + col_offset, survivors, block_w.sum(1), cfg)
+    key, column, survivors, weight_sum, worst_score = tile_draw(sims, pos_sims, anchor_ids, key_ids, valid, stats,
+                                                                cfg, stream, rows, col_offset)
+    worst = hardest_columns(sims, anchor_ids, key_ids, valid)
+    return finish(key, column + col_offset, worst_score, worst + col_offset, survivors, weight_sum, cfg)
 
 
 def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
                      stream: int, row_offset: int = 0, col_offset: int = 0, valid=None,
-                     tile_size: int | None = None) -> SampleResult:
+                     tile_size: int | None = None, compile: bool | None = None) -> SampleResult:
     """The streaming form in torch (CPU or GPU); memory O(B * tile_size).  The tile (default: DEFAULT_TILE_ELEMENTS
-    on the CPU, GPU_TILE_ELEMENTS on a GPU) is rounded up to a multiple of SAMPLE_BLOCK.  Each tile keeps its race
-    winner's block weights, so the draw inside the block needs no second pass over the candidates."""
+    on the CPU, GPU_TILE_ELEMENTS on a GPU) is rounded up to a multiple of SAMPLE_BLOCK.  Each tile draws inside its
+    own race winner, so the draw needs no second pass over the candidates.  `compile`: see `compiled_step`."""
     b, n = anchors.shape[0], keys.shape[0]
     device = anchors.device
     elements = DEFAULT_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
@@ -173,34 +186,32 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
     tile = -(-tile // SAMPLE_BLOCK) * SAMPLE_BLOCK
     a = anchors.float()
     rows = torch.arange(b, device=device) + row_offset
-    best_key = torch.full((b,), float("inf"), device=device)
-    best_start = torch.zeros(b, dtype=torch.long, device=device)
-    best_w = torch.zeros(b, SAMPLE_BLOCK, device=device)
-    best_u = torch.zeros(b, device=device)
-    worst_score = torch.full((b,), float("-inf"), device=device)
-    worst_index = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
-    survivors = torch.zeros(b, dtype=torch.long, device=device)
-    weight_sum = torch.zeros(b, device=device)
+    words = rng.stream_tensor(stream)
     for start in range(0, n, tile):
         stop = min(start + tile, n)
         sims = a @ keys[start:stop].float().T
         tile_valid = None if valid is None else valid[start:stop]
         tile_ids = key_ids[start:stop]
-        blocks, block_w, tile_survivors, score = _tile_stats(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats,
-                                                             cfg)
-        survivors += tile_survivors
-        weight_sum += block_w.sum(1)
-        key, block, chosen, u = race_blocks(blocks, block_w, stream, rows, col_offset + start)
-        take = key < best_key
-        best_key = torch.where(take, key, best_key)
-        best_start = torch.where(take, block + start, best_start)
-        best_w = torch.where(take[:, None], chosen, best_w)
-        best_u = torch.where(take, u, best_u)
-        take = score > worst_score
-        worst_score = torch.where(take, score, worst_score)
+        first_col = start + col_offset
+        key, column, tile_survivors, tile_weight, score = compiled_step(
+            "tile_draw", tile_draw, sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats, cfg, words, rows,
+            torch.tensor(first_col), compile=compile)  # CPU scalars: no recompile, no copy
+        if start == 0:  # the first tile's results are the running ones (most calls have one tile)
+            best_key, best_index, survivors, weight_sum = key, column + first_col, tile_survivors, tile_weight
+            worst_score, rose = score, score > float("-inf")
+            worst_index = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
+        else:
+            survivors = survivors + tile_survivors
+            weight_sum = weight_sum + tile_weight
+            take = key < best_key
+            best_key = torch.where(take, key, best_key)
+            best_index = torch.where(take, column + first_col, best_index)
+            rose = score > worst_score
+            worst_score = torch.where(rose, score, worst_score)
         # a row with weight never reads its fallback column (`finish`), and a row that ends without weight had none
         # at the tile of its best score either: the column is needed only where the best score rose, weightless
-        worst_index = fallback_columns(worst_index, take & (weight_sum == 0), sims, anchor_ids, tile_ids, tile_valid,
-                                       start + col_offset)
-    best_index = best_start + pick_in_block(best_w, best_u) + col_offset
+        worst_index = fallback_columns(worst_index, rose & (weight_sum == 0), sims, anchor_ids, tile_ids, tile_valid,
+                                       first_col)
+    if n == 0:
+        return no_candidates(b, device)
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)

@@ -1,6 +1,10 @@
 """The elementwise FNE rule (FNE_SPEC step 7), written once for torch.
 
-Every sampler (dense reference, streaming torch, fused Triton) is tested against `fne_weights`.
+Every sampler (dense reference, streaming torch, fused Triton) is tested against `fne_weights`, and `fne_weights`
+against the released rule computed by hand (tests/test_weights.py).  The posterior's log-odds are one quadratic in s
+(`log_odds_coefficients`), so no candidate forms the two Gaussian densities (one sigmoid where they took two
+exponentials and a division); where the released rule's fp32 positive density underflows, the hardness weight stays
+as it does there (`positive_underflow_radius`).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ if TYPE_CHECKING:
 MODES = ("official", "bayes", "eliminate", "hardness")
 CUTDOWNS = ("global", "anchor", "off")
 IMPLS = ("auto", "dense", "torch", "triton")  # the samplers of this rule (fne.sample_negatives)
+LOG_UNDERFLOW = -150.0 * math.log(2.0)  # exp(x) in fp32 (correctly rounded, denormals kept) is 0 below this
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,6 @@ class FNEConfig:
             raise ValueError(f"FNEConfig.min_count={self.min_count} must be >= 0")
 
 
-def normal_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """log N(s; mean, var) in the dtype of s (in-place on one temporary: this runs on every candidate tile)."""
-    return (s - mean).square_().div_(-2 * var).sub_(0.5 * torch.log(2 * math.pi * var))
-
-
 def moments32(stats: "SimilarityStats", device) -> tuple[torch.Tensor, ...]:
     """(mean_pos, var_pos, mean_neg, var_neg) in fp32 on `device`: what the elementwise rule reads, computed once per
     call from the float64 moments."""
@@ -71,27 +71,32 @@ def global_cutdown_on(stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
 def true_negative_prob(sims: torch.Tensor, stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
     """1 - f, the posterior probability that each candidate is a true negative (fp32, same shape as sims).
 
-    1 - f = sigmoid(log((rho-1) L-) - log L+) in log space, so it is finite for any s; it is 1 everywhere until the
-    statistics hold more than `cfg.min_count` positives.  The bayes and eliminate weights, the (1 - f) hinge weight
-    and the posterior-weighted InfoNCE all use it, so the posterior is written once.
-    """
-    s = sims.float()
-    return _true_negative_prob(s, moments32(stats, s.device), log_prior_odds(stats, cfg, s.device),
-                               stats.ready(cfg.min_count))
+    1 - f = sigmoid(-x) with x = log(f / (1 - f)) the quadratic of `log_odds_coefficients`, so it is finite for any
+    s; it is 1 everywhere until the statistics hold more than `cfg.min_count` positives.  The weights of every mode,
+    the (1 - f) hinge weight and the posterior-weighted InfoNCE all read that one quadratic."""
+    return false_negative_log_odds(sims, log_odds_coefficients(stats, cfg, sims.device)).neg_().sigmoid_()
 
 
-def log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
-    """log(rho - 1), float64 0-dim on `device`: the prior odds of a true negative, from cfg.prior_ratio or, where
-    the statistics fit the prior (fne.prior_fit), from the fitted prior.  Added to or multiplied into fp32 tensors
-    it acts in fp32 as the Python number did (its exp is rho - 1 exactly in fp32, which an fp32 exp is not)."""
-    return stats.log_prior_odds(cfg.prior_ratio).to(device)
+def positive_underflow_radius(stats: "SimilarityStats", device) -> torch.Tensor:
+    """r+ (fp32, on `device`): where |s - mu+| > r+ the positive density exp(-(s - mu+)^2 / (2 var+)) /
+    sqrt(2 pi var+), formed in fp32 as the released rule forms it, is 0 (a correctly rounded fp32 exp is 0 below
+    LOG_UNDERFLOW), so its f is 0, or 0/0 where the negative density is 0 too, and the hardness weight stays."""
+    var_pos = moments32(stats, device)[1]
+    return torch.sqrt((-LOG_UNDERFLOW - 0.5 * torch.log(2 * math.pi * var_pos)) * 2 * var_pos)
+
+
+def _log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
+    """log(rho - 1), float64 0-dim: the prior odds of a true negative, from cfg.prior_ratio or, where the statistics
+    fit the prior (fne.prior_fit), from the fitted prior."""
+    return stats.log_prior_odds(cfg.prior_ratio)
 
 
 def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
     """[mu+, a, b, c] in fp32 on `device` such that log(f / (1 - f)) = (a d + b) d + c with d = s - mu+: the two
     Gaussians' log-densities are quadratics in s, so `true_negative_prob` is sigmoid(-((a d + b) d + c)) and
-    log(1 - f) = -softplus((a d + b) d + c): one softplus per candidate instead of two densities (the fused kernels,
-    the streaming InfoNCE, the sampler kernel's log2 parameters).
+    log(1 - f) = -softplus((a d + b) d + c): one sigmoid or softplus per candidate instead of two densities (every
+    reader of the posterior: `fne_weights`, `true_negative_prob`, the streaming InfoNCE, the fused kernels' log2
+    parameters).
 
     Computed in float64 from the moments by device ops (no host sync), centred on mu+ where the posterior matters
     so that fp32 keeps its rounding small.  Until the statistics are ready a = b = 0 and c = -inf (1 - f = 1)."""
@@ -100,7 +105,7 @@ def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> t
     # log L+ - log L- - log(rho - 1), with s - mu- = d + delta
     a = 1 / (2 * var_neg) - 1 / (2 * var_pos)
     b = delta / var_neg
-    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - log_prior_odds(stats, cfg, delta.device)
+    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - _log_prior_odds(stats, cfg)
     ready = stats.ready(cfg.min_count)
     off = lambda value, idle: torch.where(ready, value, torch.full_like(value, idle))  # noqa: E731
     return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
@@ -112,13 +117,6 @@ def false_negative_log_odds(sims: torch.Tensor, coefficients: torch.Tensor) -> t
     mean_pos, a, b, c = coefficients
     d = sims.float() - mean_pos
     return d.mul(a).add_(b).mul_(d).add_(c)
-
-
-def _true_negative_prob(s: torch.Tensor, moments, log_odds: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
-    mean_pos, var_pos, mean_neg, var_neg = moments
-    logit = normal_log_density(s, mean_neg, var_neg).sub_(normal_log_density(s, mean_pos, var_pos))
-    keep = logit.add_(log_odds).sigmoid_()
-    return torch.where(ready, keep, torch.ones_like(keep))
 
 
 def prior_e_step(cfg: FNEConfig, stats: "SimilarityStats", sims: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
@@ -150,28 +148,28 @@ def fne_weights(
     """
     s = sims.float()
     p = pos_sims.float()[:, None]
-    hard = (s - p).square_().mul_(-cfg.tau).exp_()
-    ready = stats.ready(cfg.min_count)
-    moments = moments32(stats, s.device)
-    log_odds = log_prior_odds(stats, cfg, s.device)
-    if cfg.mode == "official":
-        # The released rule, densities and all: where both underflow f is NaN and the comparison keeps h.
-        mean_pos, var_pos, mean_neg, var_neg = moments
-        dens_pos = normal_log_density(s, mean_pos, var_pos).exp_()
-        dens_neg = normal_log_density(s, mean_neg, var_neg).exp_()
-        f = dens_pos.div_(dens_neg.mul_(log_odds.exp()).add_(dens_pos))  # L+ / (L+ + (rho-1) L-)
-        w = torch.where(ready & (1 - f < cfg.false_margin), f.mul_(-cfg.tau).exp_(), hard)
-    elif cfg.mode == "bayes":
-        w = _true_negative_prob(s, moments, log_odds, ready).mul_(hard)
-    elif cfg.mode == "eliminate":
-        w = hard.masked_fill_(_true_negative_prob(s, moments, log_odds, ready) <= 1 - cfg.f_max, 0.0)
+    hard_exponent = (s - p).square_()  # the hardness weight is exp(-tau * this)
+    mean_pos = moments32(stats, s.device)[0]
+    if cfg.mode == "hardness":
+        w = hard_exponent.mul_(-cfg.tau).exp_()
     else:
-        w = hard
+        log_odds = false_negative_log_odds(s, log_odds_coefficients(stats, cfg, s.device))  # -inf until ready
+        if cfg.mode == "official":
+            # The released rule: w = exp(-tau f) where 1 - f < false_margin, else h.  It forms f from the two fp32
+            # densities, so where the positive one underflows to 0 its f is 0 (or 0/0 = NaN) and h stays: kept
+            # here by the radius beyond which it does.  Both branches are exp(-tau * x): one exp serves them.
+            posterior = (log_odds > math.log((1 - cfg.false_margin) / cfg.false_margin)) & (
+                (s - mean_pos).square_() <= positive_underflow_radius(stats, s.device).square())
+            w = torch.where(posterior, log_odds.sigmoid_(), hard_exponent).mul_(-cfg.tau).exp_()
+        elif cfg.mode == "bayes":
+            w = log_odds.neg_().sigmoid_().mul_(hard_exponent.mul_(-cfg.tau).exp_())
+        else:  # eliminate
+            w = hard_exponent.mul_(-cfg.tau).exp_().masked_fill_(log_odds.neg_().sigmoid_() <= 1 - cfg.f_max, 0.0)
     drop = pos_mask
     if valid is not None:
         drop = drop | ~valid
     if cfg.cutdown == "global":
-        drop = drop | (global_cutdown_on(stats, cfg).to(s.device) & (s <= moments[0] - cfg.margin))
+        drop = drop | (global_cutdown_on(stats, cfg).to(s.device) & (s <= mean_pos - cfg.margin))
     elif cfg.cutdown == "anchor":
         drop = drop | (s <= p - cfg.margin)
     return w.masked_fill(drop, 0.0)

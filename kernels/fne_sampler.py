@@ -32,7 +32,8 @@ posterior matters, so that its rounding stays that of the density form), and the
     w = exp2(-tau log2(e) f) with f = 1 / (1 + exp2(-logit2)), else h.  The released rule forms the two densities in
     fp32: where the positive density underflows to 0, its f is 0 (or 0/0 = NaN where both do) and the comparison
     keeps h.  The kernel keeps that exactly: a correctly rounded fp32 exp is 0 below log(2^-150), so "the positive
-    density underflows" is |s - mu+| > r+ with r+ = sqrt((-log(2^-150) - 0.5 log(2 pi var+)) 2 var+).  (Where only
+    density underflows" is |s - mu+| > r+ (`fne_dist.weights.positive_underflow_radius`, as in `fne_weights`,
+    which forms the same quadratic: r+ = sqrt((-log(2^-150) - 0.5 log(2 pi var+)) 2 var+)).  (Where only
     the negative density underflows, f = 1 and the posterior branch is taken, as logit2 says);
   - until the statistics are ready the params make logit2 = -inf, which leaves w = h in every mode;
   - dropped candidates (positives, invalid slots, the cut-down) get exponent -inf, so w = 0.
@@ -61,12 +62,11 @@ from triton.language.extra import libdevice
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, global_cutdown_on, log_odds_coefficients, moments32
+from fne_dist.weights import FNEConfig, global_cutdown_on, log_odds_coefficients, moments32, positive_underflow_radius
 
 MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
 LOG2E = 1.0 / math.log(2.0)
-LOG_UNDERFLOW = -150.0 * math.log(2.0)  # exp(x) in fp32 (correctly rounded, denormals kept) is 0 below this
 SB = tl.constexpr(SAMPLE_BLOCK)
 NONE = tl.constexpr(NO_NEGATIVE)
 TWO_POW_M23 = tl.constexpr(2.0**-23)
@@ -459,15 +459,14 @@ def _scalar_params(stats: SimilarityStats, cfg: FNEConfig, device: torch.device)
     hardness: once a positive was counted; bayes, eliminate: once the stats are ready) and -inf before.  Until the
     stats are ready qa = qb = 0 and qc = -inf, so logit2 = -inf and w = h.  (qa, qb, qc) are
     `fne_dist.weights.log_odds_coefficients` in log2 units, the posterior's one statement as a quadratic."""
-    mean_pos, var_pos = moments32(stats, device)[:2]
+    mean_pos = moments32(stats, device)[0]
     ready = stats.ready(cfg.min_count).to(device)
     counted = global_cutdown_on(stats, cfg).to(device)
-    lognorm_pos = 0.5 * torch.log(2 * math.pi * var_pos)
     coefficients = log_odds_coefficients(stats, cfg, device)  # natural log units: log2 below
     return torch.stack([
         torch.where(counted, mean_pos - cfg.margin, float("-inf")),
         torch.where(ready, mean_pos, 0.0), *(coefficients[1:] * LOG2E),
-        torch.where(ready, torch.sqrt((-LOG_UNDERFLOW - lognorm_pos) * 2 * var_pos), math.inf),
+        torch.where(ready, positive_underflow_radius(stats, device), math.inf),
     ]).float()
 
 

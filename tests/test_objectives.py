@@ -15,6 +15,7 @@ from fne_dist.objectives import REGISTRY, objective_class
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
 from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.objectives.triplet import VSEpp
+from fne_dist.queue import GlobalKeys
 from fne_dist.stats import SimilarityStats
 from fne_dist.weights import FNEConfig, true_negative_prob
 
@@ -246,6 +247,27 @@ def test_at_risk_rows_are_those_with_a_false_negative_candidate():
     want = [bool(group_of[i] >= 0 and any(valid[j] and group_of[cand_ids[j]] == group_of[i] and cand_ids[j] != i
                                           for j in range(300))) for i in ids.tolist()]
     assert got.tolist() == want and 0 < sum(want) < 40
+
+
+def test_without_known_labels_no_anchor_is_at_risk_and_nothing_is_counted(monkeypatch):
+    """Web pairs carry no labels: the CPU skips the count (a GPU counts, as reading a value would wait for it)."""
+    from fne_dist import buffer as buffer_module
+    from fne_dist.buffer import NegativeBuffer
+
+    g = torch.Generator().manual_seed(1)
+    buf = NegativeBuffer(256, 4, torch.float32, "cpu")
+    ids = torch.arange(16)
+    unlabelled = torch.full_like(ids, -1)
+    buf.enqueue(GlobalKeys(torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g), ids, unlabelled))
+    batch = GlobalKeys(torch.randn(16, 4, generator=g), torch.randn(16, 4, generator=g), ids + 16, unlabelled)
+    monkeypatch.setattr(buffer_module, "host_reads_are_free", lambda device: False)
+    counted = buf.at_risk(batch.ids, batch.labels, batch, row_offset=0)
+    monkeypatch.setattr(buffer_module, "host_reads_are_free", lambda device: True)
+    monkeypatch.setattr(buffer_module, "false_candidate_counts", lambda *a: pytest.fail("counted without labels"))
+    assert torch.equal(buf.at_risk(batch.ids, batch.labels, batch, row_offset=0), counted) and not counted.any()
+    labelled = GlobalKeys(batch.image, batch.text, batch.ids, batch.labels.clone().fill_(3))
+    with pytest.raises(pytest.fail.Exception, match="counted"):
+        buf.at_risk(labelled.ids, labelled.labels, labelled, row_offset=0)
 
 
 def step_features(step: int, b=12, d=16):

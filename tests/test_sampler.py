@@ -311,7 +311,7 @@ def test_compiled_tile_step_draws_what_the_eager_one_draws(monkeypatch):
     eager = run()
     monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
     compiled = run()
-    assert sampler._COMPILED["tile_stats"] is not None, "compiling failed: the eager step ran instead"
+    assert sampler._COMPILED["tile_draw"] is not None, "compiling failed: the eager step ran instead"
     for name in ("index", "fallback", "survivors", "fallback_index"):
         assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
     torch.testing.assert_close(compiled.weight_sum, eager.weight_sum, rtol=1e-5, atol=1e-6)
@@ -335,3 +335,15 @@ def test_a_tile_step_is_wrapped_by_torch_compile_once(monkeypatch):
     for _ in range(3):
         assert torch.equal(sampler.compiled_step("double", lambda s: 2 * s, sims), 2 * sims)
     assert len(wrapped) == 1
+
+
+def test_streaming_over_no_candidates_draws_nothing_and_merges_as_nothing():
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=9, n=300)
+    empty = sample_negatives(anchors, keys[:0], pos_sims, anchor_ids, key_ids[:0], STATS, FNEConfig(), impl="torch")
+    assert (empty.index == NO_NEGATIVE).all() and not empty.fallback.any() and (empty.survivors == 0).all()
+    assert (empty.race_key == float("inf")).all() and (empty.fallback_score == float("-inf")).all()
+    some = sample_negatives(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), impl="torch",
+                            valid=valid)
+    merged = merge_samples([empty, some], FNEConfig())
+    for name in ("index", "fallback", "survivors", "weight_sum", "race_key", "fallback_score", "fallback_index"):
+        assert torch.equal(getattr(merged, name), getattr(some, name)), name
