@@ -181,6 +181,8 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
     own race winner, so the draw needs no second pass over the candidates.  `compile`: see `compiled_step`."""
     b, n = anchors.shape[0], keys.shape[0]
     device = anchors.device
+    if n == 0:
+        return no_candidates(b, device)
     elements = DEFAULT_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
     tile = tile_size or max(1, min(n, elements // max(b, 1)))
     tile = -(-tile // SAMPLE_BLOCK) * SAMPLE_BLOCK
@@ -212,6 +214,4 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         # at the tile of its best score either: the column is needed only where the best score rose, weightless
         worst_index = fallback_columns(worst_index, rose & (weight_sum == 0), sims, anchor_ids, tile_ids, tile_valid,
                                        first_col)
-    if n == 0:
-        return no_candidates(b, device)
     return finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum, cfg)
