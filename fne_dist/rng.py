@@ -86,7 +86,8 @@ def _uniform(bits: torch.Tensor, shift: int) -> torch.Tensor:
     return x.to(torch.float32).add_(0.5).mul_(1.0 / (1 << UNIFORM_BITS))
 
 
-def block_uniforms(stream: int | torch.Tensor, rows: torch.Tensor, block_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_uniforms(stream: int | torch.Tensor, rows: torch.Tensor,
+                   block_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(race, pick) fp32 uniforms in (0, 1) of shape [len(rows), len(block_cols)]: the race uniform from the top 23
     bits, the pick uniform from bits 9..31."""
     bits = block_bits(stream, rows, block_cols)

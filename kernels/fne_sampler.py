@@ -62,7 +62,8 @@ from triton.language.extra import libdevice
 from fne_dist import rng
 from fne_dist.sample_result import NO_NEGATIVE, SAMPLE_BLOCK, SampleResult
 from fne_dist.stats import SimilarityStats
-from fne_dist.weights import FNEConfig, global_cutdown_on, log_odds_coefficients, moments32, positive_underflow_radius
+from fne_dist.weights import (FNEConfig, global_cutdown_on, log_odds_coefficients, moments32,
+                              positive_underflow_radius)
 
 MODE_CODES = {"official": 0, "bayes": 1, "eliminate": 2, "hardness": 3}
 CUTDOWN_CODES = {"global": 0, "anchor": 1, "off": 2}
