@@ -85,12 +85,6 @@ def positive_underflow_radius(stats: "SimilarityStats", device) -> torch.Tensor:
     return torch.sqrt((-LOG_UNDERFLOW - 0.5 * torch.log(2 * math.pi * var_pos)) * 2 * var_pos)
 
 
-def _log_prior_odds(stats: "SimilarityStats", cfg: FNEConfig) -> torch.Tensor:
-    """log(rho - 1), float64 0-dim: the prior odds of a true negative, from cfg.prior_ratio or, where the statistics
-    fit the prior (fne.prior_fit), from the fitted prior."""
-    return stats.log_prior_odds(cfg.prior_ratio)
-
-
 def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> torch.Tensor:
     """[mu+, a, b, c] in fp32 on `device` such that log(f / (1 - f)) = (a d + b) d + c with d = s - mu+: the two
     Gaussians' log-densities are quadratics in s, so `true_negative_prob` is sigmoid(-((a d + b) d + c)) and
@@ -105,7 +99,7 @@ def log_odds_coefficients(stats: "SimilarityStats", cfg: FNEConfig, device) -> t
     # log L+ - log L- - log(rho - 1), with s - mu- = d + delta
     a = 1 / (2 * var_neg) - 1 / (2 * var_pos)
     b = delta / var_neg
-    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - _log_prior_odds(stats, cfg)
+    c = delta * delta / (2 * var_neg) + 0.5 * torch.log(var_neg / var_pos) - stats.log_prior_odds(cfg.prior_ratio)
     ready = stats.ready(cfg.min_count)
     off = lambda value, idle: torch.where(ready, value, torch.full_like(value, idle))  # noqa: E731
     return torch.stack([mean_pos, off(a, 0.0), off(b, 0.0), off(c, -math.inf)]).to(device=device, dtype=torch.float32)
@@ -150,21 +144,20 @@ def fne_weights(
     p = pos_sims.float()[:, None]
     hard_exponent = (s - p).square_()  # the hardness weight is exp(-tau * this)
     mean_pos = moments32(stats, s.device)[0]
-    if cfg.mode == "hardness":
-        w = hard_exponent.mul_(-cfg.tau).exp_()
-    else:
+    if cfg.mode == "official":
+        # The released rule: w = exp(-tau f) where 1 - f < false_margin, else h.  It forms f from the two fp32
+        # densities, so where the positive one underflows to 0 its f is 0 (or 0/0 = NaN) and h stays: kept here by
+        # the radius beyond which it does.  Both branches are exp(-tau * x): one exp serves them.
         log_odds = false_negative_log_odds(s, log_odds_coefficients(stats, cfg, s.device))  # -inf until ready
-        if cfg.mode == "official":
-            # The released rule: w = exp(-tau f) where 1 - f < false_margin, else h.  It forms f from the two fp32
-            # densities, so where the positive one underflows to 0 its f is 0 (or 0/0 = NaN) and h stays: kept
-            # here by the radius beyond which it does.  Both branches are exp(-tau * x): one exp serves them.
-            posterior = (log_odds > math.log((1 - cfg.false_margin) / cfg.false_margin)) & (
-                (s - mean_pos).square_() <= positive_underflow_radius(stats, s.device).square())
-            w = torch.where(posterior, log_odds.sigmoid_(), hard_exponent).mul_(-cfg.tau).exp_()
-        elif cfg.mode == "bayes":
-            w = log_odds.neg_().sigmoid_().mul_(hard_exponent.mul_(-cfg.tau).exp_())
-        else:  # eliminate
-            w = hard_exponent.mul_(-cfg.tau).exp_().masked_fill_(log_odds.neg_().sigmoid_() <= 1 - cfg.f_max, 0.0)
+        posterior = (log_odds > math.log((1 - cfg.false_margin) / cfg.false_margin)) & (
+            (s - mean_pos).square_() <= positive_underflow_radius(stats, s.device).square())
+        w = torch.where(posterior, log_odds.sigmoid_(), hard_exponent).mul_(-cfg.tau).exp_()
+    else:
+        w = hard_exponent.mul_(-cfg.tau).exp_()
+        if cfg.mode == "bayes":
+            w = w.mul_(true_negative_prob(s, stats, cfg))
+        elif cfg.mode == "eliminate":
+            w = w.masked_fill_(true_negative_prob(s, stats, cfg) <= 1 - cfg.f_max, 0.0)
     drop = pos_mask
     if valid is not None:
         drop = drop | ~valid
