@@ -4,7 +4,9 @@
 # (issue 26), and the configs' objective soft_clip (momentum keys, no buffer: one row).  Appends to $OUT/step.csv.
 # Targets: FNE / CLIP <= 1.35x at 262,144 (momentum keys), <= 1.10x (online keys); FNE step time within 5% from
 # 65,536 to 1,048,576; soft_clip <= 1.15x (issue 24).  About 4.5 minutes (FNE_KEYS=momentum or =online: one kind
-# only, about 2.5).
+# only, about 2.5).  Then the gpu-marked tests that need this installed stack (kernels/gpu_check.sh runs the kernels'
+# own, without it): the FNE step waits for nothing on the GPU, ZeRO-3's momentum forward, the NCCL benchmarks
+# (output in $OUT/gpu-tests.txt; a failure is reported and the figures above stand).
 #
 # The GPU image lacks deepspeed, open_clip, omegaconf, webdataset, submitit (ENVIRONMENT.md, "The GPU machine"):
 # they come from the wheels in the ignored folder .whl/ of the checkout (make them with the pip download / pip
@@ -40,3 +42,7 @@ set -- $buffers
 "$PYTHON" -m fne_dist.bench step --model "$model" --batch "$batch" --queue "$2" --objective soft_clip \
     "${dtype[@]}" "${timing[@]}" --csv "$OUT/step.csv"
 cat "$OUT/step.csv"
+timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_objectives.py tests/test_momentum.py \
+    tests/test_ema_bench.py tests/test_buffer_bench.py > "$OUT/gpu-tests.txt" 2>&1 \
+    || echo "gpu-marked tests: exit $? (see $OUT/gpu-tests.txt)"
+tail -n 3 "$OUT/gpu-tests.txt"

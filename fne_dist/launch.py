@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos")
     p.add_argument("--constraint")
     p.add_argument("--job-name", help="default: fne-<config name>")
-    p.add_argument("--log-dir", type=Path, help="submitit's folder (logs, pickles); default <train.output_dir>/submitit")
+    p.add_argument("--log-dir", type=Path,
+                   help="submitit's folder (logs, pickles); default <train.output_dir>/submitit")
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
                    help="extra sbatch option, repeatable: --sbatch exclusive --sbatch mail-type=END "
                         "--sbatch signal=USR2@300 (more time to save than the default 90 s)")

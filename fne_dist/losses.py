@@ -23,7 +23,7 @@ def vsepp_hardest(img: torch.Tensor, txt: torch.Tensor, ids: torch.Tensor, margi
     s = img @ txt.T
     pos = s.diagonal()
     i2t, t2i = hardest_in_batch(s, ids)
-    return ((margin + i2t.values - pos).clamp_min(0), i2t.indices), ((margin + t2i.values - pos).clamp_min(0), t2i.indices)
+    return tuple(((margin + hardest.values - pos).clamp_min(0), hardest.indices) for hardest in (i2t, t2i))
 
 
 def hardest_in_batch(sims: torch.Tensor, ids: torch.Tensor | None = None):

@@ -172,9 +172,9 @@ def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total
     pairs: a queue longer than an epoch (where the objective reads one: it then holds each pair's key several times,
     and may never fill), and a min_count that the run cannot reach (at most a global batch of positives is counted
     per step, none in warm-up)."""
-    advice = []
+    advice, objective = [], objective_class(cfg.objective)
     fitting = max(global_batch, (epoch_pairs - global_batch) // global_batch * global_batch)
-    if objective_class(cfg.objective).reads_buffer and cfg.queue_size > epoch_pairs:
+    if objective.reads_buffer and cfg.queue_size > epoch_pairs:
         fills = -(-cfg.queue_size // global_batch)
         when = f"fills after {fills} steps" if fills <= total_steps else \
             f"never fills in this run's {total_steps} steps"
@@ -183,7 +183,7 @@ def sizing_advice(cfg: FNESection, *, epoch_pairs: int, global_batch: int, total
                       f"fne.queue_size={fitting} (an epoch's pairs less a global batch)")
     if uses_posterior(cfg):
         steps_per_epoch = max(1, epoch_pairs // global_batch)
-        warmup_epochs = cfg.warmup_epochs if objective_class(cfg.objective).warmup else 0
+        warmup_epochs = cfg.warmup_epochs if objective.warmup else 0
         counting = total_steps - warmup_epochs * steps_per_epoch
         if cfg.stats_reset == "epoch":
             counting = min(counting, steps_per_epoch)

@@ -44,13 +44,15 @@ class FNEConfig:
         if not self.tau > 0:
             raise ValueError(f"FNEConfig.tau={self.tau} must be > 0 (the hardness weight exp(-tau*(s-p)^2))")
         if not self.prior_ratio > 1:
-            raise ValueError(f"FNEConfig.prior_ratio={self.prior_ratio} must be > 1 (the prior of a false negative is 1/prior_ratio)")
+            raise ValueError(f"FNEConfig.prior_ratio={self.prior_ratio} must be > 1 (the prior of a false negative is "
+                             "1/prior_ratio)")
         if not 0 < self.false_margin < 1:
             raise ValueError(f"FNEConfig.false_margin={self.false_margin} must lie in (0, 1)")
         if not self.margin >= 0:
             raise ValueError(f"FNEConfig.margin={self.margin} must be >= 0")
         if not 0 < self.f_max <= 1:
-            raise ValueError(f"FNEConfig.f_max={self.f_max} must lie in (0, 1] (eliminate drops candidates with f >= f_max)")
+            raise ValueError(f"FNEConfig.f_max={self.f_max} must lie in (0, 1] (eliminate drops candidates with "
+                             "f >= f_max)")
         if self.min_count < 0:
             raise ValueError(f"FNEConfig.min_count={self.min_count} must be >= 0")
 

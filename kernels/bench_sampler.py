@@ -42,8 +42,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_DEFAULTS = dict(b=[256, 1024, 4096], n=[1 << 16, 1 << 18, 1 << 20], d=[256, 512, 1024], impl=list(IMPLS),
                     dtype="bf16", repeats=20)
 CPU_DEFAULTS = dict(b=[1024], n=[131072], d=[256], impl=["dense", "torch", "matmul"], dtype="fp32", repeats=3)
-FIELDS = ("device", "threads", "dtype", "b", "n", "d", "mode", "regime", "tile", "impl", "time_ms", "peak_mib", "x_matmul",
-          "status")
+FIELDS = ("device", "threads", "dtype", "b", "n", "d", "mode", "regime", "tile", "impl", "time_ms", "peak_mib",
+          "x_matmul", "status")
 
 
 def make_inputs(b: int, n: int, d: int, dtype: torch.dtype, device: str, fallback: bool = False, seed: int = 0):
@@ -202,7 +202,8 @@ def _fmt(value, spec):
 def format_row(r: dict) -> str:
     return (f"{r['device']:>6} {_fmt(r.get('threads'), '>7')} {r['dtype']:>5} {r['b']:>6} {r['n']:>9} {r['d']:>6} "
             f"{r['mode']:>9} {r['regime']:>8} {r['tile']:>5} {r['impl']:>7} "
-            f"{_fmt(r['time_ms'], '12.2f')} {_fmt(r['peak_mib'], '10.1f')} {_fmt(r.get('x_matmul'), '9.2f')} {r['status']:>6}")
+            f"{_fmt(r['time_ms'], '12.2f')} {_fmt(r['peak_mib'], '10.1f')} {_fmt(r.get('x_matmul'), '9.2f')} "
+            f"{r['status']:>6}")
 
 
 def print_table(rows: list[dict]) -> None:

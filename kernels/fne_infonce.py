@@ -191,9 +191,6 @@ def _splits(m_blocks: int, n_tiles: int, programs: int) -> tuple[int, int]:
     return max(1, triton.cdiv(n_tiles, max(tiles_per_split, 1))), max(tiles_per_split, 1)
 
 
-
-
-
 class _Operands:
     """What both kernels read for one candidate run against anchors [n, D]: `inputs`, their first arguments (the
     product's operands: the anchors cast to the narrower of the two dtypes, `_dot_dtype`, the keys as they lie; the

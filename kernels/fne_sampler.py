@@ -3,12 +3,12 @@
 It draws exactly what `fne_dist.sampler.streaming_sample` draws (see that module for the two-level law), in two
 kernels, without writing any [B, N] array:
 
-1. `_fne_blocks_kernel`, the main loop (kernels/gpu_check.sh measures it against the matmul).  Grid = anchor blocks x candidate splits; each program
-   keeps its anchor block and streams candidate tiles of BLOCK_N columns (a multiple of SAMPLE_BLOCK): the
-   similarity tile with `tl.dot` (fp32 accumulation; keys cast on load when their dtype differs), the FNE weight
-   with the masks and the cut-down, then row reductions of the tile viewed as [rows, blocks, SAMPLE_BLOCK] (sum,
-   count, max: no per-candidate race or argmax) that give per (row, block) the weight sum W_b, the survivor count
-   and the best fallback score.
+1. `_fne_blocks_kernel`, the main loop (kernels/gpu_check.sh measures it against the matmul).  Grid = anchor blocks
+   x candidate splits; each program keeps its anchor block and streams candidate tiles of BLOCK_N columns (a
+   multiple of SAMPLE_BLOCK): the similarity tile with `tl.dot` (fp32 accumulation; keys cast on load when their
+   dtype differs), the FNE weight with the masks and the cut-down, then row reductions of the tile viewed as
+   [rows, blocks, SAMPLE_BLOCK] (sum, count, max: no per-candidate race or argmax) that give per (row, block) the
+   weight sum W_b, the survivor count and the best fallback score.
    The race over blocks (one hash, log and division per (row, block), not per candidate) keeps per row the
    smallest key -log(u) / W_b and its block; the fallback keeps only its best score and block (no running argmax).
    Full tiles load without masks: rows and columns past the end are clamped to the last one and dropped from
@@ -522,13 +522,15 @@ def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarit
         raise RuntimeError("triton_sample needs CUDA tensors; on the CPU use impl='torch', or set TRITON_INTERPRET=1 "
                            "before fne_kernels.fne_sampler is imported (slow, for tests)")
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
-        raise ValueError(f"triton_sample needs anchors [B, D] and keys [N, D]; got {tuple(anchors.shape)} and {tuple(keys.shape)}")
+        raise ValueError(f"triton_sample needs anchors [B, D] and keys [N, D]; got {tuple(anchors.shape)} and "
+                         f"{tuple(keys.shape)}")
     b, d = anchors.shape
     n = keys.shape[0]
     if n == 0:
         raise ValueError("triton_sample: keys is empty; sampling needs at least one candidate")
     if valid is not None and tuple(valid.shape) != (n,):
-        raise ValueError(f"triton_sample: valid must be a [N]={n} bool mask over the candidates, got {tuple(valid.shape)}")
+        raise ValueError(f"triton_sample: valid must be a [N]={n} bool mask over the candidates, got "
+                         f"{tuple(valid.shape)}")
     for name, x in (("anchors", anchors), ("keys", keys)):
         if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise ValueError(f"triton_sample: {name} must be bf16, fp16 or fp32, got {x.dtype}")

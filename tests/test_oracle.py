@@ -16,7 +16,6 @@ from fne_dist.objectives.diagnostics import DIAGNOSTICS, summarise
 from fne_dist.stats import SimilarityStats
 
 
-
 def ready() -> SimilarityStats:
     return SimilarityStats.from_moments(count_pos=500, mean_pos=0.3, var_pos=0.01, mean_neg=0.0, var_neg=0.02)
 

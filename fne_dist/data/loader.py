@@ -272,7 +272,8 @@ class _RankStream(IterableDataset):
                                            world_size=self.world_size, worker=reader, num_workers=n_readers)
             rng = random.Random(f"fne-samples/{self._tag(reader)}/{rnd}")
             n = 0
-            for pair in wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(_read_pairs(shards, self.skips, self.fetch)):
+            shuffle = wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)
+            for pair in shuffle(_read_pairs(shards, self.skips, self.fetch)):
                 n += 1
                 yield pair
             if n == 0:
