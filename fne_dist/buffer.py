@@ -7,9 +7,11 @@ is column G + s.  The buffer hands the sampler these candidates as `Segment`s, v
 replicated: every rank holds the whole queue and draws its own b anchors against every segment.
 sharded: rank r holds a contiguous range of the batch columns and of the ring slots, cut at multiples of
 SAMPLE_BLOCK from each segment's start (so every sampling block lies in one shard and the draw is the replicated
-one, bit for bit); the shares differ by at most one block.  Per direction and step:
-  1. all-gather the anchors and their positive similarities (G x D);
-  2. draw all G anchors against this rank's segments: per-anchor partials over its candidates;
+one, bit for bit); the shares differ by at most one block.  Per step, both directions at once (each collective
+carries the two directions' rows):
+  1. all-gather the anchors and their positive similarities (2 x G x D);
+  2. draw all G anchors of both directions against this rank's segments (one sampler call per segment): per-anchor
+     partials over its candidates;
   3. an all-to-all exchange (three calls: floats, integers, keys) sends each anchor's partials (race key, weight sum,
      fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
      anchor's rank;
@@ -19,7 +21,7 @@ all G anchors over its shard go to the anchors' ranks, and its gradient partials
 The at-risk count (`at_risk`, a diagnostic) is additive: each rank counts its candidates for all G anchors, and one
 all-reduce of 2 x G int32 sums the shards' counts.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
-(G x (D + 8) numbers) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
+(G x (D + 8) numbers a direction) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
 the buffer size; memory is the ring / world per rank plus the G batch keys.
 """
 from __future__ import annotations
@@ -90,8 +92,9 @@ class Segment:
 
 @dataclass
 class Negatives:
-    """One direction's draw for this rank's b anchors: the sample (global columns, NO_NEGATIVE where none) and the
-    chosen candidates' keys [b, D] (buffer dtype, zero where none), ids and labels [b] (-1 where none)."""
+    """The draw for this rank's b anchors in each of K directions: the sample (fields [K, b]: global columns,
+    NO_NEGATIVE where none) and the chosen candidates' keys [K, b, D] (buffer dtype, zero where none), ids and
+    labels [K, b] (-1 where none)."""
 
     sample: SampleResult
     keys: torch.Tensor
@@ -131,17 +134,19 @@ class NegativeBuffer:
         self.queue.enqueue(batch)
 
     def draw(self, anchors: torch.Tensor, pos_sims: torch.Tensor, anchor_ids: torch.Tensor, batch: GlobalKeys,
-             stats: SimilarityStats, rule: FNEConfig, *, row_offset: int, **sampling) -> Negatives:
-        """One negative from the whole buffer for each of this rank's anchors [b, D] (global rows row_offset + i;
-        sharded: rows rank * b + i of `batch`, whose ids are the anchors' ids in rank order).  `sampling`: seed,
-        step, direction, impl (see `sample_negatives`).  Collective when sharded."""
+             stats: SimilarityStats, rule: FNEConfig, *, row_offset: int, direction: tuple[int, ...] = (0, 1),
+             **sampling) -> Negatives:
+        """One negative from the whole buffer for each of this rank's anchors [K, b, D] in each of its K directions
+        (pos_sims [K, b]; global rows row_offset + i; sharded: rows rank * b + i of `batch`, whose ids are the
+        anchors' ids in rank order): one sampler call per segment draws every direction.  `sampling`: seed, step,
+        impl (see `sample_negatives`).  Collective when sharded (one exchange for all directions)."""
         segments = self.segments(batch)
         if not self.sharded:
             return _draw(segments, self.dtype, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset,
-                         **sampling)
-        everyone = _draw(segments, self.dtype, all_gather_cat(anchors), all_gather_cat(pos_sims), batch.ids, stats,
-                         rule, row_offset=0, **sampling)
-        return _merge_ranks(everyone, len(anchors), self.world, rule)
+                         direction=direction, **sampling)
+        everyone = _draw(segments, self.dtype, _gather_rows(anchors), _gather_rows(pos_sims), batch.ids, stats, rule,
+                         row_offset=0, direction=direction, **sampling)
+        return _merge_ranks(everyone, anchors.shape[1], self.world, rule)
 
     def infonce(self, anchors: torch.Tensor, scale: torch.Tensor, pos_keys: torch.Tensor, ids: torch.Tensor,
                 labels: torch.Tensor, batch: GlobalKeys, stats: SimilarityStats, rule: FNEConfig, *, direction: int,
@@ -208,49 +213,63 @@ def _count_equal(queries: torch.Tensor, values: torch.Tensor, where: torch.Tenso
     return counts[torch.searchsorted(ordered, queries)]
 
 
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """[K, b, ...] of every rank -> [K, G, ...]: each direction's rows of all ranks, in rank order."""
+    return all_gather_cat(t.transpose(0, 1)).transpose(0, 1).contiguous()
+
+
 def _draw(segments: list[Segment], dtype: torch.dtype, anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int,
-          direction: int, **sampling) -> Negatives:
-    """Each anchor's draw over these segments (one sampler call per segment, merged) and its choice's key, in the
-    buffer's dtype (`dtype`) even with no segment: the sharded exchange needs every rank's keys alike.  A draw large
-    enough for the CPU's compiled tile step runs its small segments (the batch's) compiled too."""
-    compile = len(anchors) * sum(len(seg) for seg in segments) >= COMPILE_MIN_ELEMENTS
-    parts = [sample_negatives(anchors, seg.keys(direction), pos_sims, anchor_ids, seg.ids, stats, rule,
+          direction: tuple[int, ...], **sampling) -> Negatives:
+    """Each anchor's draw over these segments in every direction (anchors [K, n, D]; one sampler call per segment,
+    merged) and its choice's key, in the buffer's dtype (`dtype`) even with no segment: the sharded exchange needs
+    every rank's keys alike.  A draw large enough for the CPU's compiled tile step runs its small segments (the
+    batch's) compiled too."""
+    k, n, dim = anchors.shape
+    compile = k * n * sum(len(seg) for seg in segments) >= COMPILE_MIN_ELEMENTS
+    parts = [sample_negatives(anchors, [seg.keys(d) for d in direction], pos_sims, anchor_ids, seg.ids, stats, rule,
                               direction=direction, row_offset=row_offset, col_offset=seg.col_offset, valid=seg.valid,
                               compile=compile, **sampling) for seg in segments]
-    sample = merge_samples(parts, rule) if parts else no_candidates(len(anchors), anchors.device)
-    return Negatives(sample, *_take(segments, sample.index, direction, len(anchors), anchors.shape[1], dtype))
+    sample = merge_samples(parts, rule) if parts else no_candidates(k * n, anchors.device).map(lambda t: t.view(k, n))
+    return Negatives(sample, *_take(segments, sample.index, direction, dim, dtype))
 
 
-def _take(segments: list[Segment], index: torch.Tensor, direction: int, b: int, dim: int, dtype: torch.dtype):
-    """Keys [b, D] (dtype: the buffer's, which its segments hold), ids and labels [b] of the chosen global columns,
-    zero / -1 where no segment holds the column (gathers and selects only: no host synchronisation)."""
+def _take(segments: list[Segment], index: torch.Tensor, direction: tuple[int, ...], dim: int, dtype: torch.dtype):
+    """Keys [K, b, D] (dtype: the buffer's, which its segments hold), ids and labels [K, b] of the chosen global
+    columns index [K, b] (direction k's keys for row k), zero / -1 where no segment holds the column (gathers and
+    selects only: no host synchronisation)."""
     device = index.device
-    keys = torch.zeros(b, dim, dtype=dtype, device=device)
-    ids = torch.full((b,), -1, dtype=torch.long, device=device)
+    keys = torch.zeros(*index.shape, dim, dtype=dtype, device=device)
+    ids = torch.full(index.shape, -1, dtype=torch.long, device=device)
     labels = torch.full_like(ids, -1)
     for seg in segments:
         local = index - seg.col_offset
         here = (local >= 0) & (local < len(seg))
         at = local.clamp(0, len(seg) - 1)
-        keys = torch.where(here[:, None], seg.keys(direction)[at], keys)
+        chosen = torch.stack([seg.keys(d)[at[i]] for i, d in enumerate(direction)])
+        keys = torch.where(here[..., None], chosen, keys)
         ids = torch.where(here, seg.ids[at], ids)
         labels = torch.where(here, seg.labels[at], labels)
     return keys, ids, labels
 
 
 def _merge_ranks(everyone: Negatives, b: int, world: int, rule: FNEConfig) -> Negatives:
-    """Steps 3-4 of the module docstring: this rank's b rows from every rank's partials over the G anchors."""
+    """Steps 3-4 of the module docstring: this rank's b rows from every rank's partials over the G anchors, in
+    every direction (one exchange: rows first, as all_to_all cuts dim 0)."""
     s = everyone.sample
-    floats = torch.stack([s.race_key.float(), s.weight_sum.float(), s.fallback_score.float()], 1)
-    longs = torch.stack([s.index, s.survivors.long(), s.fallback_index, everyone.ids, everyone.labels], 1)
-    floats, longs, keys = (all_to_all(t).view(world, b, *t.shape[1:]) for t in (floats, longs, everyone.keys))
-    parts = [SampleResult(index=longs[r, :, 0], fallback=torch.zeros(b, dtype=torch.bool, device=longs.device),
-                          survivors=longs[r, :, 1], weight_sum=floats[r, :, 1], race_key=floats[r, :, 0],
-                          fallback_score=floats[r, :, 2], fallback_index=longs[r, :, 2]) for r in range(world)]
+    k = s.index.shape[0]
+    floats = torch.stack([s.race_key.float(), s.weight_sum.float(), s.fallback_score.float()], -1)
+    longs = torch.stack([s.index, s.survivors.long(), s.fallback_index, everyone.ids, everyone.labels], -1)
+    # [K, G, ...] -> [G, K, ...] -> exchanged -> [world, K, b, ...]
+    floats, longs, keys = (all_to_all(t.transpose(0, 1).contiguous()).view(world, b, k, -1).transpose(1, 2)
+                           for t in (floats, longs, everyone.keys))
+    none = torch.zeros(k, b, dtype=torch.bool, device=longs.device)
+    parts = [SampleResult(index=longs[r, ..., 0], fallback=none, survivors=longs[r, ..., 1],
+                          weight_sum=floats[r, ..., 1], race_key=floats[r, ..., 0], fallback_score=floats[r, ..., 2],
+                          fallback_index=longs[r, ..., 2]) for r in range(world)]
     sample = merge_samples(parts, rule)
     # the rank whose own choice is the merged one (columns are disjoint across ranks: at most one)
-    src = (longs[:, :, 0] == sample.index).int().argmax(0)
-    rows = torch.arange(b, device=longs.device)
+    src = (longs[..., 0] == sample.index).int().argmax(0)
+    directions, rows = torch.arange(k, device=longs.device)[:, None], torch.arange(b, device=longs.device)
     has = sample.has_negative
-    return Negatives(sample, keys[src, rows].where(has[:, None], 0), longs[src, rows, 3].where(has, -1),
-                     longs[src, rows, 4].where(has, -1))
+    return Negatives(sample, keys[src, directions, rows].where(has[..., None], 0),
+                     longs[src, directions, rows, 3].where(has, -1), longs[src, directions, rows, 4].where(has, -1))

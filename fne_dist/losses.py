@@ -8,11 +8,11 @@ import torch
 
 def triplet_hinges(anchors: torch.Tensor, pos_keys: torch.Tensor, neg_keys: torch.Tensor,
                    margin: float) -> torch.Tensor:
-    """max(0, margin + a_i . n_i - a_i . p_i) per row [b] for one direction; the objective takes their (weighted)
-    mean.  anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and are detached, so
-    image->text trains the image tower and text->image the text tower."""
-    pos = (anchors * pos_keys.detach()).sum(1)
-    neg = (anchors * neg_keys.detach()).sum(1)
+    """max(0, margin + a_i . n_i - a_i . p_i) per row [b] for one direction ([K, b] for K); the objective takes
+    their (weighted) mean.  anchors [b, D] carry the gradient; pos_keys and neg_keys [b, D] are momentum keys and
+    are detached, so image->text trains the image tower and text->image the text tower."""
+    pos = (anchors * pos_keys.detach()).sum(-1)
+    neg = (anchors * neg_keys.detach()).sum(-1)
     return (margin + neg - pos).clamp_min(0)
 
 

@@ -67,15 +67,19 @@ def stream_words(stream: int) -> tuple[int, int]:
     return _signed64(stream), _signed64(mix64_int(stream ^ GOLDEN64))
 
 
-def stream_tensor(stream: int) -> torch.Tensor:
-    """`stream_words` as a CPU int64 tensor [2]: how a compiled tile step takes the stream (a Python int argument
-    would be specialised on, and recompiled at every step).  Its 0-dim halves act as scalars on any device."""
-    return torch.tensor(stream_words(stream), dtype=torch.int64)
+def stream_tensor(*streams: int) -> torch.Tensor:
+    """`stream_words` as a CPU int64 tensor: [2] for one stream, [K, 2] for K (the directions of one call).  How a
+    compiled tile step takes streams (a Python int argument would be specialised on, and recompiled at every
+    step); one stream's 0-dim halves act as scalars on any device."""
+    words = torch.tensor([stream_words(s) for s in streams], dtype=torch.int64)
+    return words[0] if len(streams) == 1 else words
 
 
 def block_bits(stream: int | torch.Tensor, rows: torch.Tensor, block_cols: torch.Tensor) -> torch.Tensor:
     """The 64 hash bits of (rows x block_cols) as int64 [len(rows), len(block_cols)]; `stream`: the 64-bit stream
-    or its `stream_tensor`."""
+    or its `stream_tensor`.  K streams ([K, 2]): the rows under each stream in turn, [K * len(rows), ...]."""
+    if isinstance(stream, torch.Tensor) and stream.dim() == 2:
+        return torch.cat([block_bits(words, rows, block_cols) for words in stream])
     key1, key2 = stream_words(stream) if isinstance(stream, int) else stream
     counter = (rows.to(torch.int64) << 32)[:, None] | block_cols.to(torch.int64)[None, :]
     return mix64(mix64(counter ^ key1) ^ key2)
@@ -88,7 +92,7 @@ def _uniform(bits: torch.Tensor, shift: int) -> torch.Tensor:
 
 def block_uniforms(stream: int | torch.Tensor, rows: torch.Tensor,
                    block_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(race, pick) fp32 uniforms in (0, 1) of shape [len(rows), len(block_cols)]: the race uniform from the top 23
-    bits, the pick uniform from bits 9..31."""
+    """(race, pick) fp32 uniforms in (0, 1) of shape [len(rows), len(block_cols)] (K streams: [K * len(rows), ...],
+    as `block_bits`): the race uniform from the top 23 bits, the pick uniform from bits 9..31."""
     bits = block_bits(stream, rows, block_cols)
     return _uniform(bits, 64 - UNIFORM_BITS), _uniform(bits, 32 - UNIFORM_BITS)

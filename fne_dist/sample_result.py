@@ -2,7 +2,8 @@
 so that the kernel package imports no sampler code."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,3 +33,12 @@ class SampleResult:
     @property
     def has_negative(self) -> torch.Tensor:
         return self.index != NO_NEGATIVE
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SampleResult:
+        """Every field through `fn`: one direction's rows (`lambda t: t[k]`), a reshape."""
+        return SampleResult(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    @staticmethod
+    def stack(parts: Sequence[SampleResult]) -> SampleResult:
+        """Results of K calls (directions) as one whose fields are [K, B]."""
+        return SampleResult(*(torch.stack([getattr(p, f.name) for p in parts]) for f in fields(SampleResult)))

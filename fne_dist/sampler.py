@@ -73,7 +73,8 @@ def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult
 def tile_draw(sims, pos_sims, anchor_ids, tile_ids, tile_valid, stats: SimilarityStats, cfg: FNEConfig, stream,
               rows, first_col):
     """One tile's part of the two-level draw (`sims` [B, T], its first block at global column `first_col`; `stream`
-    an int or its `rng.stream_tensor`, as a compiled step takes it): per row the block race's smallest key
+    an int or its `rng.stream_tensor`, as a compiled step takes it; K streams: sims, pos_sims and anchor_ids hold
+    K * len(rows) rows, those of each stream in turn, as `rng.block_bits`): per row the block race's smallest key
     -log(u) / W_b (+inf where the tile has no weight) and the column within the tile drawn inside that block, the
     survivors, the weight sum and the best fallback score.  Across tiles the smallest key wins (`streaming_sample`),
     and the column drawn in the winning block is the one a draw over all tiles at once would pick."""
@@ -174,24 +175,43 @@ def dense_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Similarity
 
 
 def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
-                     stream: int, row_offset: int = 0, col_offset: int = 0, valid=None,
+                     stream: int | Sequence[int], row_offset: int = 0, col_offset: int = 0, valid=None,
                      tile_size: int | None = None, compile: bool | None = None) -> SampleResult:
     """The streaming form in torch (CPU or GPU); memory O(B * tile_size).  The tile (default: DEFAULT_TILE_ELEMENTS
     on the CPU, GPU_TILE_ELEMENTS on a GPU) is rounded up to a multiple of SAMPLE_BLOCK.  Each tile draws inside its
-    own race winner, so the draw needs no second pass over the candidates.  `compile`: see `compiled_step`."""
-    b, n = anchors.shape[0], keys.shape[0]
+    own race winner, so the draw needs no second pass over the candidates.  `compile`: see `compiled_step`.
+
+    Several directions in one pass (`fne.sample_negatives`): anchors [K, B, D], keys a sequence of K [N, D],
+    pos_sims [K, B], K streams; each tile step then runs once over the K * B rows, and the result's fields are
+    [K, B], the draws of K calls."""
+    several = anchors.dim() == 3
+    if not several:
+        anchors, keys, pos_sims, stream = anchors[None], (keys,), pos_sims[None], (stream,)
+    k, b, n = anchors.shape[0], anchors.shape[1], key_ids.shape[0]
     device = anchors.device
     if n == 0:
-        return no_candidates(b, device)
+        result = no_candidates(k * b, device)
+    else:
+        result = _stream_tiles(anchors.float(), keys, pos_sims.reshape(k * b), anchor_ids.repeat(k), key_ids, stats,
+                               cfg, rng.stream_tensor(*stream), row_offset, col_offset, valid, tile_size, compile)
+    return result.map(lambda t: t.view(k, b)) if several else result
+
+
+def _stream_tiles(a, keys, pos_sims, anchor_ids, key_ids, stats, cfg, words, row_offset, col_offset, valid, tile_size,
+                  compile) -> SampleResult:
+    """`streaming_sample`'s tiles over the rows of every direction (a [K, B, D], fp32; pos_sims and anchor_ids
+    [K * B]): fields [K * B]."""
+    k, b, n = a.shape[0], a.shape[1], key_ids.shape[0]
+    device = a.device
     elements = DEFAULT_TILE_ELEMENTS if device.type == "cpu" else GPU_TILE_ELEMENTS
-    tile = tile_size or max(1, min(n, elements // max(b, 1)))
+    tile = tile_size or max(1, min(n, elements // max(k * b, 1)))
     tile = -(-tile // SAMPLE_BLOCK) * SAMPLE_BLOCK
-    a = anchors.float()
     rows = torch.arange(b, device=device) + row_offset
-    words = rng.stream_tensor(stream)
     for start in range(0, n, tile):
         stop = min(start + tile, n)
-        sims = a @ keys[start:stop].float().T
+        sims = torch.empty(k * b, stop - start, device=device)
+        for d in range(k):  # each direction's product into its rows: one tile step for all
+            torch.mm(a[d], keys[d][start:stop].float().T, out=sims[d * b:(d + 1) * b])
         tile_valid = None if valid is None else valid[start:stop]
         tile_ids = key_ids[start:stop]
         first_col = start + col_offset
@@ -201,7 +221,7 @@ def streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: Simila
         if start == 0:  # the first tile's results are the running ones (most calls have one tile)
             best_key, best_index, survivors, weight_sum = key, column + first_col, tile_survivors, tile_weight
             worst_score, rose = score, score > float("-inf")
-            worst_index = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
+            worst_index = torch.full((k * b,), NO_NEGATIVE, dtype=torch.long, device=device)
         else:
             survivors = survivors + tile_survivors
             weight_sum = weight_sum + tile_weight

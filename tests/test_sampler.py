@@ -347,3 +347,42 @@ def test_streaming_over_no_candidates_draws_nothing_and_merges_as_nothing():
     merged = merge_samples([empty, some], FNEConfig())
     for name in ("index", "fallback", "survivors", "weight_sum", "race_key", "fallback_score", "fallback_index"):
         assert torch.equal(getattr(merged, name), getattr(some, name)), name
+
+
+def check_directions_in_one_call(impl, device="cpu", **kw):
+    """Both directions in one call (anchors [2, B, D], each direction its own keys and stream: the trainer's draw)
+    give, field by field, what one call per direction gives: the same streams and weights, the same draws."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = (t.to(device) for t in problem(b=45, n=700, seed=1))
+    other, other_keys, other_pos, *_ = (t.to(device) for t in problem(b=45, n=700, seed=2))
+    pos_sims[::9] = other_pos[::7] = 5.0  # every candidate cut (s <= p - margin): these rows fall back
+    common = dict(seed=8, step=3, valid=valid, impl=impl, row_offset=5, col_offset=128, **kw)
+    cfg = FNEConfig(mode="bayes", cutdown="anchor", prior_ratio=10.0)
+    together = sample_negatives(torch.stack((anchors, other)), (keys, other_keys), torch.stack((pos_sims, other_pos)),
+                                anchor_ids, key_ids, STATS, cfg, direction=(0, 1), **common)
+    alone = [sample_negatives(a, k, p, anchor_ids, key_ids, STATS, cfg, direction=d, **common)
+             for d, (a, k, p) in enumerate(((anchors, keys, pos_sims), (other, other_keys, other_pos)))]
+    assert together.index.shape == (2, 45)
+    assert 0 < together.fallback.sum() < 90 and together.has_negative.all()  # draws and fallbacks both
+    for name in ("index", "fallback", "survivors", "race_key", "fallback_score", "fallback_index"):
+        assert torch.equal(getattr(together, name), torch.stack([getattr(r, name) for r in alone])), name
+    torch.testing.assert_close(together.weight_sum, torch.stack([r.weight_sum for r in alone]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("impl, tile", [("dense", None), ("torch", None), ("torch", 256)])
+def test_both_directions_in_one_call_draw_what_a_call_each_draws(impl, tile):
+    check_directions_in_one_call(impl, tile_size=tile)
+
+
+def test_both_directions_in_one_compiled_tile_step_draw_what_a_call_each_draws(monkeypatch):
+    from fne_dist import sampler
+
+    monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
+    check_directions_in_one_call("torch", tile_size=384)
+    assert sampler._COMPILED["tile_draw"] is not None, "compiling failed: the eager step ran instead"
+
+
+def test_directions_need_their_own_keys_and_positive_similarities():
+    anchors, keys, pos_sims, anchor_ids, key_ids, _ = problem(b=3, n=10)
+    with pytest.raises(ValueError, match="give each direction all four"):
+        sample_negatives(torch.stack((anchors, anchors)), (keys,), torch.stack((pos_sims, pos_sims)), anchor_ids,
+                         key_ids, STATS, FNEConfig(), direction=(0, 1))

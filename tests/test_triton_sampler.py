@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from test_sampler import check_block_law, check_one_fallback_row_among_drawn_rows, check_parts_merged
+from test_sampler import (check_block_law, check_directions_in_one_call, check_one_fallback_row_among_drawn_rows,
+                          check_parts_merged)
 
 from fne_dist import rng
 from fne_dist.fne import NO_NEGATIVE, FNEConfig, SimilarityStats, fne_weights, sample_negatives
@@ -398,3 +399,8 @@ def test_kernel_hash_is_bit_identical_to_rng():
         _hash_probe[(1,)](race, pick, rows, cols, *halves, R=len(rows), C=len(cols))
         want_race, want_pick = rng.block_uniforms(stream, rows, cols)
         assert torch.equal(race, want_race) and torch.equal(pick, want_pick)
+
+
+def test_both_directions_in_one_call_draw_what_a_call_each_draws():
+    """The trainer draws both directions in one `sample_negatives` call; the kernel runs once per direction."""
+    check_directions_in_one_call("triton", device=DEVICE)

@@ -12,8 +12,8 @@ DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled
 
 
 def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
-    """DIAGNOSTICS sums of one direction's picked negatives: rows drawn by the FNE sampler (`sampled`: the
-    SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives
+    """DIAGNOSTICS sums of the picked negatives (one direction's [b], or [K, b] of K): rows drawn by the FNE sampler
+    (`sampled`: the SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives
     among them and the picks of anchors at risk (with a false negative among their candidates: only those can pick
     one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false
     negatives."""
@@ -21,7 +21,7 @@ def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges,
     false_neg = has_neg & false_negative_mask(ids, labels, neg_ids, neg_labels)
     picks = None
     if sampled is not None:
-        rows = torch.full((), float(len(sampled.index)), dtype=torch.float64, device=hinges.device)
+        rows = torch.full((), float(sampled.index.numel()), dtype=torch.float64, device=hinges.device)
         picks = (rows, sampled.fallback.sum(), sampled.survivors.sum(), (~sampled.has_negative).sum())
     return _diagnostics(picks, (labelled.sum(), false_neg.sum(), (labelled & at_risk).sum()),
                         (hinges.sum(), torch.where(false_neg, hinges, 0.0).sum()))

@@ -6,7 +6,7 @@ import torch
 from fne_dist.buffer import Segment, false_candidate_counts, has_false_candidate
 from fne_dist.losses import triplet_hinges, vsepp_hardest
 from fne_dist.objectives.base import ObjectiveOutput, StepFeatures, StepObjective
-from fne_dist.objectives.diagnostics import DIAGNOSTICS, pick_diagnostics
+from fne_dist.objectives.diagnostics import pick_diagnostics
 from fne_dist.weights import true_negative_prob
 
 
@@ -36,26 +36,21 @@ class FNETriplet(StepObjective):
         return cfg.mode in ("bayes", "eliminate", "official") or cfg.posterior_hinge
 
     def __call__(self, x: StepFeatures) -> ObjectiveOutput:
-        loss = x.ia.new_zeros((), dtype=torch.float32)
-        diagnostics = torch.zeros(len(DIAGNOSTICS), dtype=torch.float64, device=x.ia.device)
-        index = []
         at_risk = self.buffer.at_risk(x.ids, x.labels, x.keys, row_offset=x.rank * len(x.ids))
-        # direction 0: image anchors against text candidates; 1: text anchors against image candidates
-        for direction, (features, pos_keys) in enumerate(((x.ia, x.tk), (x.ta, x.ik))):
-            anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
-            pos_keys = pos_keys.float()  # row rank*b + i of the gathered keys is this rank's row i
-            pos_sims = (anchors.detach() * pos_keys).sum(1)
-            neg = self.buffer.draw(features.detach(), pos_sims, x.ids, x.keys, x.stats, self.rule,
-                                   row_offset=x.rank * len(x.ids), seed=self.seed, step=x.step, direction=direction,
-                                   impl=self.cfg.impl)
-            has = neg.sample.has_negative
-            neg_keys = neg.keys.float()
-            weight = has.float()
-            if self.cfg.posterior_hinge:
-                weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(1), x.stats, self.rule)
-            hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
-            loss = loss + hinges.mean()
-            diagnostics += pick_diagnostics(x.ids, x.labels, neg.ids, neg.labels, has, at_risk, hinges.detach(),
-                                            sampled=neg.sample)
-            index.append(neg.sample.index)
-        return ObjectiveOutput(loss, diagnostics, torch.stack(index))
+        # direction 0: image anchors against text candidates; 1: text anchors against image candidates; both drawn
+        # in one call, each tensor below [2, b, ...]
+        features = torch.stack((x.ia, x.ta))
+        anchors = features.float()  # the loss in fp32; the sampler reads the features in the compute dtype
+        pos_keys = torch.stack((x.tk, x.ik)).float()  # row rank*b + i of the gathered keys is this rank's row i
+        pos_sims = (anchors.detach() * pos_keys).sum(-1)
+        neg = self.buffer.draw(features.detach(), pos_sims, x.ids, x.keys, x.stats, self.rule,
+                               row_offset=x.rank * len(x.ids), seed=self.seed, step=x.step, impl=self.cfg.impl)
+        has = neg.sample.has_negative
+        neg_keys = neg.keys.float()
+        weight = has.float()
+        if self.cfg.posterior_hinge:
+            weight = weight * true_negative_prob((anchors.detach() * neg_keys).sum(-1), x.stats, self.rule)
+        hinges = triplet_hinges(anchors, pos_keys, neg_keys, self.rule.margin) * weight
+        diagnostics = pick_diagnostics(x.ids, x.labels, neg.ids, neg.labels, has, at_risk, hinges.detach(),
+                                       sampled=neg.sample)
+        return ObjectiveOutput(hinges.mean(-1).sum(), diagnostics, neg.sample.index)
