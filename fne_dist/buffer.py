@@ -140,6 +140,10 @@ class NegativeBuffer:
         (pos_sims [K, b]; global rows row_offset + i; sharded: rows rank * b + i of `batch`, whose ids are the
         anchors' ids in rank order): one sampler call per segment draws every direction.  `sampling`: seed, step,
         impl (see `sample_negatives`).  Collective when sharded (one exchange for all directions)."""
+        if anchors.dim() != 3 or len(anchors) != len(direction) or pos_sims.shape != anchors.shape[:2]:
+            raise ValueError(f"NegativeBuffer.draw takes anchors [K, b, D] and pos_sims [K, b] for its K directions "
+                             f"{direction}; got {tuple(anchors.shape)} and {tuple(pos_sims.shape)}: stack the "
+                             "directions' rows (torch.stack((image_anchors, text_anchors)))")
         segments = self.segments(batch)
         if not self.sharded:
             return _draw(segments, self.dtype, anchors, pos_sims, anchor_ids, stats, rule, row_offset=row_offset,

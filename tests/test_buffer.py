@@ -175,3 +175,28 @@ def test_segments_are_views_of_the_ring_at_global_columns():
     assert segments[1].image.data_ptr() == buffer.queue.image.data_ptr()  # the ring itself, not a copy
     with pytest.raises(ValueError, match="fne.buffer='striped' is unknown"):
         NegativeBuffer(300, 4, torch.float32, "cpu", layout="striped")
+
+
+def test_a_draw_takes_every_direction_at_once():
+    """The buffer draws a step's two directions in one call ([2, b, D]; field for field the one-direction draws:
+    tests/test_sampler.py); one direction's [b, D] is refused with the fix, not misread."""
+    from fne_dist.fne import FNEConfig, SimilarityStats
+
+    buffer = NegativeBuffer(256, 8, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(0)
+    keys = GlobalKeys(*(F.normalize(torch.randn(16, 8, generator=g), dim=1) for _ in range(2)), torch.arange(16),
+                      torch.full((16,), -1))
+    buffer.enqueue(keys)
+    anchors, pos_sims = F.normalize(torch.randn(2, 16, 8, generator=g), dim=2), torch.full((2, 16), 0.5)
+    stats, rule = SimilarityStats(), FNEConfig(cutdown="off")
+    neg = buffer.draw(anchors, pos_sims, keys.ids, keys, stats, rule, row_offset=0)
+    assert neg.keys.shape == (2, 16, 8) and neg.ids.shape == neg.sample.index.shape == (2, 16)
+    assert neg.sample.has_negative.all()
+    # direction 0 takes text keys, 1 image keys: global column c < 16 is the batch's row c, else ring slot c - 16
+    for direction, (batch_keys, ring_keys) in enumerate(((keys.text, buffer.queue.text),
+                                                         (keys.image, buffer.queue.image))):
+        column = neg.sample.index[direction]
+        want = torch.where(column[:, None] < 16, batch_keys[column % 16], ring_keys[(column - 16).clamp(min=0)])
+        assert torch.equal(neg.keys[direction], want)
+    with pytest.raises(ValueError, match=r"anchors \[K, b, D\].*torch.stack"):
+        buffer.draw(anchors[0], pos_sims[0], keys.ids, keys, stats, rule, row_offset=0)
