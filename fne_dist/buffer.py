@@ -21,8 +21,8 @@ all G anchors over its shard go to the anchors' ranks, and its gradient partials
 The at-risk count (`at_risk`, a diagnostic) is additive: each rank counts its candidates for all G anchors, and one
 all-reduce of 2 x G int32 sums the shards' counts.
 An all-to-all, not an all-gather: each rank needs its own b rows only, so it receives world x b = G rows
-(G x (D + 8) numbers a direction) where an all-gather would bring world x G.  Traffic is O(G x D) per rank, independent of
-the buffer size; memory is the ring / world per rank plus the G batch keys.
+(G x (D + 8) numbers a direction) where an all-gather would bring world x G.  Traffic is O(G x D) per rank,
+independent of the buffer size; memory is the ring / world per rank plus the G batch keys.
 """
 from __future__ import annotations
 

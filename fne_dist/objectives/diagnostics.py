@@ -13,10 +13,10 @@ DIAGNOSTICS = ("sampled_rows", "fallback", "survivors", "no_negative", "labelled
 
 def pick_diagnostics(ids, labels, neg_ids, neg_labels, has_neg, at_risk, hinges, sampled=None) -> torch.Tensor:
     """DIAGNOSTICS sums of the picked negatives (one direction's [b], or [K, b] of K): rows drawn by the FNE sampler
-    (`sampled`: the SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks, false negatives
-    among them and the picks of anchors at risk (with a false negative among their candidates: only those can pick
-    one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those of false
-    negatives."""
+    (`sampled`: the SampleResult) with their fallbacks, survivors and rows without a negative; labelled picks,
+    false negatives among them and the picks of anchors at risk (with a false negative among their candidates: only
+    those can pick one), over the rows that got a negative (`has_neg`); the rows' (weighted) hinges, all and those
+    of false negatives."""
     labelled = has_neg & (labels >= 0) & (neg_labels >= 0)
     false_neg = has_neg & false_negative_mask(ids, labels, neg_ids, neg_labels)
     picks = None
