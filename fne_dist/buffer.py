@@ -2,7 +2,8 @@
 
 Global columns (FNE_SPEC step 3): the step's all-gathered batch keys are columns [0, G), ring slot s of the queue
 is column G + s.  The buffer hands the sampler these candidates as `Segment`s, views at their global column offset
-(never a concatenation: no per-step copy of the queue), and `merge_samples` combines the segments' draws exactly.
+(never a concatenation: no per-step copy of the queue), read in one sampler call (`fne.sample_parts`: the torch
+sampler streams them as one candidate set, the kernel draws each and `merge_samples` combines the draws exactly).
 
 replicated: every rank holds the whole queue and draws its own b anchors against every segment.
 sharded: rank r holds a contiguous range of the batch columns and of the ring slots, cut at multiples of
@@ -10,8 +11,8 @@ SAMPLE_BLOCK from each segment's start (so every sampling block lies in one shar
 one, bit for bit); the shares differ by at most one block.  Per step, both directions at once (each collective
 carries the two directions' rows):
   1. all-gather the anchors and their positive similarities (2 x G x D);
-  2. draw all G anchors of both directions against this rank's segments (one sampler call per segment): per-anchor
-     partials over its candidates;
+  2. draw all G anchors of both directions against this rank's segments (one sampler call): per-anchor partials
+     over its candidates;
   3. an all-to-all exchange (three calls: floats, integers, keys) sends each anchor's partials (race key, weight sum,
      fallback score, index, survivors, fallback index), with the key, id and label of this rank's choice, to the
      anchor's rank;
@@ -32,10 +33,10 @@ from typing import Iterable
 import torch
 
 from fne_dist.distributed import all_gather_cat, all_reduce, all_to_all
-from fne_dist.fne import SAMPLE_BLOCK, FNEConfig, SampleResult, merge_samples, sample_negatives
+from fne_dist.fne import SAMPLE_BLOCK, FNEConfig, KeyPart, SampleResult, merge_samples, sample_parts
 from fne_dist.infonce import Candidates, streamed_posterior_infonce
 from fne_dist.queue import GlobalKeys, MomentumQueue
-from fne_dist.sampler import COMPILE_MIN_ELEMENTS, host_reads_are_free, no_candidates
+from fne_dist.sampler import host_reads_are_free
 from fne_dist.stats import SimilarityStats
 
 LAYOUTS = ("auto", "replicated", "sharded")  # auto: sharded when world > 1
@@ -138,8 +139,8 @@ class NegativeBuffer:
              **sampling) -> Negatives:
         """One negative from the whole buffer for each of this rank's anchors [K, b, D] in each of its K directions
         (pos_sims [K, b]; global rows row_offset + i; sharded: rows rank * b + i of `batch`, whose ids are the
-        anchors' ids in rank order): one sampler call per segment draws every direction.  `sampling`: seed, step,
-        impl (see `sample_negatives`).  Collective when sharded (one exchange for all directions)."""
+        anchors' ids in rank order): one sampler call draws every direction over every segment.  `sampling`:
+        seed, step, impl (see `sample_negatives`).  Collective when sharded (one exchange for all directions)."""
         if anchors.dim() != 3 or len(anchors) != len(direction) or pos_sims.shape != anchors.shape[:2]:
             raise ValueError(f"NegativeBuffer.draw takes anchors [K, b, D] and pos_sims [K, b] for its K directions "
                              f"{direction}; got {tuple(anchors.shape)} and {tuple(pos_sims.shape)}: stack the "
@@ -224,17 +225,13 @@ def _gather_rows(t: torch.Tensor) -> torch.Tensor:
 
 def _draw(segments: list[Segment], dtype: torch.dtype, anchors, pos_sims, anchor_ids, stats, rule, *, row_offset: int,
           direction: tuple[int, ...], **sampling) -> Negatives:
-    """Each anchor's draw over these segments in every direction (anchors [K, n, D]; one sampler call per segment,
-    merged) and its choice's key, in the buffer's dtype (`dtype`) even with no segment: the sharded exchange needs
-    every rank's keys alike.  A draw large enough for the CPU's compiled tile step runs its small segments (the
-    batch's) compiled too."""
-    k, n, dim = anchors.shape
-    compile = k * n * sum(len(seg) for seg in segments) >= COMPILE_MIN_ELEMENTS
-    parts = [sample_negatives(anchors, [seg.keys(d) for d in direction], pos_sims, anchor_ids, seg.ids, stats, rule,
-                              direction=direction, row_offset=row_offset, col_offset=seg.col_offset, valid=seg.valid,
-                              compile=compile, **sampling) for seg in segments]
-    sample = merge_samples(parts, rule) if parts else no_candidates(k * n, anchors.device).map(lambda t: t.view(k, n))
-    return Negatives(sample, *_take(segments, sample.index, direction, dim, dtype))
+    """Each anchor's draw over these segments in every direction (anchors [K, n, D]; one sampler call over all of
+    them, `sample_parts`) and its choice's key, in the buffer's dtype (`dtype`) even with no segment: the sharded
+    exchange needs every rank's keys alike."""
+    parts = [KeyPart(tuple(seg.keys(d) for d in direction), seg.ids, seg.valid, seg.col_offset) for seg in segments]
+    sample = sample_parts(anchors, parts, pos_sims, anchor_ids, stats, rule, direction=direction,
+                          row_offset=row_offset, **sampling)
+    return Negatives(sample, *_take(segments, sample.index, direction, anchors.shape[-1], dtype))
 
 
 def _take(segments: list[Segment], index: torch.Tensor, direction: tuple[int, ...], dim: int, dtype: torch.dtype):

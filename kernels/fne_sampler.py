@@ -510,7 +510,8 @@ def _dot_dtype(anchors: torch.Tensor, keys: torch.Tensor) -> torch.dtype:
 def triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats: SimilarityStats, cfg: FNEConfig, *,
                   stream: int, row_offset: int = 0, col_offset: int = 0, valid=None, tile_size: int | None = None,
                   splits: int | None = None) -> SampleResult:
-    """The fused sampler: same arguments and result as `fne_dist.sampler.streaming_sample`.
+    """The fused sampler: the arguments of `fne_dist.sampler.dense_sample`, and the draw that the torch streaming
+    sampler makes of one direction (`fne_dist.fne.sample_negatives`).
 
     anchors [B, D] and keys [N, D] in bf16, fp16 or fp32 (any strides; with different dtypes the product runs in
     the narrower one, see `_dot_dtype`), valid [N] bool or None.  `tile_size` is the kernel's candidate tile (a

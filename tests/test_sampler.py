@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from scipy.stats import chisquare
 
 from fne_dist import rng
-from fne_dist.fne import NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, SimilarityStats, fne_weights, merge_samples, sample_negatives
+from fne_dist.fne import (NO_NEGATIVE, SAMPLE_BLOCK, FNEConfig, KeyPart, SimilarityStats, fne_weights, merge_samples,
+                          sample_negatives, sample_parts)
 from fne_dist.weights import fallback_scores
 
 IMPLS = ["dense", "torch"]
@@ -378,6 +379,51 @@ def test_both_directions_in_one_compiled_tile_step_draw_what_a_call_each_draws(m
 
     monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
     check_directions_in_one_call("torch", tile_size=384)
+    assert sampler._COMPILED["tile_draw"] is not None, "compiling failed: the eager step ran instead"
+
+
+def check_parts_in_one_pass(**kw):
+    """Candidate parts of any length at any global columns (the buffer's batch and ring segments, a short part far
+    on), read by the torch sampler in one pass (each part padded to whole sampling blocks, tiles straddling parts
+    and padding), draw what one call per part draws, merged: the same blocks, streams and weights."""
+    anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=45, n=700, seed=1)
+    other, other_keys, other_pos, *_ = problem(b=45, n=700, seed=2)
+    pos_sims[::9] = other_pos[::7] = 5.0  # every candidate cut (s <= p - margin): these rows fall back
+    cuts = [(0, 45, 0, None), (45, 695, 45, valid[45:695]), (695, 700, 5000, valid[695:])]  # (lo, hi, column, valid)
+    parts = [KeyPart((keys[lo:hi], other_keys[lo:hi]), key_ids[lo:hi], v, col) for lo, hi, col, v in cuts]
+    cfg = FNEConfig(mode="bayes", cutdown="anchor", prior_ratio=10.0)
+    both, both_pos = torch.stack((anchors, other)), torch.stack((pos_sims, other_pos))
+
+    def draw(parts, impl):
+        return sample_parts(both, parts, both_pos, anchor_ids, STATS, cfg, seed=8, step=3, row_offset=5, impl=impl,
+                            **kw)
+
+    one_pass = draw(parts, "torch")
+    each = merge_samples([draw([part], "torch") for part in parts], cfg)
+    assert one_pass.index.shape == (2, 45)
+    assert 0 < one_pass.fallback.sum() < 90 and one_pass.has_negative.all()  # draws and fallbacks both
+    drawn = one_pass.index[~one_pass.fallback]
+    assert (drawn < 45).any() and ((drawn >= 45) & (drawn < 695)).any()  # draws from the batch and the ring parts
+    assert ((drawn < 695) | ((drawn >= 5000) & (drawn < 5005))).all()
+    for name in ("index", "fallback", "survivors", "fallback_index"):
+        assert torch.equal(getattr(one_pass, name), getattr(each, name)), name
+    # a part's products land in a wider tile, where BLAS may sum a dot product in another order: floats to rounding
+    for name in ("race_key", "fallback_score"):
+        torch.testing.assert_close(getattr(one_pass, name), getattr(each, name), rtol=1e-6, atol=0)
+    torch.testing.assert_close(one_pass.weight_sum, each.weight_sum, rtol=1e-5, atol=0)
+    assert torch.equal(one_pass.index, draw(parts, "dense").index)
+
+
+@pytest.mark.parametrize("tile", [None, 128, 256, 384])
+def test_parts_in_one_streaming_pass_draw_what_a_call_each_draws(tile):
+    check_parts_in_one_pass(tile_size=tile)
+
+
+def test_parts_in_one_compiled_pass_draw_what_a_call_each_draws(monkeypatch):
+    from fne_dist import sampler
+
+    monkeypatch.setattr(sampler, "COMPILE_MIN_ELEMENTS", 0)
+    check_parts_in_one_pass(tile_size=256)
     assert sampler._COMPILED["tile_draw"] is not None, "compiling failed: the eager step ran instead"
 
 

@@ -20,7 +20,7 @@ from test_sampler import (check_block_law, check_directions_in_one_call, check_o
 
 from fne_dist import rng
 from fne_dist.fne import NO_NEGATIVE, FNEConfig, SimilarityStats, fne_weights, sample_negatives
-from fne_dist.sampler import dense_sample, streaming_sample
+from fne_dist.sampler import KeyPart, dense_sample, streaming_sample
 from fne_dist.weights import fallback_scores
 from fne_kernels import fne_sampler as fs
 from fne_kernels import triton_sample
@@ -35,6 +35,14 @@ needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 CPU_DTYPES = [torch.float32, torch.float16,
               pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
                   not CUDA, reason="bf16 arithmetic is wrong in Triton's interpreter: tested on a GPU only"))]
+
+
+def torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, stats, cfg, *, stream, row_offset=0, col_offset=0,
+                 valid=None):
+    """The torch streaming draw under `stream` with `triton_sample`'s arguments (one direction, one part)."""
+    part = KeyPart((keys,), key_ids, valid, col_offset)
+    return streaming_sample(anchors[None], [part], pos_sims[None], anchor_ids, stats, cfg, streams=[stream],
+                            row_offset=row_offset).map(lambda t: t[0])
 
 
 def problem(b=37, n=1000, d=48, seed=0, n_ids=300, dtype=torch.float32, device=DEVICE):
@@ -139,7 +147,7 @@ def test_odd_width_over_several_k_chunks_and_strided_inputs():
 @pytest.mark.parametrize("tile_size", [128, 256, 512])
 def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
-    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+    ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                            stream=0xDEADBEEF, row_offset=5, valid=valid)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                         stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=tile_size, splits=splits)
@@ -154,7 +162,7 @@ def test_epilogue_pieces_do_not_change_the_draw(monkeypatch, whole, piece):
     monkeypatch.setattr(fs, "EPILOGUE_PIECE", piece)
     assert fs.Blocks(64, 512, 64, 4, 1).halvings == {10**9: 0, 128: 1, 64: 2, 1: 5}[whole if whole else piece]
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
-    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
+    ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                            stream=0xDEADBEEF, row_offset=5, valid=valid)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                         stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=512, splits=3)
@@ -346,7 +354,7 @@ def test_global_columns_and_rows_match_torch():
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
     common = dict(stream=rng.stream_key(5, 123456789, 1), row_offset=2**20, col_offset=3 * 2**30, valid=valid)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **common)
-    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **common)
+    ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **common)
     assert_same(tri, ref)
     assert (tri.index[tri.has_negative] >= 3 * 2**30).all()
 
@@ -364,7 +372,7 @@ def test_batch_not_a_multiple_of_the_anchor_block_with_splits(splits):
     """150 anchors = one full 128-row block and a partial one, candidates split across programs."""
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=150, n=1100)
     kw = dict(stream=rng.stream_key(2), row_offset=7, valid=valid)
-    ref = streaming_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **kw)
+    ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), **kw)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(), tile_size=128, splits=splits,
                         **kw)
     assert_same(tri, ref)
