@@ -325,10 +325,9 @@ def test_posterior_separation_scores_false_negatives(results, data):
     assert 0 <= got["mean_f_true_negatives"] <= 1 and 0 <= got["false_negatives_f_over_half"] <= 1
 
 
-def test_study_on_anyones_shards_end_to_end(tmp_path, capsys):
-    """`python -m fne_dist.study --shards DIR` on shards that `fne-make-shards table --label-column` made from a
-    CSV of 36 drawn images (12 groups of paraphrased captions): the pretrained towers' features, the three splits by
-    group, the protocol, and every output file; a folder that is no shard folder is one error line."""
+def drawn_shards(tmp_path):
+    """Shards that `fne-make-shards table --label-column` makes from a CSV of 36 drawn images (12 groups of
+    paraphrased captions)."""
     import pandas as pd
     from PIL import Image, ImageDraw
 
@@ -356,6 +355,13 @@ def test_study_on_anyones_shards_end_to_end(tmp_path, capsys):
     shards = tmp_path / "mine"
     assert make_shards(["table", str(tmp_path / "pairs.csv"), "--label-column", "group", "--out", str(shards),
                         "--workers", "1", "--quiet"]) == 0
+    return shards
+
+
+def test_study_on_anyones_shards_end_to_end(tmp_path, capsys):
+    """`python -m fne_dist.study --shards DIR` on `drawn_shards`: the pretrained towers' features, the three splits
+    by group, the protocol, and every output file; a folder that is no shard folder is one error line."""
+    shards = drawn_shards(tmp_path)
     out = tmp_path / "out"
     argv = ["--shards", str(shards), "--data", str(tmp_path / "cache"), "--out", str(out), "--seeds", "2",
             "--select-seeds", "1", "--epochs", "2", "--batch-size", "8", "--jobs", "1",
@@ -392,15 +398,42 @@ def test_feature_cache_computes_each_content_once(tmp_path):
 
     rows = torch.arange(24).reshape(8, 3)
     cache = FeatureCache(tmp_path / "f.pt", "towers A")
-    first, computed = cache.get("image", rows[[0, 1, 1, 2]], compute)
-    assert computed == 3 and torch.equal(first, reference(rows[[0, 1, 1, 2]]))
+    digests, computed = cache.add("image", rows[[0, 1, 1, 2]], compute)
+    assert computed == 3 and torch.equal(cache.lookup("image", digests), reference(rows[[0, 1, 1, 2]]))
     cache.save()
     again = FeatureCache(tmp_path / "f.pt", "towers A")
     # the same images in other sets or orders are read back; only the new row is computed
-    features, computed = again.get("image", rows[[2, 5, 0]], compute)
-    assert computed == 1 and calls == [3, 1] and torch.equal(features, reference(rows[[2, 5, 0]]))
-    assert again.get("text", rows[:2], compute)[1] == 2  # texts are cached apart from images
-    assert FeatureCache(tmp_path / "f.pt", "towers B").get("image", rows[:1], compute)[1] == 1  # other towers
+    digests, computed = again.add("image", rows[[2, 5, 0]], compute)
+    assert computed == 1 and calls == [3, 1] and torch.equal(again.lookup("image", digests), reference(rows[[2, 5, 0]]))
+    assert again.add("text", rows[:2], compute)[1] == 2  # texts are cached apart from images
+    assert FeatureCache(tmp_path / "f.pt", "towers B").add("image", rows[:1], compute)[1] == 1  # other towers
+
+
+def test_unchanged_shards_are_read_from_the_feature_cache_without_decoding(tmp_path, monkeypatch):
+    """The cache indexes the shards it has read by their bytes: read again, they give the same splits with no image
+    decoded and no tower built; a cache without that index (an older file) decodes once, computes nothing, and
+    keeps the index."""
+    import fne_dist.model
+    from fne_dist.data.shards import read_manifest
+    from fne_dist.study import data
+
+    shards, cache_file = drawn_shards(tmp_path), tmp_path / "cache.pt"
+    first = data.shard_features(shards, cache_file, log=lambda line: None)
+    with monkeypatch.context() as m:
+        for module, name in ((data, "load_eval_set"), (fne_dist.model, "build_towers")):
+            m.setattr(module, name, lambda *a, **k: pytest.fail("unchanged shards were decoded"))
+        lines = []
+        again = data.shard_features(shards, cache_file, log=lines.append)
+    assert "computed 0 image and 0 caption features" in lines[0]
+    for split in first:
+        for field in ("image", "text", "ids", "groups"):
+            assert torch.equal(getattr(first[split], field), getattr(again[split], field)), (split, field)
+    stored = torch.load(cache_file, weights_only=True)
+    assert len(stored.pop("shards")) == len(read_manifest(shards)["splits"])  # an index for each split's shards
+    torch.save(stored, cache_file)
+    lines = []
+    data.shard_features(shards, cache_file, log=lines.append)
+    assert "computed 0 image and 0 caption features" in lines[0] and torch.load(cache_file, weights_only=True)["shards"]
 
 
 def test_false_negative_density_against_every_draw():

@@ -6,10 +6,12 @@ The towers are the pretrained EfficientNet-Lite0 image trunk and MiniLM-L6 text 
 (fne_dist.pretrained), images at the towers' size through the tower's own evaluation transform.  The feature cache
 holds image features by image content (the transformed pixels) and text features by caption (its tokens), for the
 towers' settings it records: sets of the same images with other captions (openclipart-alt, emoji-alias) compute
-only their new captions, and the image tower (8-26 images/s on a 2-core CPU) runs once per image.
+only their new captions, and the image tower (8-26 images/s on a 2-core CPU) runs once per image.  It also indexes
+the shards it has read by their bytes, so that a later run reads an unchanged set's features without decoding it.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fne_dist.config import ImageTowerSection, ModelSection, TextTowerSection
-from fne_dist.data.loader import load_eval_set
+from fne_dist.data.loader import expand_urls, load_eval_set
 from fne_dist.data.shards import read_manifest
 
 DATASETS = ("openclipart", "emoji", "openclipart-alt", "emoji-alias")
@@ -111,33 +113,66 @@ def build_shards(name: str, out: Path, thumbnails: Path) -> dict:
 
 class FeatureCache:
     """Trunk features by content: {"image": {digest of the transformed pixels: features}, "text": {digest of the
-    tokens: features}}, valid for one `key` (the towers' settings); a file of another key starts empty."""
+    tokens: features}}, valid for one `key` (the towers' settings); a file of another key starts empty.  `shards`
+    indexes shard sets already read, by the digest of their files' bytes: each pair's image and caption digests,
+    ids and groups, so that unchanged shards are not decoded again (hashing their bytes is a fraction of a second,
+    decoding and transforming their images 6-21 s a set on a 2-core CPU)."""
 
     def __init__(self, path: Path, key: str):
         self.path, self.key = path, key
         self.features: dict[str, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
+        self.shards: dict[str, dict] = {}
+        self.changed = False  # features or an index added since the file was read
         if path.is_file():
             stored = torch.load(path, weights_only=True)
             if stored["key"] == key:
                 self.features = {kind: dict(zip(stored[f"{kind}_digests"], stored[kind])) for kind in self.features}
+                self.shards = stored.get("shards", {})
 
-    def get(self, kind: str, inputs: torch.Tensor, compute) -> tuple[torch.Tensor, int]:
-        """Features of every row of `inputs` (computing, in batches, only the rows not cached) and how many were
-        computed."""
+    def add(self, kind: str, inputs: torch.Tensor, compute) -> tuple[list[str], int]:
+        """The digests of the rows of `inputs`, whose features (`lookup`) are then cached: `compute` runs, in
+        batches, on the rows not cached yet; and how many rows it computed."""
         digests = [hashlib.blake2b(row.contiguous().numpy().tobytes(), digest_size=16).hexdigest() for row in inputs]
         known = self.features[kind]
         missing = sorted({d: i for i, d in enumerate(digests) if d not in known}.values())
         if missing:
             known.update(zip((digests[i] for i in missing), _in_batches(compute, inputs[missing])))
-        return torch.stack([known[d] for d in digests]), len(missing)
+            self.changed = True
+        return digests, len(missing)
+
+    def indexed(self, shards_digest: str | None) -> dict | None:
+        """The index of shards already read (see `shards`), if every feature it names is cached."""
+        index = self.shards.get(shards_digest) if shards_digest else None
+        if index is None or not all(d in self.features[kind] for kind in ("image", "text") for d in index[kind]):
+            return None
+        return index
+
+    def remember(self, shards_digest: str | None, index: dict) -> None:
+        if shards_digest is not None:
+            self.shards[shards_digest] = index
+            self.changed = True
+
+    def lookup(self, kind: str, digests: list[str]) -> torch.Tensor:
+        return torch.stack([self.features[kind][d] for d in digests])
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".partial")
         torch.save({"key": self.key, **{f"{kind}_digests": list(f) for kind, f in self.features.items()},
                     **{kind: torch.stack(list(f.values())) if f else torch.empty(0) for kind, f in
-                       self.features.items()}}, tmp)
+                       self.features.items()}, "shards": self.shards}, tmp)
         tmp.replace(self.path)
+
+
+def shards_digest(pattern: str) -> str | None:
+    """A digest of the shard files' bytes, in order (None where a shard is not a local file: read every time)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for url in expand_urls(pattern):
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            return None
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -147,15 +182,25 @@ def _in_batches(fn, inputs: torch.Tensor) -> torch.Tensor:
 
 def split_features(towers, pattern: str, cache: FeatureCache) -> tuple[Split, int, int]:
     """Every pair of the shards: image trunk features (each image once), text trunk features, image id, group (the
-    shards' label); and how many image and caption features were computed rather than read from the cache."""
+    shards' label); and how many image and caption features were computed rather than read from the cache.  Shards
+    the cache has indexed (the same bytes) are not decoded, and `towers()` (built on first call) is not called."""
     from fne_dist.pretrained import text_trunk_features, trunk_features
 
-    data = load_eval_set(pattern, preprocess=towers.preprocess_val, tokenizer=towers.tokenizer)
-    model = towers.model.eval()
-    image, new_images = cache.get("image", data.images, lambda x: trunk_features(model, x))
-    text, new_texts = cache.get("text", data.tokens, lambda t: text_trunk_features(model, t))
-    owner = data.text_to_image
-    return Split(image[owner].contiguous(), text, data.image_ids[owner], data.labels[owner]), new_images, new_texts
+    digest = shards_digest(pattern)
+    index = cache.indexed(digest)
+    new_images = new_texts = 0
+    if index is None:
+        data = load_eval_set(pattern, preprocess=towers().preprocess_val, tokenizer=towers().tokenizer)
+        model = towers().model.eval()
+        image_digests, new_images = cache.add("image", data.images, lambda x: trunk_features(model, x))
+        text_digests, new_texts = cache.add("text", data.tokens, lambda t: text_trunk_features(model, t))
+        index = {"image": image_digests, "text": text_digests, "text_to_image": data.text_to_image,
+                 "image_ids": data.image_ids, "labels": data.labels}
+        cache.remember(digest, index)
+    owner = index["text_to_image"]
+    image, text = cache.lookup("image", index["image"]), cache.lookup("text", index["text"])
+    split = Split(image[owner].contiguous(), text, index["image_ids"][owner], index["labels"][owner])
+    return split, new_images, new_texts
 
 
 def load_features(name: str, data_dir: Path, log=print) -> dict[str, Split]:
@@ -177,13 +222,13 @@ def shard_features(shards: Path, cache_file: Path, log=print) -> dict[str, Split
     section = tower_section()
     start = time.perf_counter()
     torch.set_num_threads(2)
-    towers = build_towers(section)
+    towers = functools.cache(lambda: build_towers(section))  # built only if some shards are not indexed yet
     cache = FeatureCache(cache_file, json.dumps({"version": CACHE_VERSION, "towers": repr(section)}))
     splits, new_images, new_texts = {}, 0, 0
     for split, info in manifest["splits"].items():
         splits[split], images, texts = split_features(towers, str(shards / info["pattern"]), cache)
         new_images, new_texts = new_images + images, new_texts + texts
-    if new_images or new_texts:
+    if cache.changed:
         cache.save()
     log(f"{shards.name}: {', '.join(f'{len(s.ids)} {split}' for split, s in splits.items())} pairs; computed "
         f"{new_images} image and {new_texts} caption features ({time.perf_counter() - start:.0f} s), the rest "
