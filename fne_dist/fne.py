@@ -85,5 +85,5 @@ def sample_parts(anchors: torch.Tensor, parts: Sequence[KeyPart], pos_sims: torc
                                      for a, keys, p, s in zip(anchors, part.keys, pos_sims, streams)])
                  for part in parts if len(part)]
     if not drawn:
-        return no_candidates(k * b, anchors.device).map(lambda t: t.view(k, b))
+        return no_candidates((k, b), anchors.device)
     return drawn[0] if len(drawn) == 1 else merge_samples(drawn, cfg)

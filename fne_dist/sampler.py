@@ -61,13 +61,13 @@ def finish(best_key, best_index, worst_score, worst_index, survivors, weight_sum
                         torch.where(needs_fallback, worst_index, none))
 
 
-def no_candidates(b: int, device) -> SampleResult:
-    """The draw over no candidates (a rank whose shard is empty, an empty queue): no negative, and the partials
-    that leave a merge unchanged."""
-    none = torch.full((b,), NO_NEGATIVE, dtype=torch.long, device=device)
-    inf = torch.full((b,), float("inf"), device=device)
-    return SampleResult(none, torch.zeros(b, dtype=torch.bool, device=device), torch.zeros_like(none),
-                        torch.zeros(b, device=device), inf, -inf, none)
+def no_candidates(shape: tuple[int, ...], device) -> SampleResult:
+    """The draw over no candidates (a rank whose shard is empty, an empty queue) for rows of `shape` ([K, B]): no
+    negative, and the partials that leave a merge unchanged."""
+    none = torch.full(shape, NO_NEGATIVE, dtype=torch.long, device=device)
+    inf = torch.full(shape, float("inf"), device=device)
+    return SampleResult(none, torch.zeros(shape, dtype=torch.bool, device=device), torch.zeros_like(none),
+                        torch.zeros(shape, device=device), inf, -inf, none)
 
 
 def merge_samples(parts: Sequence[SampleResult], cfg: FNEConfig) -> SampleResult:
@@ -208,7 +208,7 @@ def streaming_sample(anchors, parts: Sequence[KeyPart], pos_sims, anchor_ids, st
     k, b = anchors.shape[0], anchors.shape[1]
     width = sum(_padded(len(part)) for part in parts)
     if width == 0:
-        return no_candidates(k * b, anchors.device).map(lambda t: t.view(k, b))
+        return no_candidates((k, b), anchors.device)
     elements = DEFAULT_TILE_ELEMENTS if anchors.device.type == "cpu" else GPU_TILE_ELEMENTS
     tile = _padded(tile_size or max(1, min(width, elements // max(k * b, 1))))
     if compile is None:
@@ -230,9 +230,9 @@ def _tiles(parts: Sequence[KeyPart], tile: int) -> list[list[tuple]]:
     (None, 0, n) for n columns of padding.  The last tile ends at the last part's last column."""
     tiles, pieces, width = [], [], 0
     for part in parts:
-        n, start = len(part), 0
-        while start < _padded(n):
-            take = min(_padded(n) - start, tile - width)
+        n, padded, start = len(part), _padded(len(part)), 0
+        while start < padded:
+            take = min(padded - start, tile - width)
             stop = min(start + take, n)
             pieces.append((part, start, stop))
             if start + take > stop:
