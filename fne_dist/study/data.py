@@ -171,7 +171,9 @@ def shards_digest(pattern: str) -> str | None:
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
             return None
-        digest.update(path.read_bytes())
+        with path.open("rb") as f:  # in chunks: a shard may be gigabytes
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
