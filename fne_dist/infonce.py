@@ -74,7 +74,7 @@ def _tile_terms(s, scale, coefficients, anchor_ids, key_ids, valid):
     x = false_negative_log_odds(s, coefficients)
     drop = anchor_ids[:, None] == key_ids[None, :]
     if valid is not None:
-        drop |= ~valid[None, :]
+        drop |= valid[None, :] == 0  # bool, or uint8 in a compiled step (`sampler.compiled_step`)
     u = (s * scale).sub_(x.clamp_min(0)).masked_fill_(drop, float("-inf"))
     return u, x.abs_().neg_().exp_().add_(1).reciprocal_()
 

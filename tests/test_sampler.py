@@ -338,6 +338,29 @@ def test_a_tile_step_is_wrapped_by_torch_compile_once(monkeypatch):
     assert len(wrapped) == 1
 
 
+def test_a_compiled_step_reads_bool_masks_as_bytes(monkeypatch):
+    """Inductor's CPU loops load a bool tensor through a slow per-lane conversion (a third of a [128, 8320] tile
+    step), so compiled_step hands each bool argument to the compiled step as uint8; steps read masks as `mask != 0`,
+    which is the same mask in an eager step."""
+    from fne_dist import sampler
+
+    dtypes = []
+
+    def record_dtypes(step, **_):
+        def compiled(*args):
+            dtypes.extend(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return step(*args)
+        return compiled
+
+    monkeypatch.setattr(sampler, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", record_dtypes)
+    sims, mask = torch.randn(4, 8), torch.arange(8) % 3 > 0
+    step = lambda s, keep: s.masked_fill(keep == 0, 0.0)  # noqa: E731
+    for compile in (False, True):
+        assert torch.equal(sampler.compiled_step("masked", step, sims, mask, compile=compile), sims * mask)
+    assert dtypes == [torch.float32, torch.uint8]
+
+
 def test_streaming_over_no_candidates_draws_nothing_and_merges_as_nothing():
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem(b=9, n=300)
     empty = sample_negatives(anchors, keys[:0], pos_sims, anchor_ids, key_ids[:0], STATS, FNEConfig(), impl="torch")
