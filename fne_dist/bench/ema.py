@@ -3,7 +3,8 @@ full copy per rank.
 
 Spawns `world` CPU processes in a gloo group (`--backend nccl`: an NCCL group, one GPU per rank); each builds the
 towers (`--model`, open_clip name or JSON), wraps them in a ZeRO-3 engine (fp32 or bf16) and times, per optimizer
-step:
+step, the full layout and then the sharded one (sharding partitions the full copy, so one group of ranks measures
+both and starts once):
   sharded  the trainer's way: fp32 momentum towers partitioned by DeepSpeed (`shard_momentum`), the EMA on each
            rank's partitions (`momentum_update(..., zero3=True)`), the keys from a forward that gathers them;
   full     a full fp32 copy on every rank, the EMA reading the online weights inside `GatheredParameters` (a gather
@@ -43,9 +44,11 @@ def parse_args(argv):
     return args
 
 
+LAYOUTS = ("full", "sharded")  # measured in this order by the same ranks (sharding partitions the full copy)
+
+
 @dataclass
 class Case:
-    layout: str
     model: str
     world: int
     dtype: str
@@ -74,44 +77,50 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=towers.model, model_parameters=towers.model.parameters(), config=config)
     online = engine.module
-    if case.layout == "sharded":
-        momentum = shard_momentum(momentum, config["zero_optimization"])
-        held = sum(p.ds_tensor.nbytes for p in momentum.parameters())
-        ema = lambda: momentum_update(online, momentum, 0.995, zero3=True)  # noqa: E731
-    else:
-        held = sum(p.nbytes for p in momentum.parameters())
-
-        def ema():
-            with deepspeed.zero.GatheredParameters(list(online.parameters())):
-                momentum_update(online, momentum, 0.995)
     size = towers.architecture["vision_cfg"]["image_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
     images = torch.randn(case.batch, 3, *size, device=device)
     tokens = towers.tokenizer([f"a photo of thing number {i}" for i in range(case.batch)]).to(device)
-    timer, ema_ms, keys_ms = Timer(device), [], []
-    for _ in range(case.steps + 1):
-        dist.barrier()
-        ema_ms.append(timer(ema))
-        dist.barrier()
-        with torch.no_grad():
-            keys_ms.append(timer(lambda: encode(momentum, images, tokens)))
-    torch.save({"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]), "bytes": held,
-                "params": sum(p.ds_numel for p in online.parameters())}, rank_file(out, rank))
+    results = {"params": sum(p.ds_numel for p in online.parameters())}
+    for layout in LAYOUTS:
+        if layout == "sharded":
+            momentum = shard_momentum(momentum, config["zero_optimization"])
+            held = sum(p.ds_tensor.nbytes for p in momentum.parameters())
+            ema = lambda: momentum_update(online, momentum, 0.995, zero3=True)  # noqa: E731
+        else:
+            held = sum(p.nbytes for p in momentum.parameters())
+
+            def ema():
+                with deepspeed.zero.GatheredParameters(list(online.parameters())):
+                    momentum_update(online, momentum, 0.995)
+        timer, ema_ms, keys_ms = Timer(device), [], []
+        for _ in range(case.steps + 1):
+            dist.barrier()
+            ema_ms.append(timer(ema))
+            dist.barrier()
+            with torch.no_grad():
+                keys_ms.append(timer(lambda: encode(momentum, images, tokens)))
+        results[layout] = {"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]),
+                           "bytes": held}
+    torch.save(results, rank_file(out, rank))
     dist.barrier()
     dist.destroy_process_group()
 
 
-def measure(case: Case) -> dict:
+def measure(case: Case) -> list[dict]:
+    """Both layouts' rows, from one group of ranks."""
     ranks = spawn_ranks(_worker, case, case.world)
-    return {"layout": case.layout, "world": case.world, "model": os.path.basename(case.model), "dtype": case.dtype,
-            "params": ranks[0]["params"], "momentum_mib_per_rank": round(max(r["bytes"] for r in ranks) / 2**20, 2),
-            "ema_ms": round(max(r["ema_ms"] for r in ranks), 2), "keys_ms": round(max(r["keys_ms"] for r in ranks), 1),
-            "batch": case.batch, "backend": case.backend}
+    return [{"layout": layout, "world": case.world, "model": os.path.basename(case.model), "dtype": case.dtype,
+             "params": ranks[0]["params"],
+             "momentum_mib_per_rank": round(max(r[layout]["bytes"] for r in ranks) / 2**20, 2),
+             "ema_ms": round(max(r[layout]["ema_ms"] for r in ranks), 2),
+             "keys_ms": round(max(r[layout]["keys_ms"] for r in ranks), 1), "batch": case.batch,
+             "backend": case.backend}
+            for layout in LAYOUTS]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = [measure(Case(layout, args.model, args.world, args.dtype, args.batch, args.steps, args.backend))
-            for layout in ("full", "sharded")]
+    rows = measure(Case(args.model, args.world, args.dtype, args.batch, args.steps, args.backend))
     print_table(rows, FIELDS)
     append_csv(rows, FIELDS, args.csv)
