@@ -44,7 +44,7 @@ def parse_args(argv):
     return args
 
 
-LAYOUTS = ("full", "sharded")  # measured in this order by the same ranks (sharding partitions the full copy)
+LAYOUTS = ("full", "sharded")  # the rows, in the order the same ranks measure them (`_worker`)
 
 
 @dataclass
@@ -81,18 +81,9 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
     size = (size, size) if isinstance(size, int) else tuple(size)
     images = torch.randn(case.batch, 3, *size, device=device)
     tokens = towers.tokenizer([f"a photo of thing number {i}" for i in range(case.batch)]).to(device)
-    results = {"params": sum(p.ds_numel for p in online.parameters())}
-    for layout in LAYOUTS:
-        if layout == "sharded":
-            momentum = shard_momentum(momentum, config["zero_optimization"])
-            held = sum(p.ds_tensor.nbytes for p in momentum.parameters())
-            ema = lambda: momentum_update(online, momentum, 0.995, zero3=True)  # noqa: E731
-        else:
-            held = sum(p.nbytes for p in momentum.parameters())
 
-            def ema():
-                with deepspeed.zero.GatheredParameters(list(online.parameters())):
-                    momentum_update(online, momentum, 0.995)
+    def timed(ema, momentum, held: int) -> dict:
+        """Median EMA and keys (momentum forward) ms over the steps after the first, and the bytes held."""
         timer, ema_ms, keys_ms = Timer(device), [], []
         for _ in range(case.steps + 1):
             dist.barrier()
@@ -100,8 +91,17 @@ def _worker(rank: int, case: Case, port: int, out: str) -> None:
             dist.barrier()
             with torch.no_grad():
                 keys_ms.append(timer(lambda: encode(momentum, images, tokens)))
-        results[layout] = {"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]),
-                           "bytes": held}
+        return {"ema_ms": statistics.median(ema_ms[1:]), "keys_ms": statistics.median(keys_ms[1:]), "bytes": held}
+
+    def full_ema():
+        with deepspeed.zero.GatheredParameters(list(online.parameters())):
+            momentum_update(online, momentum, 0.995)
+
+    results = {"params": sum(p.ds_numel for p in online.parameters()),
+               "full": timed(full_ema, momentum, sum(p.nbytes for p in momentum.parameters()))}
+    sharded = shard_momentum(momentum, config["zero_optimization"])  # partitions the full copy: measured after it
+    results["sharded"] = timed(lambda: momentum_update(online, sharded, 0.995, zero3=True), sharded,
+                               sum(p.ds_tensor.nbytes for p in sharded.parameters()))
     torch.save(results, rank_file(out, rank))
     dist.barrier()
     dist.destroy_process_group()
