@@ -192,8 +192,9 @@ def split_features(towers, pattern: str, cache: FeatureCache) -> tuple[Split, in
     index = cache.indexed(digest)
     new_images = new_texts = 0
     if index is None:
-        data = load_eval_set(pattern, preprocess=towers().preprocess_val, tokenizer=towers().tokenizer)
-        model = towers().model.eval()
+        built = towers()
+        data = load_eval_set(pattern, preprocess=built.preprocess_val, tokenizer=built.tokenizer)
+        model = built.model.eval()
         image_digests, new_images = cache.add("image", data.images, lambda x: trunk_features(model, x))
         text_digests, new_texts = cache.add("text", data.tokens, lambda t: text_trunk_features(model, t))
         index = {"image": image_digests, "text": text_digests, "text_to_image": data.text_to_image,
