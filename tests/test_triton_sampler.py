@@ -148,7 +148,7 @@ def test_odd_width_over_several_k_chunks_and_strided_inputs():
 def test_tiling_and_splits_do_not_change_the_draw(splits, tile_size):
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
     ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
-                           stream=0xDEADBEEF, row_offset=5, valid=valid)
+                       stream=0xDEADBEEF, row_offset=5, valid=valid)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                         stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=tile_size, splits=splits)
     assert_same(tri, ref)
@@ -163,7 +163,7 @@ def test_epilogue_pieces_do_not_change_the_draw(monkeypatch, whole, piece):
     assert fs.Blocks(64, 512, 64, 4, 1).halvings == {10**9: 0, 128: 1, 64: 2, 1: 5}[whole if whole else piece]
     anchors, keys, pos_sims, anchor_ids, key_ids, valid = problem()
     ref = torch_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
-                           stream=0xDEADBEEF, row_offset=5, valid=valid)
+                       stream=0xDEADBEEF, row_offset=5, valid=valid)
     tri = triton_sample(anchors, keys, pos_sims, anchor_ids, key_ids, STATS, FNEConfig(),
                         stream=0xDEADBEEF, row_offset=5, valid=valid, tile_size=512, splits=3)
     assert_same(tri, ref)
